@@ -1,0 +1,169 @@
+"""One in-memory dataset type for every source.
+
+Users and items are re-indexed 0..n-1 (sorted raw ids, so the same file always gives the
+same indices); train / validation / test interactions are binary user × item CSR
+matrices. Item text, categories and user attributes travel with it when the source has
+them; item feature vectors are attached by `models.features`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+
+from models.errors import DataError
+from models.splits import SPLIT_NAMES, TEST, TRAIN, VAL, SplitStrategy
+
+
+@dataclass(frozen=True)
+class ItemFeatures:
+    """Dense item vectors (rows aligned with item indices) and where they came from."""
+
+    matrix: np.ndarray
+    source: str
+
+
+@dataclass(frozen=True)
+class LoadReport:
+    """What happened while loading: files, row counts, dropped duplicates, split used."""
+
+    sources: tuple[str, ...]
+    rows_read: int
+    duplicates_dropped: int
+    split: str
+    notes: tuple[str, ...] = ()
+
+
+@dataclass
+class Dataset:
+    name: str
+    user_ids: np.ndarray
+    item_ids: np.ndarray
+    train: sp.csr_matrix
+    val: sp.csr_matrix
+    test: sp.csr_matrix
+    report: LoadReport
+    user_attributes: pd.DataFrame | None = None
+    """One row per user index; columns such as age, gender, occupation."""
+    item_text: list[str] | None = None
+    """Free text per item index (title, genres, description); '' where unknown."""
+    item_categories: list[tuple[str, ...]] | None = None
+    """Category labels per item index (MovieLens genres, Amazon categories)."""
+    item_features: ItemFeatures | None = None
+    """Dense content vectors; `models.features.attach_item_features` fills it."""
+    extra: dict = field(default_factory=dict)
+
+    @property
+    def n_users(self) -> int:
+        return len(self.user_ids)
+
+    @property
+    def n_items(self) -> int:
+        return len(self.item_ids)
+
+    def split(self, name: str) -> sp.csr_matrix:
+        if name not in SPLIT_NAMES:
+            raise DataError(self.name, f"unknown split {name!r}; expected one of {SPLIT_NAMES}")
+        return getattr(self, name)
+
+    def seen(self, split: str) -> sp.csr_matrix:
+        """Interactions to mask when ranking for `split`: train for val, train + val for test."""
+        return self.train if split == "val" else (self.train + self.val).tocsr()
+
+    def with_features(self, features: ItemFeatures) -> "Dataset":
+        return replace(self, item_features=features)
+
+    def summary(self) -> dict:
+        per_user = np.diff(self.train.indptr) + np.diff(self.val.indptr) + np.diff(self.test.indptr)
+        return {
+            "name": self.name,
+            "users": self.n_users,
+            "items": self.n_items,
+            "interactions": int(per_user.sum()),
+            "train": int(self.train.nnz),
+            "val": int(self.val.nnz),
+            "test": int(self.test.nnz),
+            "density": float(per_user.sum() / (self.n_users * self.n_items)),
+            "interactions_per_user": {"min": int(per_user.min()), "median": float(np.median(per_user)), "max": int(per_user.max())},
+            "split": self.report.split,
+            "duplicates_dropped": self.report.duplicates_dropped,
+            "item_features": self.item_features.source if self.item_features else None,
+            "user_attributes": list(self.user_attributes.columns) if self.user_attributes is not None else [],
+        }
+
+
+def build_dataset(
+    name: str,
+    interactions: pd.DataFrame,
+    *,
+    source: str | Path,
+    split: SplitStrategy,
+    user_attributes: pd.DataFrame | None = None,
+    item_text: pd.Series | None = None,
+    item_categories: pd.Series | None = None,
+    item_order: np.ndarray | None = None,
+    extra_sources: tuple[str, ...] = (),
+    notes: tuple[str, ...] = (),
+) -> Dataset:
+    """Turn an interaction frame into a `Dataset`.
+
+    interactions: columns `user`, `item`, optional `timestamp` and `split`.
+    user_attributes / item_text / item_categories: indexed by raw id.
+    item_order: raw item ids in index order, when the source fixes item indices (MMRec's
+    feature .npy files are aligned with its integer item ids).
+    """
+    for column in ("user", "item"):
+        if column not in interactions:
+            raise DataError(source, f"missing column {column!r}")
+    if interactions.empty:
+        raise DataError(source, "no interactions (the file has a header but no rows)")
+    rows_read = len(interactions)
+    frame = interactions
+    if "timestamp" in frame:
+        frame = frame.sort_values("timestamp", kind="stable")
+    frame = frame.drop_duplicates(["user", "item"], keep="first").sort_index(kind="stable")
+    duplicates = rows_read - len(frame)
+
+    labels = split.assign(frame, source)
+    user_ids, user_index = np.unique(frame["user"].to_numpy(), return_inverse=True)
+    if item_order is None:
+        item_ids, item_index = np.unique(frame["item"].to_numpy(), return_inverse=True)
+    else:
+        item_ids = np.asarray(item_order)
+        lookup = pd.Index(item_ids)
+        item_index = lookup.get_indexer(frame["item"])
+        if (item_index < 0).any():
+            bad = frame["item"].to_numpy()[item_index < 0][:3]
+            raise DataError(source, f"item ids {list(bad)} are outside the item range of the feature files")
+
+    def matrix(label: int) -> sp.csr_matrix:
+        rows = labels == label
+        ones = np.ones(int(rows.sum()), dtype=np.float32)
+        return sp.csr_matrix((ones, (user_index[rows], item_index[rows])), shape=(len(user_ids), len(item_ids)))
+
+    users_attr = None
+    if user_attributes is not None:
+        users_attr = user_attributes.reindex(user_ids).reset_index(drop=True)
+    text = None
+    if item_text is not None:
+        text = [str(t) if isinstance(t, str) else "" for t in item_text.reindex(item_ids)]
+    categories = None
+    if item_categories is not None:
+        categories = [tuple(c) if isinstance(c, (list, tuple)) else () for c in item_categories.reindex(item_ids)]
+
+    return Dataset(
+        name=name,
+        user_ids=user_ids,
+        item_ids=item_ids,
+        train=matrix(TRAIN),
+        val=matrix(VAL),
+        test=matrix(TEST),
+        report=LoadReport((str(source), *extra_sources), rows_read, duplicates, split.describe(), notes),
+        user_attributes=users_attr,
+        item_text=text,
+        item_categories=categories,
+    )

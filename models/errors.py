@@ -1,0 +1,30 @@
+"""The exception hierarchy shared by every layer.
+
+Every message names the offending file, field or value, so a user can fix the input
+without reading a traceback.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+class RectuneError(Exception):
+    """Base class for every error rectune raises on purpose."""
+
+
+class DataError(RectuneError):
+    """A data file is missing, unreadable or malformed."""
+
+    def __init__(self, path: str | Path, problem: str):
+        self.path = Path(path)
+        self.problem = problem
+        super().__init__(f"{path}: {problem}")
+
+
+class ConfigError(RectuneError):
+    """A setting, parameter or command-line value is invalid."""
+
+
+class GroupError(RectuneError):
+    """A user-group specification cannot be applied to a dataset."""
