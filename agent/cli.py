@@ -56,5 +56,28 @@ def data_list(data_dir: Optional[Path] = DataDirOption) -> None:
         typer.echo(f"{source.name:<12} {present:<8} {root / source.directory}  {source.description}")
 
 
+@data_app.command("pull")
+def data_pull(
+    name: str = typer.Argument(..., help="A registered dataset name: baby, ml-100k or beauty-2023."),
+    data_dir: Optional[Path] = DataDirOption,
+    base_url: Optional[str] = typer.Option(None, "--base-url", help="Fetch each file as BASE_URL/<file name> from a mirror (env RECTUNE_DOWNLOAD_BASE_URL)."),
+    force: bool = typer.Option(False, "--force", help="Download again even when the files are present."),
+    timeout: float = typer.Option(60.0, help="Seconds to wait for a connection and for each read."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
+) -> None:
+    """Download a dataset's public source into the data directory, load it to check it, print its summary."""
+    from models.download import pull
+
+    try:
+        result = pull(name, data_dir, base_url=base_url, progress=progress, force=force, timeout=timeout)
+    except RectuneError as error:
+        fail(error)
+    for path in result.downloaded:
+        typer.echo(f"downloaded {path}")
+    for path in result.skipped:
+        typer.echo(f"present    {path} (--force downloads it again)")
+    typer.echo(json.dumps(result.summary, indent=2))
+
+
 if __name__ == "__main__":
     app()

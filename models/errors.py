@@ -28,3 +28,11 @@ class ConfigError(RectuneError):
 
 class GroupError(RectuneError):
     """A user-group specification cannot be applied to a dataset."""
+
+
+class DownloadError(RectuneError):
+    """A public source cannot be fetched, or what arrived is not what was expected."""
+
+    def __init__(self, url: str, message: str):
+        self.url = url
+        super().__init__(message)

@@ -71,6 +71,9 @@ def read_jsonl(path: Path, fields: tuple[str, ...], required: tuple[str, ...]) -
                     record = json.loads(line)
                 except json.JSONDecodeError as exc:
                     raise DataError(path, f"line {number} is not valid JSON ({exc.msg})") from exc
+                # A valid JSON value that is not an object (a list, a string) has no fields to read.
+                if not isinstance(record, dict):
+                    raise DataError(path, f"line {number} is a JSON {type(record).__name__}, not an object")
                 records.append({k: record.get(k) for k in fields})
     except (OSError, EOFError, UnicodeDecodeError) as exc:
         raise DataError(path, f"cannot be read: {exc}") from exc
@@ -97,8 +100,11 @@ def _numeric(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
 def kcore(frame: pd.DataFrame, k: int) -> pd.DataFrame:
     """Keep users and items with ≥ k interactions, repeated until stable (the 5-core rule)."""
     while True:
-        users = frame["user"].map(frame["user"].value_counts())
-        items = frame["item"].map(frame["item"].value_counts())
+        # Count distinct user–item pairs: repeated reviews are dropped later as duplicates,
+        # so counting them here would let users and items below k through.
+        pairs = frame.drop_duplicates(["user", "item"])
+        users = frame["user"].map(pairs["user"].value_counts())
+        items = frame["item"].map(pairs["item"].value_counts())
         keep = (users >= k) & (items >= k)
         if keep.all():
             return frame
@@ -138,7 +144,7 @@ def load_amazon_2014(path: Path, split: SplitStrategy | None = None, name: str =
     frame = read_jsonl(path, ("reviewerID", "asin", "overall", "unixReviewTime"), ("reviewerID", "asin"))
     interactions = pd.DataFrame({"user": frame["reviewerID"].astype(str), "item": frame["asin"].astype(str)})
     if frame["unixReviewTime"].notna().all():
-        interactions["timestamp"] = frame["unixReviewTime"].astype("int64")
+        interactions["timestamp"] = _numeric(frame, "unixReviewTime", path).astype("int64")
     return build_dataset(name, interactions, source=path, split=split or SplitStrategy("random"))
 
 
@@ -162,6 +168,10 @@ def load_amazon_2023(path: Path, split: SplitStrategy | None = None, meta: Path 
     else:
         frame = read_jsonl(path, ("user_id", "parent_asin", "asin", "rating", "timestamp"), ("user_id",))
         frame["parent_asin"] = frame["parent_asin"].fillna(frame["asin"])
+        # Without this check a record lacking both ids would become an item named "None".
+        if frame["parent_asin"].isna().any():
+            record = int(np.flatnonzero(frame["parent_asin"].isna().to_numpy())[0]) + 1
+            raise DataError(path, f"record {record} has neither 'parent_asin' nor 'asin'")
     interactions = pd.DataFrame({"user": frame["user_id"].astype(str), "item": frame["parent_asin"].astype(str)})
     if "timestamp" in frame and frame["timestamp"].notna().all():
         interactions["timestamp"] = _numeric(frame, "timestamp", path).astype("int64")

@@ -80,7 +80,8 @@ class SplitStrategy:
         _, val_share, test_share = self.ratios
 
         def count(share):
-            return lambda n: np.where(n >= 3, np.maximum(1, np.floor(n * share)), 0).astype(int) if share > 0 else np.zeros_like(n)
+            # The epsilon absorbs float error: 180 * 0.35 is 62.99999999999999, not 63.
+            return lambda n: np.where(n >= 3, np.maximum(1, np.floor(n * share + 1e-9)), 0).astype(int) if share > 0 else np.zeros_like(n)
 
         return _by_rank_from_end(frame["user"].to_numpy(), order, count(val_share), count(test_share))
 

@@ -1,0 +1,75 @@
+"""The two stage contracts every pipeline is built from.
+
+A recall stage is fitted on train interactions and returns, for each user, the K best
+items the user has not seen, with scores. A rank stage is fitted after the recall stage
+(it learns from the recall stage's candidates) and re-orders a user's K candidates.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+
+import numpy as np
+import scipy.sparse as sp
+
+from models.dataset import Dataset
+
+
+@dataclass(frozen=True)
+class Candidates:
+    """K candidates per user, best first: item indices (-1 = empty slot) and their scores."""
+
+    items: np.ndarray
+    scores: np.ndarray
+
+
+@dataclass(frozen=True)
+class FitContext:
+    """What a stage may know besides the training data."""
+
+    seed: int = 0
+    group_codes: np.ndarray | None = None
+    """User-group index per user (the DeepFM `group` field); None = one group."""
+    progress: bool = False
+
+
+class RecallModel(ABC):
+    @abstractmethod
+    def fit(self, dataset: Dataset, context: FitContext) -> None:
+        """Learn from `dataset.train` only."""
+
+    @abstractmethod
+    def candidates(self, users: np.ndarray, k: int, history: sp.csr_matrix) -> Candidates:
+        """Top-k items per user, excluding the items in the user's row of `history`, which is
+        also what the model reads as the user's past (train for validation, train + val for test)."""
+
+    @abstractmethod
+    def score_pairs(self, users: np.ndarray, items: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
+        """Scores of (user, item) pairs. A pair already in `history` is scored as if it were
+        left out of it, so that a ranker learns from the scores it will see on unseen items."""
+
+
+class Ranker(ABC):
+    @abstractmethod
+    def fit(self, dataset: Dataset, recall: RecallModel, context: FitContext) -> None:
+        """Learn to order the recall stage's candidates, from train interactions only."""
+
+    @abstractmethod
+    def rank(self, users: np.ndarray, candidates: Candidates) -> np.ndarray:
+        """Re-order each user's candidates; returns item indices, best first."""
+
+
+def top_k_unseen(scores: np.ndarray, k: int, seen: sp.csr_matrix) -> Candidates:
+    """Top-k of a dense (users × items) score block, with each row's seen items masked."""
+    import torch
+
+    block = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+    rows = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
+    block[torch.from_numpy(rows), torch.from_numpy(seen.indices.astype(np.int64))] = -np.inf
+    k = min(k, block.shape[1])
+    values, items = torch.topk(block, k, dim=1, sorted=True)
+    items = items.numpy()
+    values = values.numpy()
+    items[~np.isfinite(values)] = -1
+    return Candidates(items.astype(np.int64), values)

@@ -1,0 +1,160 @@
+"""User groups: a partition of the users into labelled groups, from a textual spec.
+
+Specs (`rectune ... --groups SPEC`):
+- `all` — one group;
+- `prefix[:LETTERS[:MAX]]` — the paper's "regional" groups: the first LETTERS (default 2)
+  characters of the raw user id; the MAX−1 most frequent prefixes keep their own group
+  and the rest become `other` when there are more than MAX (default 4);
+- `activity[:Q]` — quantiles of train interactions per user, cold … heavy (default Q=4);
+  users with the same count always share a group, so ties can merge quantiles;
+- `age` — MovieLens age bands: children < 18, young 18–34, middle-aged 35–54, elderly ≥ 55;
+- `gender`, `occupation`, `attr:COLUMN` — a categorical user attribute;
+- `file:PATH` — a csv with columns `user_id,group` (users missing from it form `unassigned`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from models.dataset import Dataset
+from models.errors import DataError, GroupError
+
+ACTIVITY_LABELS = {
+    2: ("cold", "heavy"),
+    3: ("cold", "medium", "heavy"),
+    4: ("cold", "light", "medium", "heavy"),
+    5: ("cold", "light", "medium", "active", "heavy"),
+}
+AGE_BANDS = (("children", 0, 18), ("young", 18, 35), ("middle-aged", 35, 55), ("elderly", 55, 10**9))
+
+
+@dataclass(frozen=True)
+class UserGroups:
+    """A partition of users: `codes[u]` indexes `labels`; `descriptions` explain each label."""
+
+    spec: str
+    labels: tuple[str, ...]
+    codes: np.ndarray
+    descriptions: dict[str, str]
+
+    def members(self, label: str) -> np.ndarray:
+        if label not in self.labels:
+            raise GroupError(f"unknown group {label!r} in {self.spec!r}; groups are {list(self.labels)}")
+        return np.flatnonzero(self.codes == self.labels.index(label))
+
+    def sizes(self) -> dict[str, int]:
+        counts = np.bincount(self.codes, minlength=len(self.labels))
+        return {label: int(c) for label, c in zip(self.labels, counts)}
+
+
+def _from_values(spec: str, values: np.ndarray, order: list[str] | None = None, descriptions: dict | None = None) -> UserGroups:
+    labels = order or sorted(pd.unique(values).tolist(), key=str)
+    lookup = {label: i for i, label in enumerate(labels)}
+    codes = np.array([lookup[v] for v in values], dtype=np.int64)
+    groups = UserGroups(spec, tuple(str(l) for l in labels), codes, descriptions or {str(l): str(l) for l in labels})
+    empty = [label for label, size in groups.sizes().items() if size == 0]
+    if empty:
+        raise GroupError(f"group(s) {empty} of {spec!r} have no users; sizes: {groups.sizes()}")
+    return groups
+
+
+def _int_option(spec: str, text: str, name: str, low: int) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise GroupError(f"{name} in {spec!r} must be an integer, but got {text!r}") from None
+    if value < low:
+        raise GroupError(f"{name} in {spec!r} must be ≥ {low}, but got {value}")
+    return value
+
+
+def prefix_groups(dataset: Dataset, letters: int = 2, max_groups: int = 4, spec: str = "prefix") -> UserGroups:
+    prefixes = pd.Series(dataset.user_ids.astype(str)).str[:letters].to_numpy()
+    counts = pd.Series(prefixes).value_counts()
+    if len(counts) <= max_groups:
+        return _from_values(spec, prefixes, sorted(counts.index))
+    kept = sorted(counts.index[: max_groups - 1])
+    values = np.where(np.isin(prefixes, kept), prefixes, "other")
+    return _from_values(spec, values, kept + ["other"],
+                        {**{p: f"user id starts with {p}" for p in kept}, "other": f"any other {letters}-letter prefix"})
+
+
+def activity_groups(dataset: Dataset, quantiles: int = 4, spec: str = "activity") -> UserGroups:
+    counts = np.diff(dataset.train.indptr)
+    values, first_index = np.unique(np.sort(counts), return_index=True)
+    # A count's bin is where its block of tied users starts in the sorted order.
+    bins = np.minimum((first_index * quantiles) // len(counts), quantiles - 1)
+    used = np.unique(bins)
+    names = ACTIVITY_LABELS.get(len(used), tuple(f"q{i + 1}" for i in range(len(used))))
+    bin_to_label = dict(zip(used, names))
+    descriptions = {}
+    for b in used:
+        in_bin = values[bins == b]
+        low, high = int(in_bin.min()), int(in_bin.max())
+        descriptions[bin_to_label[b]] = f"{low}–{high} train interactions" if low != high else f"{low} train interactions"
+    per_user = np.array([bin_to_label[b] for b in bins[np.searchsorted(values, counts)]])
+    return _from_values(spec, per_user, list(names), descriptions)
+
+
+def _attribute(dataset: Dataset, column: str, spec: str) -> np.ndarray:
+    if dataset.user_attributes is None or column not in dataset.user_attributes:
+        available = [] if dataset.user_attributes is None else list(dataset.user_attributes.columns)
+        raise GroupError(f"{spec!r} needs the user attribute {column!r}, but dataset {dataset.name!r} has {available or 'no user attributes'}")
+    values = dataset.user_attributes[column]
+    return values.fillna("unknown").astype(str).to_numpy() if values.dtype == object or values.isna().any() else values.to_numpy()
+
+
+def age_groups(dataset: Dataset, spec: str = "age") -> UserGroups:
+    ages = _attribute(dataset, "age", spec).astype(float)
+    labels = np.empty(len(ages), dtype=object)
+    for name, low, high in AGE_BANDS:
+        labels[(ages >= low) & (ages < high)] = name
+    return _from_values(spec, labels, [b[0] for b in AGE_BANDS],
+                        {name: f"age {low}–{high - 1}" if high < 10**9 else f"age ≥ {low}" for name, low, high in AGE_BANDS})
+
+
+def file_groups(dataset: Dataset, path: Path, spec: str) -> UserGroups:
+    if not path.is_file():
+        raise DataError(path, "group file not found")
+    try:
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False)
+    except (pd.errors.ParserError, pd.errors.EmptyDataError) as exc:
+        raise DataError(path, f"cannot be read as csv: {exc}") from exc
+    missing = [c for c in ("user_id", "group") if c not in frame.columns]
+    if missing:
+        raise DataError(path, f"missing column(s) {missing}; found {list(frame.columns)}")
+    mapping = dict(zip(frame["user_id"], frame["group"]))
+    values = np.array([mapping.get(str(u), "unassigned") for u in dataset.user_ids], dtype=object)
+    if (values == "unassigned").all():
+        raise DataError(path, f"no user id in it matches dataset {dataset.name!r} (e.g. {dataset.user_ids[0]!r})")
+    return _from_values(spec, values)
+
+
+def make_groups(dataset: Dataset, spec: str) -> UserGroups:
+    """Parse a group spec (see the module docstring) and partition the dataset's users."""
+    kind, _, options = spec.partition(":")
+    parts = options.split(":") if options else []
+    if kind == "all":
+        return _from_values(spec, np.full(dataset.n_users, "all", dtype=object), ["all"], {"all": "every user"})
+    if kind == "prefix":
+        letters = _int_option(spec, parts[0], "LETTERS", 1) if parts else 2
+        max_groups = _int_option(spec, parts[1], "MAX", 2) if len(parts) > 1 else 4
+        return prefix_groups(dataset, letters, max_groups, spec)
+    if kind == "activity":
+        return activity_groups(dataset, _int_option(spec, parts[0], "Q", 2) if parts else 4, spec)
+    if kind == "age":
+        return age_groups(dataset, spec)
+    if kind in ("gender", "occupation"):
+        return _from_values(spec, _attribute(dataset, kind, spec))
+    if kind == "attr" and options:
+        return _from_values(spec, _attribute(dataset, options, spec))
+    if kind == "file" and options:
+        return file_groups(dataset, Path(options), spec)
+    raise GroupError(
+        f"unknown group spec {spec!r}; expected all, prefix[:LETTERS[:MAX]], activity[:Q], age, gender, "
+        "occupation, attr:COLUMN or file:PATH"
+    )

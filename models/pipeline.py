@@ -1,0 +1,218 @@
+"""The four candidate pipelines (recall × rank) behind one config and one interface.
+
+`PipelineConfig` is the single typed description of a pipeline: which recall and rank
+stages, and every hyper-parameter with its default, its meaning and the stage whose
+training it affects. Unknown keys and wrong types raise. `Pipeline` fits the stages on
+train interactions and recommends / evaluates on the validation or test split.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field, fields
+
+import numpy as np
+
+from models.base import Candidates, FitContext, Ranker, RecallModel
+from models.dataset import Dataset
+from models.errors import ConfigError
+from models.groups import UserGroups
+from models.metrics import EvalResult, evaluate_ranking
+
+RECALLS = ("heuristic", "two_tower")
+RANKERS = ("none", "deepfm")
+PIPELINES = {
+    "heuristic": ("heuristic", "none"),
+    "heuristic+deepfm": ("heuristic", "deepfm"),
+    "two_tower": ("two_tower", "none"),
+    "two_tower+deepfm": ("two_tower", "deepfm"),
+}
+# Every metric is also reported at this cutoff, the one of the literature's anchors.
+ANCHOR_CUTOFF = 20
+
+
+def _param(default, stage: str, help: str, used_by: tuple[str, ...] = ()):
+    """stage: what the value changes — `recall` / `ranker` training, or only `serving`."""
+    return field(default=default, metadata={"stage": stage, "help": help, "used_by": used_by})
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    recall: str = _param("two_tower", "recall", "recall stage: heuristic | two_tower")
+    ranker: str = _param("none", "ranker", "rank stage: none | deepfm")
+    seed: int = _param(0, "recall", "seed of every random choice (splits are seeded separately)")
+    embedding_dim: int = _param(64, "recall", "recall embedding size: PCA size of item features (heuristic), tower output (two-tower)")
+    k: int = _param(500, "serving", "recall size K: candidates per user passed to the ranker")
+    top_n: int = _param(20, "serving", "TopN: length of the final list")
+    neighbors: int = _param(50, "recall", "kNN neighbours kept per item in the similarity graphs", ("heuristic",))
+    cf_weight: float = _param(0.8, "recall", "weight of item-CF similarity vs content similarity", ("heuristic",))
+    popularity_weight: float = _param(0.5, "recall", "weight of the popularity prior added to heuristic scores", ("heuristic",))
+    lr: float = _param(0.003, "recall", "two-tower Adam learning rate", ("two_tower",))
+    epochs: int = _param(5, "recall", "two-tower training epochs", ("two_tower",))
+    batch_size: int = _param(1024, "recall", "two-tower batch size (= in-batch negatives + 1)", ("two_tower",))
+    temperature: float = _param(0.1, "recall", "softmax temperature of the two-tower logits", ("two_tower",))
+    weight_decay: float = _param(0.0, "recall", "two-tower Adam weight decay", ("two_tower",))
+    ranker_dim: int = _param(16, "ranker", "DeepFM field embedding size", ("deepfm",))
+    hidden: tuple[int, ...] = _param((128, 64), "ranker", "DeepFM MLP hidden sizes", ("deepfm",))
+    dropout: float = _param(0.1, "ranker", "DeepFM MLP dropout", ("deepfm",))
+    ranker_lr: float = _param(0.001, "ranker", "DeepFM Adam learning rate", ("deepfm",))
+    ranker_epochs: int = _param(2, "ranker", "DeepFM training epochs", ("deepfm",))
+    ranker_batch_size: int = _param(2048, "ranker", "DeepFM batch size", ("deepfm",))
+    negatives: int = _param(4, "ranker", "negatives per positive for DeepFM (half hard from recall, half random)", ("deepfm",))
+    negative_pool: int = _param(200, "ranker", "hard negatives are drawn from this many top recall candidates", ("deepfm",))
+
+    def __post_init__(self):
+        for f in fields(self):
+            value = getattr(self, f.name)
+            expected = f.type if isinstance(f.type, type) else {"int": int, "float": float, "str": str}.get(f.type)
+            if f.name == "hidden":
+                if not (isinstance(value, tuple) and value and all(isinstance(h, int) and not isinstance(h, bool) and h > 0 for h in value)):
+                    raise ConfigError(f"hidden must be a non-empty list of positive integers, but got {value!r}")
+            elif expected is float:
+                if isinstance(value, bool) or not isinstance(value, (int, float)):
+                    raise ConfigError(f"{f.name} must be a number, but got {value!r}")
+                object.__setattr__(self, f.name, float(value))
+            elif expected is int and (isinstance(value, bool) or not isinstance(value, int)):
+                raise ConfigError(f"{f.name} must be an integer, but got {value!r}")
+            elif expected is str and not isinstance(value, str):
+                raise ConfigError(f"{f.name} must be a string, but got {value!r}")
+        if self.recall not in RECALLS:
+            raise ConfigError(f"recall must be one of {RECALLS}, but got {self.recall!r}")
+        if self.ranker not in RANKERS:
+            raise ConfigError(f"ranker must be one of {RANKERS}, but got {self.ranker!r}")
+        for name in ("embedding_dim", "k", "top_n", "neighbors", "epochs", "batch_size", "ranker_dim",
+                     "ranker_epochs", "ranker_batch_size", "negatives", "negative_pool"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name} must be ≥ 1, but got {getattr(self, name)}")
+        if self.k < self.top_n:
+            raise ConfigError(f"k (candidates) must be ≥ top_n, but got k={self.k} < top_n={self.top_n}")
+        for name in ("cf_weight", "dropout"):
+            if not 0.0 <= getattr(self, name) < (1.0001 if name == "cf_weight" else 1.0):
+                raise ConfigError(f"{name} must be in [0, 1{']' if name == 'cf_weight' else ')'}, but got {getattr(self, name)}")
+        for name in ("lr", "ranker_lr", "temperature"):
+            if getattr(self, name) <= 0:
+                raise ConfigError(f"{name} must be positive, but got {getattr(self, name)}")
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "PipelineConfig":
+        """Build from plain values (a pipeline name under `pipeline` is expanded)."""
+        values = dict(values)
+        if "pipeline" in values:
+            name = values.pop("pipeline")
+            if name not in PIPELINES:
+                raise ConfigError(f"pipeline must be one of {list(PIPELINES)}, but got {name!r}")
+            values["recall"], values["ranker"] = PIPELINES[name]
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ConfigError(f"unknown parameter(s) {unknown}; known: {sorted(known)}")
+        if isinstance(values.get("hidden"), (list, str)):
+            hidden = values["hidden"]
+            try:
+                values["hidden"] = tuple(int(h) for h in (hidden.split(",") if isinstance(hidden, str) else hidden))
+            except ValueError:
+                raise ConfigError(f"hidden must be integers like 128,64, but got {hidden!r}") from None
+        return cls(**values)
+
+    @property
+    def name(self) -> str:
+        return self.recall if self.ranker == "none" else f"{self.recall}+{self.ranker}"
+
+    def _stage_values(self, stage: str, model: str) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)
+                if f.metadata["stage"] == stage and (not f.metadata["used_by"] or model in f.metadata["used_by"])}
+
+    def recall_key(self) -> dict:
+        """The values that determine the trained recall stage (a cache key)."""
+        return self._stage_values("recall", self.recall)
+
+    def ranker_key(self) -> dict:
+        """The values that determine the trained rank stage, its recall stage's included."""
+        return {**self.recall_key(), **self._stage_values("ranker", self.ranker)}
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+def build_recall(config: PipelineConfig) -> RecallModel:
+    if config.recall == "heuristic":
+        from models.heuristic import HeuristicRecall
+
+        return HeuristicRecall(config.embedding_dim, config.neighbors, config.cf_weight, config.popularity_weight)
+    from models.two_tower import TwoTowerRecall
+
+    return TwoTowerRecall(config.embedding_dim, config.lr, config.epochs, config.batch_size, config.temperature, config.weight_decay)
+
+
+def build_ranker(config: PipelineConfig) -> Ranker | None:
+    if config.ranker == "none":
+        return None
+    from models.deepfm import DeepFMRanker
+
+    return DeepFMRanker(config.ranker_dim, config.hidden, config.dropout, config.ranker_lr, config.ranker_epochs,
+                        config.ranker_batch_size, config.negatives, config.negative_pool)
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    metrics: EvalResult
+    seconds: dict[str, float]
+    """candidates / rank / metrics wall seconds."""
+
+
+class Pipeline:
+    """A recall stage and an optional rank stage, fitted together on train interactions."""
+
+    def __init__(self, config: PipelineConfig, recall: RecallModel | None = None, ranker: Ranker | None = None):
+        self.config = config
+        self.recall = recall
+        self.ranker = ranker
+        self.fit_seconds: dict[str, float] = {}
+
+    def fit(self, dataset: Dataset, groups: UserGroups | None = None, progress: bool = False) -> "Pipeline":
+        context = FitContext(seed=self.config.seed, group_codes=None if groups is None else groups.codes, progress=progress)
+        if dataset.item_features is None:
+            raise ConfigError(f"dataset {dataset.name!r} has no item features: call models.features.attach_item_features first")
+        start = time.perf_counter()
+        if self.recall is None:
+            self.recall = build_recall(self.config)
+            self.recall.fit(dataset, context)
+            self.fit_seconds["recall"] = time.perf_counter() - start
+        if self.ranker is None and self.config.ranker != "none":
+            start = time.perf_counter()
+            self.ranker = build_ranker(self.config)
+            self.ranker.fit(dataset, self.recall, context)
+            self.fit_seconds["ranker"] = time.perf_counter() - start
+        return self
+
+    def recommend(self, dataset: Dataset, users: np.ndarray, split: str, k: int | None = None, length: int | None = None) -> tuple[Candidates, np.ndarray, dict]:
+        """K candidates and the final ranked list (at least `length` long) for `users` on `split`."""
+        k = k or self.config.k
+        length = max(length or self.config.top_n, ANCHOR_CUTOFF)
+        seconds = {}
+        start = time.perf_counter()
+        candidates = self.recall.candidates(users, k, dataset.seen(split))
+        seconds["candidates"] = time.perf_counter() - start
+        start = time.perf_counter()
+        ranked = candidates.items if self.ranker is None else self.ranker.rank(users, candidates)
+        seconds["rank"] = time.perf_counter() - start
+        if ranked.shape[1] < length:
+            ranked = np.pad(ranked, ((0, 0), (0, length - ranked.shape[1])), constant_values=-1)
+        return candidates, ranked[:, :length], seconds
+
+    def evaluate(self, dataset: Dataset, split: str, groups: UserGroups | None = None, users: np.ndarray | None = None) -> Evaluation:
+        """Full-ranking metrics on `split` (val for tuning, test for reporting)."""
+        if split not in ("val", "test"):
+            raise ConfigError(f"evaluate on 'val' or 'test', not {split!r}")
+        users = np.arange(dataset.n_users) if users is None else np.asarray(users)
+        candidates, ranked, seconds = self.recommend(dataset, users, split)
+        start = time.perf_counter()
+        seen = dataset.seen(split)
+        metrics = evaluate_ranking(
+            users, ranked, dataset.split(split), tuple(sorted({ANCHOR_CUTOFF, self.config.top_n})),
+            item_popularity=np.asarray(dataset.train.sum(axis=0)).ravel(), n_masked=np.diff(seen.indptr),
+            candidates=candidates.items, group_codes=None if groups is None else groups.codes,
+            group_labels=() if groups is None else groups.labels,
+        )
+        seconds["metrics"] = time.perf_counter() - start
+        return Evaluation(metrics, seconds)

@@ -1,0 +1,66 @@
+import numpy as np
+import pandas as pd
+import pytest
+
+from models.dataset import build_dataset
+from models.errors import DataError, GroupError
+from models.groups import make_groups
+from models.splits import SplitStrategy
+
+
+def dataset_with(users: list[str], counts: list[int], attributes: pd.DataFrame | None = None):
+    rows = [(u, f"i{j}") for u, n in zip(users, counts) for j in range(n)]
+    frame = pd.DataFrame(rows, columns=["user", "item"])
+    frame["split"] = "train"
+    return build_dataset("t", frame, source="t", split=SplitStrategy("given"), user_attributes=attributes)
+
+
+def test_prefix_groups_keep_frequent_prefixes_and_pool_the_rest():
+    users = ["AE1", "AE2", "AF1", "AF2", "AG1", "AH1", "AH2", "AH3", "B11"]
+    groups = make_groups(dataset_with(users, [1] * len(users)), "prefix")
+    assert groups.sizes() == {"AE": 2, "AF": 2, "AH": 3, "other": 2}
+    assert groups.members("other").tolist() == [4, 8]  # AG1 and B11
+    exact = make_groups(dataset_with(users[:8], [1] * 8), "prefix")
+    assert exact.sizes() == {"AE": 2, "AF": 2, "AG": 1, "AH": 3}
+    assert make_groups(dataset_with(users, [1] * len(users)), "prefix:1").sizes() == {"A": 8, "B": 1}
+
+
+def test_activity_groups_keep_ties_together():
+    counts = [1, 1, 1, 1, 2, 2, 3, 4, 8, 9]
+    groups = make_groups(dataset_with([f"u{i}" for i in range(10)], counts), "activity")
+    codes = groups.codes
+    assert len(set(codes[:4])) == 1  # all users with one interaction share a group
+    assert groups.labels[0] == "cold" and groups.labels[-1] == "heavy"
+    assert codes[-1] == len(groups.labels) - 1
+    assert groups.descriptions["cold"] == "1 train interactions"
+
+
+def test_age_bands_and_empty_band_refused():
+    attributes = pd.DataFrame({"age": [10, 20, 40, 60]}, index=["a", "b", "c", "d"])
+    groups = make_groups(dataset_with(list("abcd"), [1] * 4, attributes), "age")
+    assert groups.sizes() == {"children": 1, "young": 1, "middle-aged": 1, "elderly": 1}
+    no_children = pd.DataFrame({"age": [20, 20, 40, 60]}, index=list("abcd"))
+    with pytest.raises(GroupError, match="children"):
+        make_groups(dataset_with(list("abcd"), [1] * 4, no_children), "age")
+
+
+def test_bad_specs_name_the_problem(tmp_path):
+    dataset = dataset_with(["a", "b"], [1, 1])
+    with pytest.raises(GroupError, match="unknown group spec 'region'"):
+        make_groups(dataset, "region")
+    with pytest.raises(GroupError, match="needs the user attribute 'gender'"):
+        make_groups(dataset, "gender")
+    with pytest.raises(GroupError, match="must be an integer"):
+        make_groups(dataset, "activity:x")
+    bad = tmp_path / "groups.csv"
+    bad.write_text("user,label\na,x\n")
+    with pytest.raises(DataError, match="missing column"):
+        make_groups(dataset, f"file:{bad}")
+
+
+def test_file_groups_mark_missing_users_unassigned(tmp_path):
+    path = tmp_path / "groups.csv"
+    path.write_text("user_id,group\na,north\n")
+    groups = make_groups(dataset_with(["a", "b"], [1, 1]), f"file:{path}")
+    assert groups.sizes() == {"north": 1, "unassigned": 1}
+    assert groups.members("north").tolist() == [0]
