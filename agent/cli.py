@@ -79,5 +79,74 @@ def data_pull(
     typer.echo(json.dumps(result.summary, indent=2))
 
 
+def parse_assignments(assignments: list[str]) -> dict:
+    """`key=value` pairs; values are read as JSON where they parse (numbers, true, lists)."""
+    values = {}
+    for assignment in assignments:
+        key, sep, text = assignment.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"expected KEY=VALUE, but got {assignment!r}", param_hint="--set")
+        try:
+            values[key.strip()] = json.loads(text)
+        except json.JSONDecodeError:
+            values[key.strip()] = text
+    return values
+
+
+@app.command("evaluate")
+def evaluate(
+    dataset_name: str = typer.Option("baby", "--dataset", help="Registered dataset name (see `rectune data list`)."),
+    data_dir: Optional[Path] = DataDirOption,
+    groups_spec: str = typer.Option("prefix", "--groups", help="User groups: all, prefix[:LETTERS[:MAX]], activity[:Q], age, gender, occupation, attr:COLUMN, file:PATH."),
+    pipelines: str = typer.Option("all", help="Comma-separated pipelines (heuristic, heuristic+deepfm, two_tower, two_tower+deepfm) or all."),
+    split: str = typer.Option("val", help="val (for choosing) or test (for reporting)."),
+    objective: str = typer.Option("ndcg@20", help="Metric that picks the best pipeline per group, e.g. ndcg@20, recall@20, f1@20."),
+    assignments: list[str] = typer.Option([], "--set", help="Override a pipeline parameter, e.g. --set k=1000 --set top_n=50 (repeatable)."),
+    out: Optional[Path] = typer.Option(None, help="Also write the full results as JSON here."),
+    progress: bool = typer.Option(True, help="Show progress bars while training."),
+) -> None:
+    """Train the candidate pipelines with default parameters and compare them per user group."""
+    from tqdm import tqdm
+
+    from models.features import attach_item_features
+    from models.groups import make_groups
+    from models.loaders import load_dataset
+    from models.pipeline import PIPELINES, Pipeline, PipelineConfig
+
+    names = list(PIPELINES) if pipelines == "all" else [p.strip() for p in pipelines.split(",")]
+    if split not in ("val", "test"):
+        raise typer.BadParameter(f"must be val or test, but got {split!r}", param_hint="--split")
+    try:
+        overrides = parse_assignments(assignments)
+        configs = [PipelineConfig.from_dict({"pipeline": name, **overrides}) for name in names]
+        dataset = attach_item_features(load_dataset(dataset_name, data_dir), progress=progress)
+        groups = make_groups(dataset, groups_spec)
+        typer.echo(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, item features {dataset.item_features.source}; "
+                   f"groups {groups_spec}: " + ", ".join(f"{g} {n}" for g, n in groups.sizes().items()))
+        results = {}
+        for config in tqdm(configs, desc="pipelines", disable=not progress):
+            pipeline = Pipeline(config).fit(dataset, groups)
+            evaluation = pipeline.evaluate(dataset, split, groups)
+            results[config.name] = {"config": config.to_dict(), "fit_seconds": pipeline.fit_seconds,
+                                    "overall": evaluation.metrics.overall, "groups": evaluation.metrics.groups}
+    except RectuneError as error:
+        fail(error)
+    if objective not in next(iter(results.values()))["overall"]:
+        fail(RectuneError(f"unknown objective {objective!r}; computed metrics: {sorted(next(iter(results.values()))['overall'])}"))
+    top_n = configs[0].top_n
+    columns = list(dict.fromkeys(["recall@20", "ndcg@20", f"precision@{top_n}", f"recall@{top_n}", f"f1@{top_n}", objective]))
+    typer.echo(f"\n{split} metrics (full ranking, seen items masked); * = best {objective} in the group")
+    typer.echo(f"{'group':<12} {'pipeline':<18} " + " ".join(f"{c:>12}" for c in columns))
+    for group in ["overall", *groups.labels]:
+        rows = {name: (r["overall"] if group == "overall" else r["groups"][group]) for name, r in results.items()}
+        best = max(rows, key=lambda name: rows[name][objective])
+        for name, metrics in rows.items():
+            mark = "*" if name == best else " "
+            typer.echo(f"{group:<12} {mark}{name:<17} " + " ".join(f"{metrics[c]:>12.4f}" for c in columns))
+    if out is not None:
+        out.write_text(json.dumps({"dataset": dataset.summary(), "groups": groups.sizes(), "split": split, "results": results}, indent=2))
+        typer.echo(f"wrote {out}")
+
+
 if __name__ == "__main__":
     app()

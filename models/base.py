@@ -8,12 +8,14 @@ items the user has not seen, with scores. A rank stage is fitted after the recal
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 import scipy.sparse as sp
 
 from models.dataset import Dataset
+from models.metrics import in_rows  # noqa: F401  (re-exported: the stages filter seen items with it)
 
 
 @dataclass(frozen=True)
@@ -44,20 +46,16 @@ class RecallModel(ABC):
         """Top-k items per user, excluding the items in the user's row of `history`, which is
         also what the model reads as the user's past (train for validation, train + val for test)."""
 
-    @abstractmethod
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        """Scores of (user, item) pairs. A pair already in `history` is scored as if it were
-        left out of it, so that a ranker learns from the scores it will see on unseen items."""
-
 
 class Ranker(ABC):
     @abstractmethod
-    def fit(self, dataset: Dataset, recall: RecallModel, context: FitContext) -> None:
-        """Learn to order the recall stage's candidates, from train interactions only."""
+    def fit(self, dataset: Dataset, make_recall: Callable[[], RecallModel], context: FitContext) -> None:
+        """Learn to order candidate lists, from train interactions only. `make_recall` builds
+        an unfitted recall stage like the pipeline's, to produce lists to learn from."""
 
     @abstractmethod
-    def rank(self, users: np.ndarray, candidates: Candidates) -> np.ndarray:
-        """Re-order each user's candidates; returns item indices, best first."""
+    def rank(self, users: np.ndarray, candidates: Candidates, length: int) -> np.ndarray:
+        """Each user's best `length` candidates after re-ordering, as item indices."""
 
 
 def top_k_unseen(scores: np.ndarray, k: int, seen: sp.csr_matrix) -> Candidates:
@@ -73,3 +71,4 @@ def top_k_unseen(scores: np.ndarray, k: int, seen: sp.csr_matrix) -> Candidates:
     values = values.numpy()
     items[~np.isfinite(values)] = -1
     return Candidates(items.astype(np.int64), values)
+

@@ -94,8 +94,3 @@ class HeuristicRecall(RecallModel):
         parts = [top_k_unseen(self._scores(users[s:s + _BLOCK], history), k, history[users[s:s + _BLOCK]])
                  for s in range(0, len(users), _BLOCK)]
         return Candidates(np.vstack([p.items for p in parts]), np.vstack([p.scores for p in parts]))
-
-    def score_pairs(self, users: np.ndarray, items: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
-        # The zero diagonal already leaves a history item out of its own score.
-        columns = self.similarity.T.tocsr()[items]
-        return np.asarray(history[users].multiply(columns).sum(axis=1)).ravel().astype(np.float32) + self.popularity[items]

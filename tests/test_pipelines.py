@@ -7,7 +7,7 @@ import torch
 from models.errors import ConfigError
 from models.groups import make_groups
 from models.pipeline import PIPELINES, Pipeline, PipelineConfig
-from models.training import contains
+from models.base import in_rows
 
 TINY = {"epochs": 3, "ranker_epochs": 2, "embedding_dim": 16, "k": 60, "top_n": 10, "batch_size": 128, "negative_pool": 30}
 
@@ -26,8 +26,7 @@ def test_pipeline_learns_and_respects_masks(fitted, planted, name):
         candidates, ranked, _ = pipeline.recommend(planted, users, split)
         assert candidates.items.shape == (planted.n_users, 60)
         assert ranked.shape == (planted.n_users, 20)  # at least the anchor cutoff
-        rows = np.repeat(users, 60)
-        assert not contains(planted.seen(split), rows, candidates.items.ravel()).any(), "a seen item was recommended"
+        assert not in_rows(planted.seen(split)[users], candidates.items).any(), "a seen item was recommended"
         assert all(set(r) <= set(c) for r, c in zip(ranked, candidates.items))
         assert all(len(set(r)) == len(r) for r in ranked)
     result = pipeline.evaluate(planted, "val", make_groups(planted, "activity:2")).metrics
@@ -60,7 +59,7 @@ def test_deepfm_fast_scoring_equals_plain_forward(fitted, planted):
         plain = ranker.net(
             torch.from_numpy(u), torch.from_numpy(ranker.activity[u]), torch.from_numpy(ranker.group[u]),
             torch.from_numpy(items), torch.from_numpy(ranker.popularity[items]),
-            torch.from_numpy(ranker._standardise(candidates.scores.ravel())),
+            torch.from_numpy(ranker.pair_features(candidates.scores.ravel(), np.tile(np.arange(25), len(users)))),
         ).numpy().reshape(fast.shape)
     np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
 
@@ -86,3 +85,15 @@ def test_k_and_top_n_change_serving_only():
 def test_config_errors_name_the_value(values, message):
     with pytest.raises(ConfigError, match=message):
         PipelineConfig.from_dict(values)
+
+
+def test_in_rows_matches_a_plain_lookup():
+    import scipy.sparse as sp
+
+    rng = np.random.default_rng(0)
+    matrix = sp.random(50, 30, density=0.2, random_state=1, format="csr")
+    items = rng.integers(-1, 30, size=(50, 12))
+    rows = [set(matrix[r].indices) for r in range(50)]
+    expected = np.array([[item in rows[r] for item in items[r]] for r in range(50)])
+    assert expected.any() and not expected.all()
+    np.testing.assert_array_equal(in_rows(matrix, items, block=7), expected)

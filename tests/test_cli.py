@@ -1,0 +1,59 @@
+"""The `rectune` commands, run in-process on a Baby-format file generated from the planted data."""
+
+import gzip
+import json
+import re
+
+import pytest
+from typer.testing import CliRunner
+
+from agent.cli import app
+from conftest import planted_interactions
+from models.splits import SplitStrategy
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def data_dir(tmp_path):
+    frame = planted_interactions(n_users=120, n_items=80)
+    labels = SplitStrategy("random", seed=1).assign(frame, "planted")
+    lines = ["reviewerID\tasin\tmmrec_userID\tmmrec_itemID\tlattice_userID\tlattice_itemID\tsplit"]
+    lines += [f"{u}\t{i}\t0\t0\t0\t0\t{('train', 'val', 'test')[s]}" for u, i, s in zip(frame["user"], frame["item"], labels)]
+    (tmp_path / "amazon-baby").mkdir()
+    with gzip.open(tmp_path / "amazon-baby" / "interactions.tsv.gz", "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return tmp_path
+
+
+def test_evaluate_compares_pipelines_per_group(data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("RECTUNE_CACHE_DIR", str(tmp_path / "cache"))
+    out = tmp_path / "results.json"
+    result = runner.invoke(app, ["evaluate", "--data-dir", str(data_dir), "--groups", "activity:2", "--pipelines", "heuristic,two_tower",
+                                 "--set", "epochs=1", "--set", "k=40", "--objective", "recall@20", "--out", str(out), "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "cold" in result.output and "heavy" in result.output
+    marked = [line.split()[0] for line in result.output.splitlines() if re.match(r"^\S+\s+\*", line)]
+    assert marked == ["overall", "cold", "heavy"]  # one best pipeline per group and overall
+    written = json.loads(out.read_text())
+    assert set(written["results"]) == {"heuristic", "two_tower"}
+    assert written["results"]["two_tower"]["config"]["epochs"] == 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--set", "k=5", "--set", "top_n=20"], "k (candidates) must be ≥ top_n"),
+    (["--set", "embedding=3"], "unknown parameter(s) ['embedding']"),
+    (["--groups", "age"], "needs the user attribute 'age'"),
+    (["--pipelines", "bpr"], "pipeline must be one of"),
+])
+def test_evaluate_bad_input_is_one_clear_line(data_dir, args, message):
+    result = runner.invoke(app, ["evaluate", "--data-dir", str(data_dir), "--no-progress", *args])
+    assert result.exit_code == 2
+    assert message in result.output
+    assert "Traceback" not in result.output
+
+
+def test_evaluate_missing_dataset_names_the_directory(tmp_path):
+    result = runner.invoke(app, ["evaluate", "--data-dir", str(tmp_path), "--no-progress"])
+    assert result.exit_code == 2
+    assert "amazon-baby" in result.output and "rectune data pull baby" in result.output
