@@ -9,11 +9,14 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from models.errors import ConfigError
 
 DATA_DIR_ENV = "RECTUNE_DATA_DIR"
 CACHE_DIR_ENV = "RECTUNE_CACHE_DIR"
+# MLflow's own variable comes first: users of MLflow already export it.
+TRACKING_URI_ENVS = ("MLFLOW_TRACKING_URI", "RECTUNE_TRACKING_URI")
 CONFIG_FILES = (Path("rectune.toml"), Path.home() / ".config" / "rectune" / "config.toml")
 
 
@@ -48,3 +51,21 @@ def data_dir(explicit: str | Path | None = None) -> Path:
 def cache_dir(explicit: str | Path | None = None) -> Path:
     """Where computed item features (and later trained models) are cached."""
     return _resolve(explicit, CACHE_DIR_ENV, "cache_dir", Path.home() / ".cache" / "rectune")
+
+
+def tracking_uri(explicit: str | None = None) -> str:
+    """The MLflow tracking URI; default a sqlite file in the working directory.
+
+    Made absolute here because MLflow otherwise resolves a relative default against
+    whatever directory the process happens to run in.
+    """
+    candidates = (explicit, *(os.environ.get(env) for env in TRACKING_URI_ENVS), _from_config_files("tracking_uri"))
+    uri = next((c for c in candidates if c), f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    scheme = urlsplit(uri).scheme
+    # A one-letter scheme is a Windows drive (C:\runs), i.e. a plain path as well.
+    if scheme in ("", "file") or len(scheme) == 1:
+        raise ConfigError(
+            f"tracking URI {uri!r} is a file store, which MLflow 3 refuses; "
+            f"use a database such as 'sqlite:///{Path(uri.removeprefix('file://')).expanduser()}.db' or an http(s) server"
+        )
+    return uri

@@ -27,6 +27,10 @@ from dataclasses import replace
 import numpy as np
 import scipy.sparse as sp
 
+import torch
+from torch import nn
+from torch.nn import functional as F
+
 from models.base import Candidates, FitContext, Ranker, in_rows
 from models.dataset import Dataset
 from models.errors import ConfigError
@@ -66,117 +70,110 @@ def category_matrix(dataset: Dataset) -> np.ndarray | None:
     return matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1.0)
 
 
-def _build_net(sizes: dict, dim: int, hidden: tuple[int, ...], dropout: float, categories, content, n_pair_fields: int):
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
+class DeepFMNet(nn.Module):
+    user_fields = ("user", "activity", "group")
+    item_fields = ("item", "popularity")
 
-    class DeepFMNet(nn.Module):
-        user_fields = ("user", "activity", "group")
-        item_fields = ("item", "popularity")
+    def __init__(self, sizes: dict, dim: int, hidden: tuple[int, ...], dropout: float, categories: np.ndarray | None,
+                 content: np.ndarray | None, n_pair_fields: int):
+        super().__init__()
+        self.embed = nn.ModuleDict({f: nn.Embedding(sizes[f], dim) for f in self.user_fields + self.item_fields})
+        self.first = nn.ModuleDict({f: nn.Embedding(sizes[f], 1) for f in self.user_fields + self.item_fields})
+        self.register_buffer("categories", torch.from_numpy(categories) if categories is not None else torch.zeros(0, 0))
+        self.register_buffer("content", torch.from_numpy(content).float() if content is not None else torch.zeros(0, 0))
+        self.category_embed = nn.Linear(self.categories.shape[1], dim, bias=False) if categories is not None else None
+        self.category_first = nn.Linear(self.categories.shape[1], 1, bias=False) if categories is not None else None
+        self.content_embed = nn.Linear(self.content.shape[1], dim) if content is not None else None
+        self.content_first = nn.Linear(self.content.shape[1], 1, bias=False) if content is not None else None
+        # Continuous (user, item)-pair fields: each value scales its own embedding.
+        self.pair_embed = nn.Parameter(torch.randn(n_pair_fields, dim) * 0.01)
+        self.pair_first = nn.Parameter(torch.zeros(n_pair_fields))
+        self.bias = nn.Parameter(torch.zeros(1))
+        self.n_user_fields = len(self.user_fields)
+        self.n_item_fields = 2 + (categories is not None) + (content is not None)
+        widths = [dim * (self.n_user_fields + self.n_item_fields + n_pair_fields), *hidden]
+        self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
+        self.output = nn.Linear(widths[-1], 1)
+        self.dropout = nn.Dropout(dropout)
+        for table in self.embed.values():
+            nn.init.normal_(table.weight, std=0.01)
+        for table in self.first.values():
+            nn.init.zeros_(table.weight)
 
-        def __init__(self):
-            super().__init__()
-            self.embed = nn.ModuleDict({f: nn.Embedding(sizes[f], dim) for f in self.user_fields + self.item_fields})
-            self.first = nn.ModuleDict({f: nn.Embedding(sizes[f], 1) for f in self.user_fields + self.item_fields})
-            self.register_buffer("categories", torch.from_numpy(categories) if categories is not None else torch.zeros(0, 0))
-            self.register_buffer("content", torch.from_numpy(content).float() if content is not None else torch.zeros(0, 0))
-            self.category_embed = nn.Linear(self.categories.shape[1], dim, bias=False) if categories is not None else None
-            self.category_first = nn.Linear(self.categories.shape[1], 1, bias=False) if categories is not None else None
-            self.content_embed = nn.Linear(self.content.shape[1], dim) if content is not None else None
-            self.content_first = nn.Linear(self.content.shape[1], 1, bias=False) if content is not None else None
-            # Continuous (user, item)-pair fields: each value scales its own embedding.
-            self.pair_embed = nn.Parameter(torch.randn(n_pair_fields, dim) * 0.01)
-            self.pair_first = nn.Parameter(torch.zeros(n_pair_fields))
-            self.bias = nn.Parameter(torch.zeros(1))
-            self.n_user_fields = len(self.user_fields)
-            self.n_item_fields = 2 + (categories is not None) + (content is not None)
-            widths = [dim * (self.n_user_fields + self.n_item_fields + n_pair_fields), *hidden]
-            self.layers = nn.ModuleList(nn.Linear(a, b) for a, b in zip(widths[:-1], widths[1:]))
-            self.output = nn.Linear(widths[-1], 1)
-            self.dropout = nn.Dropout(dropout)
-            for table in self.embed.values():
-                nn.init.normal_(table.weight, std=0.01)
-            for table in self.first.values():
-                nn.init.zeros_(table.weight)
+    def user_side(self, user, activity, group):
+        values = {"user": user, "activity": activity, "group": group}
+        vectors = torch.stack([self.embed[f](values[f]) for f in self.user_fields], dim=1)
+        first = sum(self.first[f](values[f]).squeeze(-1) for f in self.user_fields)
+        return vectors, first
 
-        def user_side(self, user, activity, group):
-            values = {"user": user, "activity": activity, "group": group}
-            vectors = torch.stack([self.embed[f](values[f]) for f in self.user_fields], dim=1)
-            first = sum(self.first[f](values[f]).squeeze(-1) for f in self.user_fields)
-            return vectors, first
+    def item_side(self, item, popularity):
+        values = {"item": item, "popularity": popularity}
+        vectors = [self.embed[f](values[f]) for f in self.item_fields]
+        first = sum(self.first[f](values[f]).squeeze(-1) for f in self.item_fields)
+        if self.category_embed is not None:
+            vectors.append(self.category_embed(self.categories[item]))
+            first = first + self.category_first(self.categories[item]).squeeze(-1)
+        if self.content_embed is not None:
+            vectors.append(self.content_embed(self.content[item]))
+            first = first + self.content_first(self.content[item]).squeeze(-1)
+        return torch.stack(vectors, dim=1), first
 
-        def item_side(self, item, popularity):
-            values = {"item": item, "popularity": popularity}
-            vectors = [self.embed[f](values[f]) for f in self.item_fields]
-            first = sum(self.first[f](values[f]).squeeze(-1) for f in self.item_fields)
-            if self.category_embed is not None:
-                vectors.append(self.category_embed(self.categories[item]))
-                first = first + self.category_first(self.categories[item]).squeeze(-1)
-            if self.content_embed is not None:
-                vectors.append(self.content_embed(self.content[item]))
-                first = first + self.content_first(self.content[item]).squeeze(-1)
-            return torch.stack(vectors, dim=1), first
+    def deep(self, first_layer_output):
+        h = self.dropout(torch.relu(first_layer_output) if self.training else first_layer_output.relu_())
+        for layer in self.layers[1:]:
+            h = self.dropout(torch.relu(layer(h)))
+        return self.output(h).squeeze(-1)
 
-        def deep(self, first_layer_output):
-            h = self.dropout(torch.relu(first_layer_output) if self.training else first_layer_output.relu_())
-            for layer in self.layers[1:]:
-                h = self.dropout(torch.relu(layer(h)))
-            return self.output(h).squeeze(-1)
+    def forward(self, user, activity, group, item, popularity, pair):
+        """The plain DeepFM forward over a batch of rows; `pair` is (batch × pair fields)."""
+        user_vectors, user_first = self.user_side(user, activity, group)
+        item_vectors, item_first = self.item_side(item, popularity)
+        fields = torch.cat([user_vectors, item_vectors, pair.unsqueeze(-1) * self.pair_embed], dim=1)
+        first = self.bias + user_first + item_first + pair @ self.pair_first
+        second = 0.5 * (fields.sum(dim=1).pow(2) - fields.pow(2).sum(dim=1)).sum(dim=-1)
+        return first + second + self.deep(self.layers[0](fields.flatten(1)))
 
-        def forward(self, user, activity, group, item, popularity, pair):
-            """The plain DeepFM forward over a batch of rows; `pair` is (batch × pair fields)."""
-            user_vectors, user_first = self.user_side(user, activity, group)
-            item_vectors, item_first = self.item_side(item, popularity)
-            fields = torch.cat([user_vectors, item_vectors, pair.unsqueeze(-1) * self.pair_embed], dim=1)
-            first = self.bias + user_first + item_first + pair @ self.pair_first
-            second = 0.5 * (fields.sum(dim=1).pow(2) - fields.pow(2).sum(dim=1)).sum(dim=-1)
-            return first + second + self.deep(self.layers[0](fields.flatten(1)))
+    def user_parts(self, user, activity, group):
+        vectors, first = self.user_side(user, activity, group)
+        width = vectors.shape[1] * vectors.shape[2]
+        hidden = vectors.flatten(1) @ self.layers[0].weight[:, :width].T + self.layers[0].bias
+        user_sum = vectors.sum(1)
+        return user_sum, 0.5 * (user_sum.pow(2).sum(-1) - vectors.pow(2).sum((1, 2))), first, hidden
 
-        def user_parts(self, user, activity, group):
-            vectors, first = self.user_side(user, activity, group)
-            width = vectors.shape[1] * vectors.shape[2]
-            hidden = vectors.flatten(1) @ self.layers[0].weight[:, :width].T + self.layers[0].bias
-            user_sum = vectors.sum(1)
-            return user_sum, 0.5 * (user_sum.pow(2).sum(-1) - vectors.pow(2).sum((1, 2))), first, hidden
+    def item_parts(self, item, popularity):
+        """Per item: [first-layer part (h) | Σe·e_pair (P) | Σe (d) | own FM + first order (1)]."""
+        vectors, first = self.item_side(item, popularity)
+        offset = self.n_user_fields * vectors.shape[2]
+        width = vectors.shape[1] * vectors.shape[2]
+        hidden = vectors.flatten(1) @ self.layers[0].weight[:, offset:offset + width].T
+        item_sum = vectors.sum(1)
+        own = 0.5 * (item_sum.pow(2).sum(-1) - vectors.pow(2).sum((1, 2))) + first
+        return torch.cat([hidden, item_sum @ self.pair_embed.T, item_sum, own.unsqueeze(1)], dim=1).contiguous()
 
-        def item_parts(self, item, popularity):
-            """Per item: [first-layer part (h) | Σe·e_pair (P) | Σe (d) | own FM + first order (1)]."""
-            vectors, first = self.item_side(item, popularity)
-            offset = self.n_user_fields * vectors.shape[2]
-            width = vectors.shape[1] * vectors.shape[2]
-            hidden = vectors.flatten(1) @ self.layers[0].weight[:, offset:offset + width].T
-            item_sum = vectors.sum(1)
-            own = 0.5 * (item_sum.pow(2).sum(-1) - vectors.pow(2).sum((1, 2))) + first
-            return torch.cat([hidden, item_sum @ self.pair_embed.T, item_sum, own.unsqueeze(1)], dim=1).contiguous()
+    def score_candidates(self, user_parts, item_table, items, pair):
+        """forward() for users × K candidates, from per-user and per-item precomputations.
 
-        def score_candidates(self, user_parts, item_table, items, pair):
-            """forward() for users × K candidates, from per-user and per-item precomputations.
+        The first layer splits into user, item and pair blocks; the FM term
+        ½(‖Σe‖² − Σ‖e‖²) splits into each side's own term plus dot products across
+        sides, and the pair fields' dot products reduce to their P × P Gram matrix.
+        """
+        u_sum, u_own, u_first, u_hidden = user_parts
+        n_users, k = items.shape
+        h, d, p = u_hidden.shape[1], u_sum.shape[1], self.pair_embed.shape[0]
+        rows = F.embedding(items, item_table)
+        pair_weight = (self.layers[0].weight[:, -p * d:].reshape(h, p, d) * self.pair_embed).sum(-1)  # h × P
+        hidden = torch.baddbmm(u_hidden.unsqueeze(1) + rows[..., :h], pair, pair_weight.T.expand(n_users, p, h))
+        gram = self.pair_embed @ self.pair_embed.T
+        pair_own = 0.5 * (((pair @ gram) * pair).sum(-1) - pair.pow(2) @ gram.diagonal())
+        cross = torch.bmm(rows[..., h + p:h + p + d], u_sum.unsqueeze(-1)).squeeze(-1) \
+            + (pair * (rows[..., h:h + p] + (u_sum @ self.pair_embed.T).unsqueeze(1))).sum(-1)
+        first = self.bias + (u_first + u_own).unsqueeze(1) + rows[..., -1] + pair @ self.pair_first
+        return first + pair_own + cross + self.deep(hidden)
 
-            The first layer splits into user, item and pair blocks; the FM term
-            ½(‖Σe‖² − Σ‖e‖²) splits into each side's own term plus dot products across
-            sides, and the pair fields' dot products reduce to their P × P Gram matrix.
-            """
-            u_sum, u_own, u_first, u_hidden = user_parts
-            n_users, k = items.shape
-            h, d, p = u_hidden.shape[1], u_sum.shape[1], self.pair_embed.shape[0]
-            rows = F.embedding(items, item_table)
-            pair_weight = (self.layers[0].weight[:, -p * d:].reshape(h, p, d) * self.pair_embed).sum(-1)  # h × P
-            hidden = torch.baddbmm(u_hidden.unsqueeze(1) + rows[..., :h], pair, pair_weight.T.expand(n_users, p, h))
-            gram = self.pair_embed @ self.pair_embed.T
-            pair_own = 0.5 * (((pair @ gram) * pair).sum(-1) - pair.pow(2) @ gram.diagonal())
-            cross = torch.bmm(rows[..., h + p:h + p + d], u_sum.unsqueeze(-1)).squeeze(-1) \
-                + (pair * (rows[..., h:h + p] + (u_sum @ self.pair_embed.T).unsqueeze(1))).sum(-1)
-            first = self.bias + (u_first + u_own).unsqueeze(1) + rows[..., -1] + pair @ self.pair_first
-            return first + pair_own + cross + self.deep(hidden)
-
-    return DeepFMNet()
 
 
 def _lightning_module(net, lr: float):
     import lightning.pytorch as pl
-    import torch
-    from torch.nn import functional as F
 
     class BinaryRanker(pl.LightningModule):
         def __init__(self):
@@ -247,8 +244,6 @@ class DeepFMRanker(Ranker):
                 all_slots, np.concatenate([np.ones(len(pos_rows)), np.zeros(len(neg_rows))]))
 
     def fit(self, dataset: Dataset, make_recall, context: FitContext) -> None:
-        import torch
-
         torch.manual_seed(context.seed)
         user_counts = np.diff(dataset.train.indptr)
         item_counts = np.asarray(dataset.train.sum(axis=0)).ravel()
@@ -258,7 +253,7 @@ class DeepFMRanker(Ranker):
         sizes = {"user": dataset.n_users, "item": dataset.n_items, "activity": int(self.activity.max()) + 1,
                  "popularity": 16, "group": int(self.group.max()) + 1}
         content = dataset.item_features.matrix if dataset.item_features is not None else None
-        self.net = _build_net(sizes, self.embedding_dim, self.hidden, self.dropout, category_matrix(dataset), content, 2)
+        self.net = DeepFMNet(sizes, self.embedding_dim, self.hidden, self.dropout, category_matrix(dataset), content, 2)
 
         users, items, scores, ranks, labels = self._training_lists(dataset, make_recall, context)
         if labels.sum() == 0:
@@ -286,8 +281,6 @@ class DeepFMRanker(Ranker):
 
     def scores(self, users: np.ndarray, candidates: Candidates) -> np.ndarray:
         """DeepFM logits of every candidate (empty slots get −inf)."""
-        import torch
-
         device = inference_device()
         out = np.empty(candidates.items.shape, dtype=np.float32)
         ranks = np.broadcast_to(np.arange(candidates.items.shape[1]), candidates.items.shape)
@@ -308,8 +301,6 @@ class DeepFMRanker(Ranker):
         return out
 
     def rank(self, users: np.ndarray, candidates: Candidates, length: int) -> np.ndarray:
-        import torch
-
         scores = torch.from_numpy(self.scores(users, candidates))
         order = torch.topk(scores, min(length, scores.shape[1]), dim=1, sorted=True).indices.numpy()
         return np.take_along_axis(candidates.items, order, axis=1)

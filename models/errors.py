@@ -26,6 +26,14 @@ class ConfigError(RectuneError):
     """A setting, parameter or command-line value is invalid."""
 
 
+class InvalidProposal(RectuneError):
+    """Proposed parameter values break the search space; `problems` lists every violation."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("\n".join(self.problems))
+
+
 class GroupError(RectuneError):
     """A user-group specification cannot be applied to a dataset."""
 

@@ -18,6 +18,10 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
+import torch
+from torch import nn
+from torch.nn import functional as F
+
 from models.base import Candidates, FitContext, RecallModel, in_rows
 from models.dataset import Dataset
 from models.training import fit_module, history_bag, inference_device, shuffled_batches
@@ -41,54 +45,47 @@ def user_attribute_codes(dataset: Dataset, context: FitContext) -> np.ndarray:
     return np.stack(columns, axis=1).astype(np.int64)
 
 
-def _build_net(n_users: int, n_items: int, dim: int, item_features: np.ndarray | None, attribute_sizes: list[int], user_id: bool):
-    import torch
-    from torch import nn
-    from torch.nn import functional as F
+class TwoTowerNet(nn.Module):
+    def __init__(self, n_users: int, n_items: int, dim: int, item_features: np.ndarray | None, attribute_sizes: list[int],
+                 user_id: bool):
+        super().__init__()
+        self.pad = n_items
+        self.user_id = nn.Embedding(n_users, dim) if user_id else None
+        self.history = nn.Embedding(n_items + 1, dim, padding_idx=n_items)  # row n_items: "nothing left out"
+        self.attributes = nn.ModuleList(nn.Embedding(size, dim) for size in attribute_sizes)
+        self.user_mlp = nn.Sequential(nn.Linear(dim * (1 + user_id + len(attribute_sizes)), 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        self.item_id = nn.Embedding(n_items, dim)
+        features = torch.zeros(n_items, 0) if item_features is None else torch.from_numpy(item_features)
+        self.register_buffer("item_features", features.float())
+        self.content = nn.Linear(features.shape[1], dim) if features.shape[1] else None
+        self.item_mlp = nn.Sequential(nn.Linear(dim * (2 if self.content else 1), 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
+        for table in (self.history, self.item_id, *self.attributes, *([self.user_id] if user_id else [])):
+            nn.init.normal_(table.weight, std=0.05)
+        with torch.no_grad():
+            self.history.weight[n_items].zero_()
 
-    class TwoTowerNet(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.pad = n_items
-            self.user_id = nn.Embedding(n_users, dim) if user_id else None
-            self.history = nn.Embedding(n_items + 1, dim, padding_idx=n_items)  # row n_items: "nothing left out"
-            self.attributes = nn.ModuleList(nn.Embedding(size, dim) for size in attribute_sizes)
-            self.user_mlp = nn.Sequential(nn.Linear(dim * (1 + user_id + len(attribute_sizes)), 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
-            self.item_id = nn.Embedding(n_items, dim)
-            features = torch.zeros(n_items, 0) if item_features is None else torch.from_numpy(item_features)
-            self.register_buffer("item_features", features.float())
-            self.content = nn.Linear(features.shape[1], dim) if features.shape[1] else None
-            self.item_mlp = nn.Sequential(nn.Linear(dim * (2 if self.content else 1), 2 * dim), nn.ReLU(), nn.Linear(2 * dim, dim))
-            for table in (self.history, self.item_id, *self.attributes, *([self.user_id] if user_id else [])):
-                nn.init.normal_(table.weight, std=0.05)
-            with torch.no_grad():
-                self.history.weight[n_items].zero_()
+    def users(self, users, bag, attributes, left_out):
+        """bag: the users' histories from `history_bag`; left_out: an item to remove from
+        each history (the training target) or `pad`."""
+        items, offsets, lengths = bag
+        total = F.embedding_bag(items, self.history.weight, offsets, mode="sum") - self.history(left_out)
+        counts = lengths - (left_out != self.pad).long()
+        mean = total / counts.clamp(min=1).unsqueeze(1)
+        parts = [mean] + [table(attributes[:, j]) for j, table in enumerate(self.attributes)]
+        if self.user_id is not None:
+            parts.append(self.user_id(users))
+        return F.normalize(self.user_mlp(torch.cat(parts, dim=1)), dim=-1)
 
-        def users(self, users, bag, attributes, left_out):
-            """bag: the users' histories from `history_bag`; left_out: an item to remove from
-            each history (the training target) or `pad`."""
-            items, offsets, lengths = bag
-            total = F.embedding_bag(items, self.history.weight, offsets, mode="sum") - self.history(left_out)
-            counts = lengths - (left_out != self.pad).long()
-            mean = total / counts.clamp(min=1).unsqueeze(1)
-            parts = [mean] + [table(attributes[:, j]) for j, table in enumerate(self.attributes)]
-            if self.user_id is not None:
-                parts.append(self.user_id(users))
-            return F.normalize(self.user_mlp(torch.cat(parts, dim=1)), dim=-1)
+    def items(self, items):
+        parts = [self.item_id(items)]
+        if self.content is not None:
+            parts.append(self.content(self.item_features[items]))
+        return F.normalize(self.item_mlp(torch.cat(parts, dim=1)), dim=-1)
 
-        def items(self, items):
-            parts = [self.item_id(items)]
-            if self.content is not None:
-                parts.append(self.content(self.item_features[items]))
-            return F.normalize(self.item_mlp(torch.cat(parts, dim=1)), dim=-1)
-
-    return TwoTowerNet()
 
 
 def _lightning_module(net, train: sp.csr_matrix, log_popularity, temperature: float, lr: float, weight_decay: float):
     import lightning.pytorch as pl
-    import torch
-    from torch.nn import functional as F
 
     class InBatchSoftmax(pl.LightningModule):
         def __init__(self):
@@ -129,12 +126,10 @@ class TwoTowerRecall(RecallModel):
         self.item_vectors: np.ndarray | None = None
 
     def fit(self, dataset: Dataset, context: FitContext) -> None:
-        import torch
-
         torch.manual_seed(context.seed)
         self.attributes = user_attribute_codes(dataset, context)
         features = dataset.item_features.matrix if dataset.item_features is not None else None
-        self.net = _build_net(dataset.n_users, dataset.n_items, self.embedding_dim, features,
+        self.net = TwoTowerNet(dataset.n_users, dataset.n_items, self.embedding_dim, features,
                               [int(c.max()) + 1 for c in self.attributes.T], self.user_id)
         train = dataset.train.tocoo()
         counts = np.asarray(dataset.train.sum(axis=0)).ravel()
@@ -151,8 +146,6 @@ class TwoTowerRecall(RecallModel):
         self.item_vectors = self._item_vectors()
 
     def _item_vectors(self) -> np.ndarray:
-        import torch
-
         device = inference_device()
         with torch.inference_mode():
             items = torch.arange(self.net.item_id.num_embeddings, device=device)
@@ -160,8 +153,6 @@ class TwoTowerRecall(RecallModel):
 
     def user_vectors(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         """User vectors from their rows of `history`."""
-        import torch
-
         device = inference_device()
         out = []
         with torch.inference_mode():

@@ -1,0 +1,254 @@
+"""Recording sessions and trials in MLflow.
+
+One experiment per dataset, one parent run per session (a tuning session or a baseline
+run), one nested run per trial. MlflowClient is used rather than the fluent API because
+it carries no process-wide active run: a session can be resumed by run id, and several
+sessions can be open in one process. mlflow is imported inside methods (~1.5 s import).
+
+Everything logged (params, tags, run names, artifact text) passes through `redact` first:
+a tracking server is read by many people and keeps what it is given forever.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import unquote, urlsplit
+
+from models.config import tracking_uri as resolve_tracking_uri
+from models.errors import ConfigError
+from tools.trial import TrialResult
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+SECRET_ENVS = ("OPENAI_API_KEY", "DEEPSEEK_API_KEY", "RECTUNE_LLM_API_KEY")
+REDACTED = "***"
+# `token(?!s|iz)` and `auth(?!or)` keep max_tokens, tokenizer and author loggable.
+_SECRET_KEY = re.compile(r"api_?key|token(?!s|iz)|secret|password|authorization|auth(?!or)", re.IGNORECASE)
+_SECRET_TEXT = re.compile(
+    r"(?P<name>[\w-]*(?:api[_-]?key|token|secret|password|authorization|auth)[\"']?\s*[:=]\s*[\"']?)"
+    r"(?:(?:bearer|basic)\s+)?[^\s\"',;]+"
+    r"|\bbearer\s+[\w.~+/=-]+"
+    r"|\bsk-[\w-]{16,}",
+    re.IGNORECASE,
+)
+# Shorter values are placeholders such as EMPTY or dummy (local vLLM/Ollama), not keys;
+# scrubbing them would mangle ordinary words.
+_MIN_SECRET_LENGTH = 8
+_METRIC_NAME_BAD = re.compile(r"[^\w.\- /]")
+
+
+def scrub(text: str) -> str:
+    """`text` with API keys, bearer tokens and `name: value` credentials replaced by ***."""
+    for env in SECRET_ENVS:
+        secret = os.environ.get(env, "")
+        if len(secret) >= _MIN_SECRET_LENGTH:
+            text = text.replace(secret, REDACTED)
+    return _SECRET_TEXT.sub(lambda m: (m["name"] or "") + REDACTED, text)
+
+
+def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
+    """A copy of `mapping` safe to log: secret-named keys → ***, secrets inside strings → ***."""
+    return {
+        key: REDACTED if _SECRET_KEY.search(str(key)) else _redact_value(value) for key, value in mapping.items()
+    }
+
+
+def _redact_value(value: Any) -> Any:
+    if isinstance(value, Mapping):
+        return redact(value)
+    return scrub(value) if isinstance(value, str) else value
+
+
+def metric_name(name: str) -> str:
+    """`name` in the characters every MLflow backend accepts (`ndcg@20` → `ndcg_at_20`)."""
+    return _METRIC_NAME_BAD.sub("_", name.replace("@", "_at_"))
+
+
+def metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
+    """A markdown table, one row per group (`overall` first), one column per metric."""
+    names = sorted({name for values in metrics.values() for name in values})
+    groups = sorted(metrics, key=lambda group: (group != "overall", group))
+    lines = ["| group | " + " | ".join(names) + " |", "|---" * (len(names) + 1) + "|"]
+    for group in groups:
+        cells = (f"{metrics[group][name]:.4f}" if name in metrics[group] else "-" for name in names)
+        lines.append(f"| {group} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def _default_artifact_root(uri: str) -> Path | None:
+    """Next to a sqlite file; otherwise MLflow's choice (a server decides for its clients)."""
+    parts = urlsplit(uri)
+    if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
+        return None
+    # sqlite:///rel.db → path "/rel.db" (relative to the CWD); sqlite:////abs.db → "//abs.db".
+    return Path(unquote(parts.path[1:])).expanduser().resolve().parent / "mlartifacts"
+
+
+def _strings(mapping: Mapping[str, Any]) -> dict[str, str]:
+    # Stringify first: a secret inside a nested value must meet the text scrubber too.
+    return redact({str(key): str(value) for key, value in mapping.items()})
+
+
+@dataclass
+class TrackingSession:
+    """An open parent run; trials become its nested runs."""
+
+    client: MlflowClient
+    run_id: str
+    experiment_id: str
+
+    def log_trial(
+        self, result: TrialResult, trial_number: int, tuner: str, study: str, rationale: str | None = None
+    ) -> str:
+        """Record one finished trial as a nested run; returns its run id."""
+        spec = result.spec
+        tags = {
+            "tuner": tuner,
+            "group": spec.group,
+            "groups": spec.groups,
+            "pipeline": spec.pipeline,
+            "trial_number": trial_number,
+            "optuna_study": study,
+            "cache": result.cache,
+            "feasible": result.feasible,
+        }
+        metrics = {
+            "objective": result.objective,
+            "latency_ms_per_user": result.latency_ms_per_user,
+            "train_seconds": result.train_seconds,
+            "eval_seconds": result.eval_seconds,
+        }
+        for split, by_group in (("val", result.metrics), ("test", result.test_metrics or {})):
+            for group, values in by_group.items():
+                metrics |= {f"{split}/{group}/{name}": value for name, value in values.items()}
+        # The trial has already run: back-date the start so MLflow's duration shows its cost.
+        start = int((time.time() - result.train_seconds - result.eval_seconds) * 1000)
+        run = self.client.create_run(
+            self.experiment_id,
+            start_time=start,
+            run_name=f"trial-{trial_number}",
+            tags={"mlflow.parentRunId": self.run_id, **_strings(tags)},
+        )
+        run_id = run.info.run_id
+        params = {**spec.params, "pipeline": spec.pipeline, "seed": spec.seed, "objective": spec.objective}
+        _log(self.client, run_id, params=params, metrics=metrics)
+        table = "## validation\n\n" + metrics_table(result.metrics)
+        if result.test_metrics:
+            table += "\n## test\n\n" + metrics_table(result.test_metrics)
+        self.client.log_text(run_id, scrub(table), "metrics_by_group.md")
+        if rationale:
+            self.client.log_text(run_id, scrub(rationale), "rationale.md")
+        self.client.set_terminated(run_id, "FINISHED")
+        return run_id
+
+    def log_session_artifact(self, text: str, name: str) -> None:
+        self.client.log_text(self.run_id, scrub(text), name)
+
+    def log_session_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
+        _log(self.client, self.run_id, metrics=metrics, step=step)
+
+
+def _log(
+    client: MlflowClient,
+    run_id: str,
+    params: Mapping[str, Any] | None = None,
+    metrics: Mapping[str, float] | None = None,
+    tags: Mapping[str, Any] | None = None,
+    step: int = 0,
+) -> None:
+    from mlflow.entities import Metric, Param, RunTag
+
+    now = int(time.time() * 1000)
+    client.log_batch(
+        run_id,
+        metrics=[Metric(metric_name(k), float(v), now, step) for k, v in (metrics or {}).items()],
+        params=[Param(k, v) for k, v in _strings(params or {}).items()],
+        tags=[RunTag(k, v) for k, v in _strings(tags or {}).items()],
+    )
+
+
+class Tracker:
+    """Opens sessions in one MLflow tracking store (URI: flag → env → rectune.toml → ./mlflow.db)."""
+
+    def __init__(self, tracking_uri: str | None = None, artifact_root: Path | None = None):
+        self.tracking_uri = resolve_tracking_uri(tracking_uri)
+        self.artifact_root = artifact_root if artifact_root is not None else _default_artifact_root(self.tracking_uri)
+        self._client: MlflowClient | None = None
+
+    @property
+    def client(self) -> MlflowClient:
+        if self._client is None:
+            from mlflow import MlflowClient
+
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+        return self._client
+
+    def experiment_id(self, dataset: str) -> str:
+        """The experiment named `dataset`, created with an explicit artifact location if new.
+
+        Without one, MLflow with a local database writes artifacts to ./mlruns in whatever
+        directory the process runs in.
+        """
+        from mlflow.exceptions import MlflowException
+
+        experiment = self.client.get_experiment_by_name(dataset)
+        if experiment is None:
+            location = None
+            if self.artifact_root is not None:
+                location = (Path(self.artifact_root) / re.sub(r"[^\w.-]", "_", dataset)).resolve().as_uri()
+            try:
+                return self.client.create_experiment(dataset, artifact_location=location)
+            except MlflowException:
+                # Another process created it between our lookup and create.
+                experiment = self.client.get_experiment_by_name(dataset)
+                if experiment is None:
+                    raise
+        if experiment.lifecycle_stage == "deleted":
+            # A deleted experiment still holds its name; restoring is the only way to log to it.
+            self.client.restore_experiment(experiment.experiment_id)
+        return experiment.experiment_id
+
+    @contextmanager
+    def session(
+        self,
+        dataset: str,
+        name: str,
+        tuner: str,
+        tags: Mapping[str, Any] | None = None,
+        params: Mapping[str, Any] | None = None,
+        run_id: str | None = None,
+    ) -> Iterator[TrackingSession]:
+        """Open a parent run, or resume `run_id` (then `name` is ignored and only new params are
+        logged); the run ends FINISHED, or FAILED/KILLED when the block raises."""
+        client = self.client
+        params = params or {}
+        if run_id is None:
+            tags = {**(tags or {}), "tuner": tuner, "dataset": dataset}
+            run = client.create_run(self.experiment_id(dataset), run_name=scrub(name), tags=_strings(tags))
+            _log(client, run.info.run_id, params=params)
+        else:
+            run = client.get_run(run_id)
+            experiment = client.get_experiment(run.info.experiment_id).name
+            if experiment != dataset:
+                raise ConfigError(f"run {run_id} belongs to experiment {experiment!r}, not dataset {dataset!r}")
+            logged = run.data.params
+            changed = {k: v for k, v in _strings(params).items() if k in logged and logged[k] != v}
+            if changed:
+                raise ConfigError(f"run {run_id} was started with other settings; cannot resume with {changed}")
+            client.update_run(run_id, status="RUNNING")
+            _log(client, run_id, params={k: v for k, v in params.items() if k not in logged}, tags=tags)
+        session = TrackingSession(client, run.info.run_id, run.info.experiment_id)
+        try:
+            yield session
+        except BaseException as exc:
+            client.set_terminated(session.run_id, "KILLED" if isinstance(exc, KeyboardInterrupt) else "FAILED")
+            raise
+        client.set_terminated(session.run_id, "FINISHED")
