@@ -7,6 +7,7 @@ them, so `rectune --help` and the data commands start fast.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -146,6 +147,75 @@ def evaluate(
     if out is not None:
         out.write_text(json.dumps({"dataset": dataset.summary(), "groups": groups.sizes(), "split": split, "results": results}, indent=2))
         typer.echo(f"wrote {out}")
+
+
+StorageOption = typer.Option(None, "--storage", help="Optuna storage URL for the trial ledger (env RECTUNE_STORAGE; default sqlite:///./rectune-optuna.db; PostgreSQL for many machines).")
+TrackingOption = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (env MLFLOW_TRACKING_URI / RECTUNE_TRACKING_URI; default sqlite:///./mlflow.db).")
+CacheDirOption = typer.Option(None, "--cache-dir", help="Where features and trained models are cached (env RECTUNE_CACHE_DIR; default ~/.cache/rectune).")
+
+
+@app.command("baseline")
+def baseline(
+    dataset_name: str = typer.Option("baby", "--dataset", help="Registered dataset name."),
+    groups_spec: str = typer.Option("activity", "--groups", help="User-group spec (see `rectune evaluate --help`)."),
+    group: str = typer.Option(..., help="The group whose validation objective is tuned, or `all`."),
+    pipeline: str = typer.Option(..., help="heuristic, heuristic+deepfm, two_tower or two_tower+deepfm."),
+    budget: int = typer.Option(20, min=1, help="Trials in total, the default configuration (trial 0) included."),
+    sampler: str = typer.Option("tpe", help="tpe or random (arguments pinned, logged to MLflow)."),
+    seed: int = typer.Option(0, help="Seed of the sampler and of every model."),
+    objective: str = typer.Option("ndcg@20", help="Validation metric to maximise: ndcg@20, recall@50, f1@topn, …"),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Per-user recommendation latency budget; slower trials are infeasible."),
+    study: Optional[str] = typer.Option(None, help="Study name (default: derived from the settings)."),
+    storage: Optional[str] = StorageOption,
+    tracking_uri: Optional[str] = TrackingOption,
+    data_dir: Optional[Path] = DataDirOption,
+    cache_dir: Optional[Path] = CacheDirOption,
+    progress: bool = typer.Option(True, help="Show a progress bar with the best value so far."),
+) -> None:
+    """Tune one pipeline on one group with Optuna (TPE or random search) for a fixed budget.
+
+    Re-running the same command on the same storage continues to the budget."""
+    from tools.baseline import run_baseline, study_name
+    from tools.ledger import StudyContext, best, storage_url
+    from tools.runner import TrialRunner
+    from tools.tracking import Tracker
+
+    try:
+        context = StudyContext(dataset_name, groups_spec, group, pipeline, objective, seed, budget, sampler, max_latency_ms)
+        runner = TrialRunner.open(dataset_name, groups_spec, data_dir=data_dir, cache_dir=cache_dir,
+                                  max_latency_ms=max_latency_ms, progress=False)
+        runner.users(group)  # fail now, not after the first trial, on an unknown group
+        url = storage_url(storage)
+        finished = run_baseline(context, runner, url, study or study_name(context), Tracker(tracking_uri), progress)
+    except RectuneError as error:
+        fail(error)
+    top = best(finished)
+    typer.echo(f"study {finished.study_name} in {url}: best {objective} = {top.value:.4f} (trial {top.number}, {top.user_attrs['tuner']}) "
+               f"with {json.dumps(top.user_attrs['params'])}")
+
+
+@app.command("worker")
+def worker(
+    study: str = typer.Option(..., help="Name of an existing study (created by `rectune baseline` or the agent)."),
+    storage: Optional[str] = StorageOption,
+    sample: bool = typer.Option(True, help="When the queue is empty, sample new trials with the study's sampler up to its budget."),
+    max_trials: Optional[int] = typer.Option(None, min=1, help="Stop after this many trials."),
+    tracking_uri: Optional[str] = TrackingOption,
+    data_dir: Optional[Path] = DataDirOption,
+    cache_dir: Optional[Path] = CacheDirOption,
+) -> None:
+    """Execute the queued trials of a study; run several workers (on several machines with a
+    shared PostgreSQL storage) to work on one study in parallel."""
+    from tools.baseline import work
+    from tools.ledger import storage_url
+    from tools.tracking import Tracker
+
+    try:
+        done = work(storage_url(storage), study, data_dir=data_dir, cache_dir=cache_dir, tracker=Tracker(tracking_uri),
+                    sample=sample, max_trials=max_trials, progress=False)
+    except RectuneError as error:
+        fail(error)
+    typer.echo(f"worker {os.getpid()}: ran {done} trial(s) of {study}")
 
 
 if __name__ == "__main__":

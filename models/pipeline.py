@@ -157,6 +157,39 @@ def build_ranker(config: PipelineConfig) -> Ranker | None:
                         config.ranker_batch_size, config.negatives, config.negative_pool)
 
 
+def fit_context(config: PipelineConfig, groups: UserGroups | None, progress: bool) -> FitContext:
+    return FitContext(seed=config.seed, group_codes=None if groups is None else groups.codes, progress=progress)
+
+
+def fit_recall(config: PipelineConfig, dataset: Dataset, groups: UserGroups | None = None, progress: bool = False) -> RecallModel:
+    if dataset.item_features is None:
+        raise ConfigError(f"dataset {dataset.name!r} has no item features: call models.features.attach_item_features first")
+    recall = build_recall(config)
+    recall.fit(dataset, fit_context(config, groups, progress))
+    return recall
+
+
+def fit_ranker(config: PipelineConfig, dataset: Dataset, groups: UserGroups | None = None, progress: bool = False) -> Ranker | None:
+    ranker = build_ranker(config)
+    if ranker is not None:
+        ranker.fit(dataset, lambda: build_recall(config), fit_context(config, groups, progress))
+    return ranker
+
+
+def score_lists(dataset: Dataset, split: str, users: np.ndarray, candidates: np.ndarray, ranked: np.ndarray,
+                cutoffs: tuple[int, ...], groups: UserGroups | None = None) -> EvalResult:
+    """Full-ranking metrics of given candidate and final lists on `split`."""
+    if split not in ("val", "test"):
+        raise ConfigError(f"evaluate on 'val' or 'test', not {split!r}")
+    seen = dataset.seen(split)
+    return evaluate_ranking(
+        users, ranked, dataset.split(split), tuple(sorted(set(cutoffs))),
+        item_popularity=np.asarray(dataset.train.sum(axis=0)).ravel(), n_masked=np.diff(seen.indptr),
+        candidates=candidates, group_codes=None if groups is None else groups.codes,
+        group_labels=() if groups is None else groups.labels,
+    )
+
+
 @dataclass(frozen=True)
 class Evaluation:
     metrics: EvalResult
@@ -174,18 +207,13 @@ class Pipeline:
         self.fit_seconds: dict[str, float] = {}
 
     def fit(self, dataset: Dataset, groups: UserGroups | None = None, progress: bool = False) -> "Pipeline":
-        context = FitContext(seed=self.config.seed, group_codes=None if groups is None else groups.codes, progress=progress)
-        if dataset.item_features is None:
-            raise ConfigError(f"dataset {dataset.name!r} has no item features: call models.features.attach_item_features first")
         start = time.perf_counter()
         if self.recall is None:
-            self.recall = build_recall(self.config)
-            self.recall.fit(dataset, context)
+            self.recall = fit_recall(self.config, dataset, groups, progress)
             self.fit_seconds["recall"] = time.perf_counter() - start
         if self.ranker is None and self.config.ranker != "none":
             start = time.perf_counter()
-            self.ranker = build_ranker(self.config)
-            self.ranker.fit(dataset, lambda: build_recall(self.config), context)
+            self.ranker = fit_ranker(self.config, dataset, groups, progress)
             self.fit_seconds["ranker"] = time.perf_counter() - start
         return self
 
@@ -204,19 +232,14 @@ class Pipeline:
             ranked = np.pad(ranked, ((0, 0), (0, length - ranked.shape[1])), constant_values=-1)
         return candidates, ranked[:, :length], seconds
 
-    def evaluate(self, dataset: Dataset, split: str, groups: UserGroups | None = None, users: np.ndarray | None = None) -> Evaluation:
-        """Full-ranking metrics on `split` (val for tuning, test for reporting)."""
-        if split not in ("val", "test"):
-            raise ConfigError(f"evaluate on 'val' or 'test', not {split!r}")
+    def evaluate(self, dataset: Dataset, split: str, groups: UserGroups | None = None, users: np.ndarray | None = None,
+                 cutoffs: tuple[int, ...] = ()) -> Evaluation:
+        """Full-ranking metrics on `split` (val for tuning, test for reporting), at @20,
+        @top_n and any extra `cutoffs`."""
         users = np.arange(dataset.n_users) if users is None else np.asarray(users)
-        candidates, ranked, seconds = self.recommend(dataset, users, split)
+        cutoffs = (ANCHOR_CUTOFF, self.config.top_n, *cutoffs)
+        candidates, ranked, seconds = self.recommend(dataset, users, split, length=max(cutoffs))
         start = time.perf_counter()
-        seen = dataset.seen(split)
-        metrics = evaluate_ranking(
-            users, ranked, dataset.split(split), tuple(sorted({ANCHOR_CUTOFF, self.config.top_n})),
-            item_popularity=np.asarray(dataset.train.sum(axis=0)).ravel(), n_masked=np.diff(seen.indptr),
-            candidates=candidates.items, group_codes=None if groups is None else groups.codes,
-            group_labels=() if groups is None else groups.labels,
-        )
+        metrics = score_lists(dataset, split, users, candidates.items, ranked, cutoffs, groups)
         seconds["metrics"] = time.perf_counter() - start
         return Evaluation(metrics, seconds)

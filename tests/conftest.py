@@ -31,6 +31,26 @@ def planted_interactions(n_users: int = 240, n_items: int = 160, clusters: int =
     return pd.DataFrame(rows, columns=["user", "item", "timestamp"])
 
 
+def write_baby_format(directory, n_users: int = 120, n_items: int = 80):
+    """The planted interactions as `<directory>/amazon-baby/interactions.tsv.gz`, so that
+    commands that load datasets by name can run on them."""
+    import gzip
+
+    frame = planted_interactions(n_users=n_users, n_items=n_items)
+    labels = SplitStrategy("random", seed=1).assign(frame, "planted")
+    lines = ["reviewerID\tasin\tmmrec_userID\tmmrec_itemID\tlattice_userID\tlattice_itemID\tsplit"]
+    lines += [f"{u}\t{i}\t0\t0\t0\t0\t{('train', 'val', 'test')[s]}" for u, i, s in zip(frame["user"], frame["item"], labels)]
+    (directory / "amazon-baby").mkdir(parents=True, exist_ok=True)
+    with gzip.open(directory / "amazon-baby" / "interactions.tsv.gz", "wt") as handle:
+        handle.write("\n".join(lines) + "\n")
+    return directory
+
+
+@pytest.fixture
+def baby_format_dir(tmp_path):
+    return write_baby_format(tmp_path / "data")
+
+
 @pytest.fixture(scope="session")
 def planted(tmp_path_factory):
     frame = planted_interactions()

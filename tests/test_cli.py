@@ -1,6 +1,5 @@
 """The `rectune` commands, run in-process on a Baby-format file generated from the planted data."""
 
-import gzip
 import json
 import re
 
@@ -8,22 +7,13 @@ import pytest
 from typer.testing import CliRunner
 
 from agent.cli import app
-from conftest import planted_interactions
-from models.splits import SplitStrategy
 
 runner = CliRunner()
 
 
 @pytest.fixture
-def data_dir(tmp_path):
-    frame = planted_interactions(n_users=120, n_items=80)
-    labels = SplitStrategy("random", seed=1).assign(frame, "planted")
-    lines = ["reviewerID\tasin\tmmrec_userID\tmmrec_itemID\tlattice_userID\tlattice_itemID\tsplit"]
-    lines += [f"{u}\t{i}\t0\t0\t0\t0\t{('train', 'val', 'test')[s]}" for u, i, s in zip(frame["user"], frame["item"], labels)]
-    (tmp_path / "amazon-baby").mkdir()
-    with gzip.open(tmp_path / "amazon-baby" / "interactions.tsv.gz", "wt") as handle:
-        handle.write("\n".join(lines) + "\n")
-    return tmp_path
+def data_dir(baby_format_dir):
+    return baby_format_dir
 
 
 def test_evaluate_compares_pipelines_per_group(data_dir, tmp_path, monkeypatch):

@@ -98,7 +98,7 @@ class Parameter:
             return f"one of {list(self.choices)!r}"
         return f"{self.type} in [{self.low!r}, {self.high!r}]" + (", log scale" if self.log else "")
 
-    def distribution(self) -> "optuna.distributions.BaseDistribution":
+    def distribution(self) -> optuna.distributions.BaseDistribution:
         from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
 
         if self.type == "categorical":
@@ -205,7 +205,7 @@ class SearchSpace:
     path: Path
 
     @classmethod
-    def load(cls, path: str | Path = DEFAULT_FILE) -> "SearchSpace":
+    def load(cls, path: str | Path = DEFAULT_FILE) -> SearchSpace:
         """Read and check a space file; ConfigError names the file and the entry at fault."""
         path = Path(path)
         try:
@@ -274,11 +274,11 @@ class SearchSpace:
         """The validated values over PipelineConfig's defaults (seed and untuned fields included)."""
         return PipelineConfig.from_dict({"pipeline": pipeline, **self.validate(pipeline, values)})
 
-    def distributions(self, pipeline: str) -> dict[str, "optuna.distributions.BaseDistribution"]:
+    def distributions(self, pipeline: str) -> dict[str, optuna.distributions.BaseDistribution]:
         """The fixed distributions `suggest` samples from: for `study.ask(fixed_distributions=...)`."""
         return {p.name: p.distribution() for p in self.parameters_for(pipeline)}
 
-    def suggest(self, trial: "optuna.trial.BaseTrial", pipeline: str) -> dict[str, Value]:
+    def suggest(self, trial: optuna.trial.BaseTrial, pipeline: str) -> dict[str, Value]:
         """Sample every parameter of `pipeline`, then repair constraints by moving the left side.
 
         Each parameter keeps one fixed distribution (e.g. k always in [50, 3000]) because

@@ -23,6 +23,7 @@ from urllib.parse import unquote, urlsplit
 
 from models.config import tracking_uri as resolve_tracking_uri
 from models.errors import ConfigError
+from tools.cache import file_lock
 from tools.trial import TrialResult
 
 if TYPE_CHECKING:
@@ -83,13 +84,19 @@ def metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _default_artifact_root(uri: str) -> Path | None:
-    """Next to a sqlite file; otherwise MLflow's choice (a server decides for its clients)."""
+def _sqlite_path(uri: str) -> Path | None:
+    """The database file of a sqlite URI, None for anything else."""
     parts = urlsplit(uri)
     if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
         return None
     # sqlite:///rel.db → path "/rel.db" (relative to the CWD); sqlite:////abs.db → "//abs.db".
-    return Path(unquote(parts.path[1:])).expanduser().resolve().parent / "mlartifacts"
+    return Path(unquote(parts.path[1:])).resolve()
+
+
+def _default_artifact_root(uri: str) -> Path | None:
+    """Next to a sqlite file; otherwise MLflow's choice (a server decides for its clients)."""
+    database = _sqlite_path(uri)
+    return None if database is None else database.parent / "mlartifacts"
 
 
 def _strings(mapping: Mapping[str, Any]) -> dict[str, str]:
@@ -188,7 +195,17 @@ class Tracker:
         if self._client is None:
             from mlflow import MlflowClient
 
-            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            database = _sqlite_path(self.tracking_uri)
+            if database is None:
+                self._client = MlflowClient(tracking_uri=self.tracking_uri)
+                return self._client
+            # Two processes creating a new sqlite store at once race in its schema migration
+            # (alembic: "expected to match one row"); the first access creates it, so serialise that.
+            database.parent.mkdir(parents=True, exist_ok=True)
+            with file_lock(database.with_name(database.name + ".lock")):
+                client = MlflowClient(tracking_uri=self.tracking_uri)
+                client.search_experiments(max_results=1)
+            self._client = client
         return self._client
 
     def experiment_id(self, dataset: str) -> str:

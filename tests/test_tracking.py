@@ -1,0 +1,329 @@
+"""MLflow tracking, read back through MlflowClient: a real sqlite store, a real `mlflow
+server` on 127.0.0.1, and a scan of everything a run stores for secrets."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("mlflow")
+from mlflow import MlflowClient  # noqa: E402
+
+from models import config  # noqa: E402
+from models.errors import ConfigError  # noqa: E402
+from tools.tracking import Tracker, redact, scrub  # noqa: E402
+from tools.trial import TrialResult, TrialSpec  # noqa: E402
+
+VAL = {
+    "overall": {"ndcg@20": 0.0412345678901, "recall@20": 0.0921},
+    "AE": {"ndcg@20": 0.05, "recall@20": 0.11},
+    "AF": {"ndcg@20": 0.031, "recall@20": 0.07},
+}
+TEST = {"overall": {"ndcg@20": 0.0399, "recall@20": 0.088}, "AE": {"ndcg@20": 0.048, "recall@20": 0.1}}
+
+
+def trial(k: int, test: bool = False, **params) -> TrialResult:
+    spec = TrialSpec("baby", "prefix", "AE", "two_tower+deepfm", {"recall_k": k, "embed_dim": 64, **params}, seed=1)
+    scaled = {group: {name: value * k / 100 for name, value in values.items()} for group, values in VAL.items()}
+    return TrialResult(
+        spec=spec,
+        objective=scaled["AE"]["ndcg@20"],
+        metrics=scaled,
+        latency_ms_per_user=0.25 * k,
+        train_seconds=3.5,
+        eval_seconds=0.75,
+        cache="recall" if k > 100 else "none",
+        feasible=k < 400,
+        test_metrics=TEST if test else None,
+    )
+
+
+def children(client: MlflowClient, parent) -> list:
+    runs = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    return sorted(runs, key=lambda run: int(run.data.tags["trial_number"]))
+
+
+def read_artifact(client: MlflowClient, run_id: str, path: str, dst: Path) -> str:
+    dst.mkdir(parents=True, exist_ok=True)
+    return Path(client.download_artifacts(run_id, path, str(dst))).read_text()
+
+
+def log_three(tracker: Tracker) -> str:
+    with tracker.session("baby", "llm-session", "llm", tags={"llm": "deepseek-chat"}, params={"budget": 10}) as session:
+        session.log_trial(trial(100), 0, "llm", "baby-llm")
+        session.log_trial(trial(200, test=True), 1, "llm", "baby-llm")
+        session.log_trial(trial(300), 2, "llm", "baby-llm", rationale="Raise K: recall@20 is **capped** by K.")
+        session.log_session_metrics({"best_objective": 0.15})
+        session.log_session_artifact("| trial | ndcg |\n", "summary.md")
+        return session.run_id
+
+
+def test_session_logs_parent_and_nested_trials(tmp_path, monkeypatch):
+    cwd = tmp_path / "cwd"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs.db'}")
+    parent_id = log_three(tracker)
+
+    client = MlflowClient(tracker.tracking_uri)
+    experiment = client.get_experiment_by_name("baby")
+    assert experiment.artifact_location == (tmp_path / "mlartifacts" / "baby").as_uri()
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if "mlflow.parentRunId" not in run.data.tags]
+    assert [run.info.run_id for run in parents] == [parent_id]
+    parent = parents[0]
+    assert parent.info.status == "FINISHED"
+    assert parent.data.params == {"budget": "10"}
+    assert parent.data.tags["tuner"] == "llm" and parent.data.tags["llm"] == "deepseek-chat"
+    assert parent.data.metrics == {"best_objective": 0.15}
+    assert [a.path for a in client.list_artifacts(parent_id)] == ["summary.md"]
+
+    kids = children(client, parent)
+    assert len(kids) == 3 == len(runs) - 1
+    for number, (run, k) in enumerate(zip(kids, (100, 200, 300))):
+        expected = trial(k, test=k == 200)
+        assert run.info.status == "FINISHED"
+        assert run.data.params == {
+            "recall_k": str(k), "embed_dim": "64", "pipeline": "two_tower+deepfm", "seed": "1", "objective": "ndcg@20",
+        }
+        tags = {
+            "mlflow.parentRunId": parent_id, "trial_number": str(number), "tuner": "llm", "group": "AE",
+            "groups": "prefix", "pipeline": "two_tower+deepfm", "optuna_study": "baby-llm", "cache": expected.cache,
+            "feasible": str(expected.feasible),
+        }
+        assert run.data.tags == tags | {"mlflow.runName": f"trial-{number}"}
+        metrics = run.data.metrics
+        assert metrics["objective"] == expected.objective
+        assert metrics["latency_ms_per_user"] == 0.25 * k
+        assert (metrics["train_seconds"], metrics["eval_seconds"]) == (3.5, 0.75)
+        for group, values in expected.metrics.items():
+            for name, value in values.items():
+                assert metrics[f"val/{group}/{name.replace('@', '_at_')}"] == value
+        test_keys = {key for key in metrics if key.startswith("test/")}
+        assert test_keys == ({f"test/{g}/{m}_at_20" for g in TEST for m in ("ndcg", "recall")} if k == 200 else set())
+        if k == 200:
+            assert metrics["test/AE/recall_at_20"] == 0.1
+
+        artifacts = sorted(a.path for a in client.list_artifacts(run.info.run_id))
+        assert artifacts == (["metrics_by_group.md", "rationale.md"] if k == 300 else ["metrics_by_group.md"])
+        table = read_artifact(client, run.info.run_id, "metrics_by_group.md", tmp_path / "dl" / str(k))
+        assert "| group | ndcg@20 | recall@20 |" in table
+        assert table.index("| overall |") < table.index("| AE |") < table.index("| AF |")
+        assert f"| AE | {expected.metrics['AE']['ndcg@20']:.4f} |" in table
+        assert ("## test" in table) == (k == 200)
+    rationale = read_artifact(client, kids[2].info.run_id, "rationale.md", tmp_path / "dl" / "why")
+    assert rationale == "Raise K: recall@20 is **capped** by K."
+
+    stored = {p.name for p in (tmp_path / "mlartifacts" / "baby").rglob("*.md")}
+    assert stored == {"metrics_by_group.md", "rationale.md", "summary.md"}
+    assert list(cwd.iterdir()) == []
+
+
+def test_resume_appends_to_the_same_parent(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs.db'}")
+    parent_id = log_three(tracker)
+
+    resumed = Tracker(tracker.tracking_uri)  # as a new process would
+    with resumed.session("baby", "ignored", "llm", params={"budget": 10, "extra": "x"}, run_id=parent_id) as session:
+        assert session.run_id == parent_id
+        session.log_trial(trial(400), 3, "llm", "baby-llm")
+
+    client = MlflowClient(tracker.tracking_uri)
+    parent = client.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "llm-session"
+    assert parent.data.params == {"budget": "10", "extra": "x"}
+    kids = children(client, parent)
+    assert [run.data.tags["trial_number"] for run in kids] == ["0", "1", "2", "3"]
+    assert len(client.search_runs([parent.info.experiment_id])) == 5
+    assert kids[3].data.tags["feasible"] == "False"
+
+    with pytest.raises(ConfigError, match="other settings"):
+        with resumed.session("baby", "x", "llm", params={"budget": 20}, run_id=parent_id):
+            pass
+    with pytest.raises(ConfigError, match="experiment 'baby'"):
+        with resumed.session("clothing", "x", "llm", run_id=parent_id):
+            pass
+    with pytest.raises(RuntimeError):
+        with resumed.session("baby", "x", "llm", run_id=parent_id):
+            raise RuntimeError("trial crashed")
+    assert client.get_run(parent_id).info.status == "FAILED"
+
+
+OPENAI = "sk-proj-FAKEopenai0000aaaa1111bbbb2222"
+DEEPSEEK = "sk-FAKEdeepseek3333cccc4444dddd5555"
+LOCAL = "rk-local-FAKE-6666-eeee-7777"  # no recognisable shape: only its env var gives it away
+PLAIN = "hunter2-FAKE-password-8888"
+
+
+def test_no_secret_reaches_the_store(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI)
+    monkeypatch.setenv("DEEPSEEK_API_KEY", DEEPSEEK)
+    monkeypatch.setenv("RECTUNE_LLM_API_KEY", LOCAL)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs.db'}")
+    leaky_rationale = (
+        f"Called the API with headers {{'Authorization': 'Bearer {DEEPSEEK}'}}.\n"
+        f"Authorization: Bearer {OPENAI}\nkey={LOCAL}; password = {PLAIN}\n"
+    )
+    tags = {"llm_key": LOCAL, "note": f"endpoint https://api.deepseek.com?key={DEEPSEEK}", "http_auth": PLAIN}
+    params = {
+        "api_key": PLAIN, "OPENAI_API_KEY": OPENAI, "llm": {"model": "deepseek-chat", "token": PLAIN},
+        "max_tokens": 512, "temperature": 0.2,
+    }
+    with tracker.session("baby", f"session {OPENAI}", "llm", tags=tags, params=params) as session:
+        leaky = trial(100, llm_secret=LOCAL, note=DEEPSEEK)
+        session.log_trial(leaky, 0, "llm", f"study-{OPENAI}", rationale=leaky_rationale)
+        session.log_session_artifact(f"env: OPENAI_API_KEY={OPENAI}\n{LOCAL}\n", "config.txt")
+
+    client = MlflowClient(tracker.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("baby").experiment_id])
+    assert len(runs) == 2
+    stored: list[str] = []
+    for run in runs:
+        stored += [run.info.run_name, *run.data.params, *run.data.params.values(), *run.data.tags]
+        stored += [*run.data.tags.values(), *run.data.metrics]
+        pending = client.list_artifacts(run.info.run_id)
+        while pending:
+            artifact = pending.pop()
+            if artifact.is_dir:
+                pending += client.list_artifacts(run.info.run_id, artifact.path)
+            else:
+                stored.append(read_artifact(client, run.info.run_id, artifact.path, tmp_path / "dl" / run.info.run_id))
+    text = "\n".join(stored)
+    raw = b"".join(path.read_bytes() for path in tmp_path.rglob("*") if path.is_file())
+    for secret in (OPENAI, DEEPSEEK, LOCAL, PLAIN):
+        assert secret not in text
+        assert secret.encode() not in raw
+    parent, child = sorted(runs, key=lambda run: "mlflow.parentRunId" in run.data.tags)
+    assert parent.data.params["max_tokens"] == "512" and parent.data.params["api_key"] == "***"
+    assert "deepseek-chat" in parent.data.params["llm"]
+    assert child.data.params["llm_secret"] == "***" and child.data.params["recall_k"] == "100"
+    assert "Authorization: ***" in text
+
+
+def test_redact_keeps_what_is_not_secret(monkeypatch):
+    monkeypatch.setenv("RECTUNE_LLM_API_KEY", "EMPTY")  # a local server's placeholder, not a key
+    kept = {"max_tokens": 7, "author": "me", "tokenizer": "bert", "model": "EMPTY-sk-1234", "llm": {"top_p": 0.9}}
+    hidden = {"apiKey": "x", "X-Auth": "x", "access_token": "x", "Secret": "x"}
+    assert redact(kept | hidden | {"llm2": {"password": "p"}}) == kept | dict.fromkeys(hidden, "***") | {
+        "llm2": {"password": "***"}
+    }
+    assert scrub("task-scheduler uses 20 tokens: fine") == "task-scheduler uses 20 tokens: fine"
+    assert scrub('{"api_key": "abc123", "x": 1}') == '{"api_key": "***", "x": 1}'
+    assert scrub("curl -H 'Authorization: Basic dXNlcjpwYXNz' url") == "curl -H 'Authorization: ***' url"
+
+
+def test_tracking_uri_resolution(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(config, "CONFIG_FILES", (Path("rectune.toml"),))
+    for env in config.TRACKING_URI_ENVS:
+        monkeypatch.delenv(env, raising=False)
+    assert config.tracking_uri() == f"sqlite:///{tmp_path / 'mlflow.db'}"
+    (tmp_path / "rectune.toml").write_text('tracking_uri = "sqlite:///from-toml.db"\n')
+    assert config.tracking_uri() == "sqlite:///from-toml.db"
+    monkeypatch.setenv("RECTUNE_TRACKING_URI", "postgresql://db/rectune")
+    assert config.tracking_uri() == "postgresql://db/rectune"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://127.0.0.1:5000")
+    assert config.tracking_uri() == "http://127.0.0.1:5000"
+    assert config.tracking_uri("sqlite:////srv/flag.db") == "sqlite:////srv/flag.db"
+
+    refused_stores = {
+        "./mlruns": "sqlite:///mlruns.db",
+        "/srv/mlruns": "sqlite:////srv/mlruns.db",
+        "file:///srv/mlruns": "sqlite:////srv/mlruns.db",
+    }
+    for refused, suggestion in refused_stores.items():
+        with pytest.raises(ConfigError, match="MLflow 3 refuses") as error:
+            config.tracking_uri(refused)
+        assert suggestion in str(error.value)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", "file:///srv/mlruns")
+    with pytest.raises(ConfigError):
+        Tracker()
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def port_open(port: int) -> bool:
+    with socket.socket() as sock:
+        return sock.connect_ex(("127.0.0.1", port)) == 0
+
+
+@contextmanager
+def mlflow_server(tmp_path: Path, port: int) -> Iterator[str]:
+    """A real tracking server; artifacts proxied over HTTP to tmp_path/art like a remote one's."""
+    log = (tmp_path / "server.log").open("wb")
+    command = [
+        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
+        "--artifacts-destination", str(tmp_path / "art"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+    ]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    started = time.monotonic()
+    server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        while True:
+            assert server.poll() is None, f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-3000:]}"
+            assert time.monotonic() - started < 90, f"no /health in 90 s: {(tmp_path / 'server.log').read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.25)
+        print(f"\nmlflow server healthy after {time.monotonic() - started:.1f} s")
+        yield url
+    finally:
+        # The server forks workers into its process group: signal the group, not just the PID.
+        os.killpg(server.pid, signal.SIGTERM)
+        try:
+            server.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            os.killpg(server.pid, signal.SIGKILL)
+            server.wait(timeout=10)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                os.killpg(server.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(server.pid, signal.SIGKILL)
+        log.close()
+
+
+def test_real_mlflow_server(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    port = free_port()
+    with mlflow_server(tmp_path, port) as url:
+        tracker = Tracker(tracking_uri=url)
+        with tracker.session("baby", "tpe-baseline", "tpe", params={"budget": 2}) as session:
+            ids = [session.log_trial(trial(k, test=k == 200), n, "tpe", "baby-tpe") for n, k in enumerate((100, 200))]
+
+        client = MlflowClient(url)
+        parent = client.get_run(session.run_id)
+        assert parent.info.status == "FINISHED" and parent.data.tags["tuner"] == "tpe"
+        kids = children(client, parent)
+        assert [run.info.run_id for run in kids] == ids
+        assert kids[1].data.metrics["test/AE/ndcg_at_20"] == 0.048
+        assert kids[0].data.metrics["val/AF/recall_at_20"] == VAL["AF"]["recall@20"]
+        assert kids[0].info.artifact_uri.startswith("mlflow-artifacts:")
+        table = read_artifact(client, ids[1], "metrics_by_group.md", tmp_path / "dl")
+        assert "## test" in table
+        assert len(list((tmp_path / "art").rglob("metrics_by_group.md"))) == 2
+    assert not port_open(port)

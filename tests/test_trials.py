@@ -1,0 +1,237 @@
+"""The trial runner, its model cache, the Optuna ledger, the baseline and the workers."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import numpy as np
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+import models.deepfm
+import models.two_tower
+from models.errors import ConfigError, InvalidProposal
+from models.groups import make_groups
+from tools.baseline import run_baseline, work
+from tools.cache import ModelCache
+from tools.ledger import StudyContext, enqueue, open_study, spent
+from tools.runner import TrialRunner, resolve_objective
+from tools.space import SearchSpace
+from tools.tracking import Tracker
+from tools.trial import TrialSpec
+
+SMALL = {"epochs": 1, "ranker_epochs": 1, "embedding_dim": 32, "k": 60, "top_n": 10, "negative_pool": 100, "batch_size": 256}
+
+
+@pytest.fixture
+def fit_counts(monkeypatch):
+    """Counts every call of the stages' fit methods (the thing a cache must avoid)."""
+    counts = {"two_tower": 0, "deepfm": 0}
+
+    def counting(cls, name):
+        original = cls.fit
+
+        def fit(self, *args, **kwargs):
+            counts[name] += 1
+            return original(self, *args, **kwargs)
+
+        monkeypatch.setattr(cls, "fit", fit)
+
+    counting(models.two_tower.TwoTowerRecall, "two_tower")
+    counting(models.deepfm.DeepFMRanker, "deepfm")
+    return counts
+
+
+@pytest.fixture
+def runner(planted):
+    return TrialRunner(planted, make_groups(planted, "activity:2"), cache=ModelCache())
+
+
+def spec(params, group="cold", pipeline="two_tower+deepfm", objective="ndcg@20"):
+    small = {k: v for k, v in SMALL.items() if k in SearchSpace.load().defaults(pipeline)}
+    return TrialSpec("planted", "activity:2", group, pipeline, {**small, **params}, seed=0, objective=objective)
+
+
+def test_k_and_top_n_changes_do_not_retrain(runner, fit_counts):
+    first = runner.run(spec({}))
+    # The ranker learns from lists of a second recall stage: two two-tower fits, one DeepFM.
+    assert fit_counts == {"two_tower": 2, "deepfm": 1} and first.cache == "none"
+    more_candidates = runner.run(spec({"k": 80}))
+    assert fit_counts == {"two_tower": 2, "deepfm": 1} and more_candidates.cache == "model"
+    longer_list = runner.run(spec({"k": 80, "top_n": 15}))
+    assert fit_counts == {"two_tower": 2, "deepfm": 1} and longer_list.cache == "ranking"
+    assert "precision@15" in longer_list.metrics["cold"]
+    ranker_only = runner.run(spec({"k": 80, "ranker_lr": 0.005}))
+    assert fit_counts == {"two_tower": 3, "deepfm": 2} and ranker_only.cache == "recall"
+    new_embedding = runner.run(spec({"embedding_dim": 48}))
+    assert fit_counts == {"two_tower": 5, "deepfm": 3} and new_embedding.cache == "none"
+
+
+def test_trial_result_holds_the_group_objective_and_metrics(runner):
+    result = runner.run(spec({}, pipeline="heuristic", objective="recall@20"), report_test=True)
+    assert result.objective == result.metrics["cold"]["recall@20"]
+    assert set(result.metrics) == {"overall", "cold"}  # only the group's users are ranked
+    assert result.metrics["overall"]["users"] == result.metrics["cold"]["users"]
+    assert set(result.test_metrics) == {"overall", "cold"}
+    assert result.latency_ms_per_user > 0 and result.feasible
+    everyone = runner.run(spec({}, group="all", pipeline="heuristic"))
+    assert set(everyone.metrics) == {"overall", "cold", "heavy"}
+    assert everyone.objective == everyone.metrics["overall"]["ndcg@20"]
+
+
+def test_latency_budget_marks_trials_infeasible(planted):
+    runner = TrialRunner(planted, make_groups(planted, "all"), max_latency_ms=1e-9)
+    assert not runner.run(spec({}, group="all", pipeline="heuristic")).feasible
+
+
+def test_bad_trials_fail_before_training(runner, fit_counts):
+    with pytest.raises(InvalidProposal, match="k=10 must be ≥ top_n=20"):
+        runner.run(spec({"k": 10, "top_n": 20}))
+    with pytest.raises(ConfigError, match="unknown objective metric 'auc'"):
+        runner.run(spec({}, objective="auc@20"))
+    assert fit_counts == {"two_tower": 0, "deepfm": 0}
+
+
+def test_objective_names_resolve_against_the_config():
+    from models.pipeline import PipelineConfig
+
+    config = PipelineConfig(k=100, top_n=30)
+    assert resolve_objective("NDCG@20", config) == ("ndcg@20", 20)
+    assert resolve_objective("f1@topn", config) == ("f1@30", 30)
+    assert resolve_objective("candidate_recall@k", config) == ("candidate_recall@100", None)
+    with pytest.raises(ConfigError, match="needs a list of 500"):
+        resolve_objective("recall@500", config)
+    with pytest.raises(ConfigError, match="must look like"):
+        resolve_objective("ndcg", config)
+
+
+def test_disk_cache_serves_a_second_runner(planted, tmp_path, fit_counts):
+    groups = make_groups(planted, "activity:2")
+    first = TrialRunner(planted, groups, cache=ModelCache(tmp_path)).run(spec({}))
+    assert fit_counts["two_tower"] == 2
+    second = TrialRunner(planted, groups, cache=ModelCache(tmp_path)).run(spec({}))
+    assert fit_counts["two_tower"] == 2 and second.cache == "model"
+    assert second.objective == first.objective
+
+
+def test_disk_cache_evicts_oldest_beyond_its_budget(tmp_path):
+    cache = ModelCache(tmp_path, max_disk_bytes=3000)
+    for i in range(3):
+        cache.get_or_fit(f"key{i}", lambda: np.zeros(200))  # ~1.8 KB each on disk
+        os.utime(tmp_path / f"key{i}.pt", (i, i))
+    assert not (tmp_path / "key0.pt").exists() and (tmp_path / "key2.pt").exists()
+
+
+def test_two_processes_fit_a_stage_once(tmp_path):
+    script = textwrap.dedent(f"""
+        import time
+        from tools.cache import ModelCache
+        def fit():
+            with open({str(tmp_path / 'fits.log')!r}, "a") as log:
+                log.write("fit\\n")
+            time.sleep(1.5)
+            return {{"weights": [1, 2, 3]}}
+        value, cached = ModelCache({str(tmp_path / 'cache')!r}).get_or_fit("shared", fit)
+        print(value["weights"], cached)
+    """)
+    processes = [subprocess.Popen([sys.executable, "-c", script], stdout=subprocess.PIPE, text=True) for _ in range(2)]
+    outputs = sorted(p.communicate(timeout=120)[0].strip() for p in processes)
+    assert outputs == ["[1, 2, 3] False", "[1, 2, 3] True"]
+    assert (tmp_path / "fits.log").read_text() == "fit\n"
+
+
+def heuristic_context(**changes):
+    values = {"dataset": "planted", "groups": "activity:2", "group": "cold", "pipeline": "heuristic", "budget": 3, "sampler": "tpe"}
+    return StudyContext(**{**values, **changes})
+
+
+def test_baseline_continues_to_the_budget_without_repeating(runner, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run_baseline(heuristic_context(budget=3), runner, storage, "s", tracker, progress=False)
+    study = run_baseline(heuristic_context(budget=5), runner, storage, "s", tracker, progress=False)
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    assert trials[0].user_attrs["tuner"] == "default"
+    assert trials[0].user_attrs["params"] == runner.space.defaults("heuristic")
+    assert [t.user_attrs["tuner"] for t in trials[1:]] == ["tpe"] * 4
+    params = [json.dumps(t.user_attrs["params"], sort_keys=True) for t in trials]
+    assert len(set(params)) == 5, "a continued study replayed its samples"
+    again = run_baseline(heuristic_context(budget=5), runner, storage, "s", tracker, progress=False)
+    assert len(again.get_trials()) == 5
+
+    client = MlflowClient(tracker.tracking_uri)
+    runs = client.search_runs([client.get_experiment_by_name("planted").experiment_id])
+    parents = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    children = [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 5
+    assert parents[0].data.params["tpe.multivariate"] == "True" and parents[0].data.tags["budget"] == "5"
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2, 3, 4]
+    child = next(c for c in children if c.data.tags["trial_number"] == "0")
+    assert child.data.tags["tuner"] == "default" and child.data.tags["optuna_study"] == "s"
+    assert child.data.metrics["objective"] == pytest.approx(trials[0].value)
+    assert child.data.metrics["val/cold/ndcg_at_20"] == pytest.approx(trials[0].value)
+
+
+def test_a_study_refuses_other_settings(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    open_study(storage, "s", heuristic_context())
+    with pytest.raises(ConfigError, match="pipeline='two_tower'"):
+        open_study(storage, "s", heuristic_context(pipeline="two_tower"))
+    with pytest.raises(ConfigError, match="no study 'other'"):
+        open_study(storage, "other")
+
+
+def test_a_trial_whose_process_died_is_run_again(runner, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    study = open_study(storage, "s", heuristic_context(budget=2))
+    enqueue(study, runner.space.defaults("heuristic"), "default")
+    orphan = study.ask()
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    orphan.set_user_attr("owner", {"host": os.uname().nodename, "pid": dead.pid})
+    study = run_baseline(heuristic_context(budget=2), runner, storage, "s", progress=False)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(TrialState.COMPLETE) == 2 and states.count(TrialState.FAIL) == 1
+    retried = [t for t in study.get_trials() if "retry_of" in t.user_attrs]
+    assert len(retried) == 1 and retried[0].user_attrs["tuner"] == "default"
+    assert spent(study) == 2
+
+
+def test_two_workers_run_each_queued_trial_once(baby_format_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    context = StudyContext("baby", "activity:2", "all", "heuristic", budget=6, sampler="random")
+    study = open_study(storage, "queue", context)
+    for neighbors in (10, 20, 30, 40, 50, 60):
+        enqueue(study, {"neighbors": neighbors, "k": 60}, "llm", rationale=f"try {neighbors} neighbours")
+    env = {**os.environ, "RECTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "agent.cli", "worker", "--study", "queue", "--storage", storage, "--no-sample",
+               "--data-dir", str(baby_format_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    ran = [int(out.split("ran ")[1].split()[0]) for out, _ in outputs]
+    assert sum(ran) == 6
+    trials = optuna.load_study(study_name="queue", storage=storage).get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(t.params["neighbors"] for t in complete) == [10, 20, 30, 40, 50, 60]
+    assert all(t.user_attrs.get("abandoned") for t in trials if t.state != TrialState.COMPLETE)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("baby").experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(int(r.data.tags["trial_number"]) for r in children) == sorted(t.number for t in complete)
+    assert all(r.data.tags["tuner"] == "llm" for r in children)
+
+
+def test_worker_on_a_missing_study_says_so(tmp_path):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    result = CliRunner().invoke(app, ["worker", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'o.db'}"])
+    assert result.exit_code == 2 and "no study 'nope'" in result.output

@@ -1,0 +1,113 @@
+"""Fitted pipeline stages cached by the values that determine them.
+
+A trial that changes only K or TopN reuses the trained stages (and, for TopN alone, the
+ranked lists). The cache is bounded in memory (least recently used stages are dropped)
+and on disk (oldest files are deleted past a byte budget), and safe for several
+processes: one process fits a given stage while the others wait on its file lock, then
+load what it wrote; files appear atomically (write to a temporary name, then rename).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import tempfile
+from collections import OrderedDict
+from collections.abc import Callable
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from models.dataset import Dataset
+
+
+def dataset_fingerprint(dataset: Dataset) -> str:
+    """What identifies the training data: name, split, sizes, the train matrix, features."""
+    digest = hashlib.sha256()
+    for part in (dataset.train.indptr, dataset.train.indices):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    features = dataset.item_features.source if dataset.item_features else "none"
+    return f"{dataset.name}|{dataset.report.split}|{dataset.n_users}x{dataset.n_items}|{features}|{digest.hexdigest()[:16]}"
+
+
+def cache_key(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+
+
+@contextmanager
+def file_lock(path: Path):
+    """An exclusive lock between processes on this machine, held for the block."""
+    with open(path, "a+") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+class ModelCache:
+    """get_or_fit(key, fit) → (value, was_cached). `directory=None` keeps it in memory only."""
+
+    def __init__(self, directory: str | Path | None = None, max_in_memory: int = 6, max_disk_bytes: int = 4 * 2**30):
+        self.directory = Path(directory) if directory is not None else None
+        self.max_in_memory = max_in_memory
+        self.max_disk_bytes = max_disk_bytes
+        self._memory: OrderedDict[str, Any] = OrderedDict()
+        self.fits = 0
+        """How many values this process had to compute (the rest came from a cache)."""
+        if self.directory is not None:
+            self.directory.mkdir(parents=True, exist_ok=True)
+
+    def get_or_fit(self, key: str, fit: Callable[[], Any]) -> tuple[Any, bool]:
+        if key in self._memory:
+            self._memory.move_to_end(key)
+            return self._memory[key], True
+        if self.directory is None:
+            value, cached = self._fit(fit), False
+        else:
+            value, cached = self._from_disk_or_fit(key, fit)
+        self._memory[key] = value
+        while len(self._memory) > self.max_in_memory:
+            self._memory.popitem(last=False)
+        return value, cached
+
+    def _fit(self, fit: Callable[[], Any]) -> Any:
+        self.fits += 1
+        return fit()
+
+    def _from_disk_or_fit(self, key: str, fit: Callable[[], Any]) -> tuple[Any, bool]:
+        import torch
+
+        path = self.directory / f"{key}.pt"
+        with file_lock(self.directory / f"{key}.lock"):
+            if path.exists():
+                try:
+                    value = torch.load(path, weights_only=False)
+                    os.utime(path)  # recently used: evicted last
+                    return value, True
+                except Exception:  # a torn or foreign file is recomputed, not fatal
+                    path.unlink(missing_ok=True)
+            value = self._fit(fit)
+            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
+                temporary = Path(handle.name)
+            try:
+                torch.save(value, temporary)
+                os.replace(temporary, path)
+            finally:
+                temporary.unlink(missing_ok=True)
+        self._evict_disk(keep=path)
+        return value, False
+
+    def _evict_disk(self, keep: Path) -> None:
+        files = sorted(self.directory.glob("*.pt"), key=lambda p: p.stat().st_mtime)
+        total = sum(p.stat().st_size for p in files)
+        for path in files:
+            if total <= self.max_disk_bytes:
+                break
+            if path != keep:
+                total -= path.stat().st_size
+                path.unlink(missing_ok=True)

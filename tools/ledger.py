@@ -1,0 +1,196 @@
+"""The trial ledger: every trial of every tuner, recorded in one Optuna study.
+
+The study lives in an RDB (SQLite by default, any SQLAlchemy URL such as PostgreSQL for
+many machines). Its user attribute `rectune` holds the study's context (dataset, groups,
+group, pipeline, objective, seed, budget, sampler), so any process — `rectune baseline`,
+`rectune worker`, the agent — can open it by name and run its trials the same way.
+Proposals from outside the sampler (the default configuration, the LLM's) enter as
+enqueued trials with fixed parameters; `study.ask()` hands each waiting trial to exactly
+one process (Optuna pops it in a database transaction).
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from models.errors import ConfigError, RectuneError
+from tools.space import SearchSpace
+from tools.trial import TUNERS, TrialResult, TrialSpec
+
+STORAGE_ENV = "RECTUNE_STORAGE"
+SAMPLERS = ("tpe", "random")
+# TPE arguments pinned here (Optuna 5 changed the defaults to multivariate + constant
+# liar): the baseline must not move when Optuna does. Logged with every baseline run.
+TPE_ARGUMENTS = {"n_startup_trials": 5, "n_ei_candidates": 24, "multivariate": True, "group": False, "constant_liar": True}
+
+
+def storage_url(explicit: str | None = None) -> str:
+    """Flag → RECTUNE_STORAGE → a SQLite file in the working directory."""
+    return explicit or os.environ.get(STORAGE_ENV) or f"sqlite:///{Path.cwd() / 'rectune-optuna.db'}"
+
+
+@dataclass(frozen=True)
+class StudyContext:
+    dataset: str
+    groups: str
+    group: str
+    pipeline: str
+    objective: str = "ndcg@20"
+    seed: int = 0
+    budget: int = 20
+    sampler: str = "tpe"
+    max_latency_ms: float | None = None
+
+    def spec(self, params: dict) -> TrialSpec:
+        return TrialSpec(self.dataset, self.groups, self.group, self.pipeline, dict(params), self.seed, self.objective)
+
+    def matches(self, other: "StudyContext") -> list[str]:
+        return [f"{k}={v!r} (study has {getattr(other, k)!r})" for k, v in asdict(self).items()
+                if k != "budget" and getattr(other, k) != v]
+
+
+def make_sampler(context: StudyContext, offset: int = 0):
+    """The study's sampler with pinned arguments; `offset` moves its seed (for workers and
+    continued studies)."""
+    import optuna
+
+    if context.sampler == "tpe":
+        constraints = None
+        if context.max_latency_ms is not None:
+            # ≤ 0 is feasible: TPE then prefers configurations that meet the latency budget.
+            constraints = lambda trial: [trial.user_attrs.get("latency_ms_per_user", 0.0) - context.max_latency_ms]  # noqa: E731
+        return optuna.samplers.TPESampler(seed=context.seed + offset, constraints_func=constraints, **TPE_ARGUMENTS)
+    if context.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=context.seed + offset)
+    raise ConfigError(f"sampler must be one of {SAMPLERS}, but got {context.sampler!r}")
+
+
+def open_study(storage: str, name: str, context: StudyContext | None = None, offset: int = 0):
+    """Create or load study `name`; a given context must match the stored one (budget may grow)."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    if name not in summaries:
+        if context is None:
+            raise ConfigError(f"no study {name!r} in {storage}; studies there: {sorted(summaries) or 'none'}")
+        study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(context, offset))
+        study.set_user_attr("rectune", asdict(context))
+        return study
+    stored = StudyContext(**summaries[name].user_attrs["rectune"])
+    if context is not None:
+        mismatch = context.matches(stored)
+        if mismatch:
+            raise ConfigError(f"study {name!r} in {storage} was created for other settings: " + "; ".join(mismatch))
+        if context.budget != stored.budget:
+            stored = StudyContext(**{**asdict(stored), "budget": context.budget})
+    # A continued study must not replay the samples of its first process: the seed moves
+    # on by the number of trials already there (still reproducible from the same history).
+    n_trials = summaries[name].n_trials
+    study = optuna.load_study(storage=storage, study_name=name, sampler=make_sampler(stored, offset + n_trials))
+    if stored.budget != summaries[name].user_attrs["rectune"]["budget"]:
+        study.set_user_attr("rectune", asdict(stored))
+    return study
+
+
+def context_of(study) -> StudyContext:
+    return StudyContext(**study.user_attrs["rectune"])
+
+
+def enqueue(study, params: dict, tuner: str, rationale: str | None = None) -> None:
+    """Queue a proposal with fixed parameters (validated by the caller against the space)."""
+    if tuner not in TUNERS:
+        raise ConfigError(f"tuner must be one of {TUNERS}, but got {tuner!r}")
+    attrs = {"tuner": tuner, **({"rationale": rationale} if rationale else {})}
+    study.enqueue_trial(params, user_attrs=attrs)
+
+
+def spent(study) -> int:
+    """Trials that count against the budget: finished ones and those that failed on their own
+    (a trial whose process died is retried instead, see `reclaim_orphans`)."""
+    from optuna.trial import TrialState
+
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state == TrialState.COMPLETE or (t.state == TrialState.FAIL and "error" in t.user_attrs))
+
+
+def in_flight(study) -> int:
+    from optuna.trial import TrialState
+
+    return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
+
+
+def reclaim_orphans(study) -> int:
+    """Fail the RUNNING trials whose process on this host is gone, and queue their parameters
+    again, so a crash costs the interrupted trial, not a slot of the budget."""
+    from optuna.trial import TrialState
+
+    host = socket.gethostname()
+    reclaimed = 0
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        owner = trial.user_attrs.get("owner")
+        if not owner or owner["host"] != host or _alive(owner["pid"]):
+            continue
+        study.tell(trial.number, state=TrialState.FAIL)
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in ("tuner", "rationale")}
+        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
+        reclaimed += 1
+    return reclaimed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def best(study):
+    """The best finished trial that met its constraints, or None."""
+    from optuna.trial import TrialState
+
+    done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.user_attrs.get("feasible", True)]
+    return max(done, key=lambda t: t.value, default=None)
+
+
+def run_next(study, runner, space: SearchSpace, session=None, report_test: bool = False,
+             only_queued: bool = False) -> TrialResult | None:
+    """Take the next trial (a queued proposal first, else a sampled one), run it through the
+    runner, record it in the study and, given a tracking session, in MLflow.
+
+    only_queued: if another process took the last queued trial first, Optuna has created a
+    sampled trial instead; it is closed as FAIL marked `abandoned` (it never counts against
+    the budget) and None is returned.
+    """
+    from optuna.trial import TrialState
+
+    context = context_of(study)
+    trial = study.ask()
+    queued = "tuner" in trial.user_attrs  # enqueue() always sets it; the sampler never does
+    if only_queued and not queued:
+        trial.set_user_attr("abandoned", "the queue was empty")
+        study.tell(trial, state=TrialState.FAIL)
+        return None
+    trial.set_user_attr("owner", {"host": socket.gethostname(), "pid": os.getpid()})
+    tuner = trial.user_attrs.get("tuner", context.sampler)
+    try:
+        params = space.suggest(trial, context.pipeline)
+        result = runner.run(context.spec(params), report_test=report_test)
+    except RectuneError as error:
+        trial.set_user_attr("error", str(error))
+        study.tell(trial, state=TrialState.FAIL)
+        raise
+    for name, value in {"tuner": tuner, "params": params, "latency_ms_per_user": result.latency_ms_per_user,
+                        "train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds, "cache": result.cache,
+                        "feasible": result.feasible, "metrics": result.metrics}.items():
+        trial.set_user_attr(name, value)
+    study.tell(trial, result.objective)
+    if session is not None:
+        session.log_trial(result, trial.number, tuner, study.study_name, rationale=trial.user_attrs.get("rationale"))
+    return result
