@@ -149,6 +149,20 @@ def evaluate(
         typer.echo(f"wrote {out}")
 
 
+@app.command("space")
+def space(
+    pipeline: Optional[str] = typer.Option(None, help="Show one pipeline's parameters as the LLM sees them; default: the whole space as a markdown table."),
+) -> None:
+    """Print the search space (tools/search_space.toml): ranges, defaults, what each parameter does."""
+    from tools.space import SearchSpace
+
+    try:
+        loaded = SearchSpace.load()
+        typer.echo(loaded.describe(pipeline) if pipeline else loaded.markdown())
+    except RectuneError as error:
+        fail(error)
+
+
 StorageOption = typer.Option(None, "--storage", help="Optuna storage URL for the trial ledger (env RECTUNE_STORAGE; default sqlite:///./rectune-optuna.db; PostgreSQL for many machines).")
 TrackingOption = typer.Option(None, "--tracking-uri", help="MLflow tracking URI (env MLFLOW_TRACKING_URI / RECTUNE_TRACKING_URI; default sqlite:///./mlflow.db).")
 CacheDirOption = typer.Option(None, "--cache-dir", help="Where features and trained models are cached (env RECTUNE_CACHE_DIR; default ~/.cache/rectune).")
@@ -172,9 +186,7 @@ def baseline(
     cache_dir: Optional[Path] = CacheDirOption,
     progress: bool = typer.Option(True, help="Show a progress bar with the best value so far."),
 ) -> None:
-    """Tune one pipeline on one group with Optuna (TPE or random search) for a fixed budget.
-
-    Re-running the same command on the same storage continues to the budget."""
+    """Tune one pipeline on one group with Optuna (TPE or random search) for a fixed budget; re-running the same command continues to the budget."""
     from tools.baseline import run_baseline, study_name
     from tools.ledger import StudyContext, best, storage_url
     from tools.runner import TrialRunner
@@ -204,8 +216,7 @@ def worker(
     data_dir: Optional[Path] = DataDirOption,
     cache_dir: Optional[Path] = CacheDirOption,
 ) -> None:
-    """Execute the queued trials of a study; run several workers (on several machines with a
-    shared PostgreSQL storage) to work on one study in parallel."""
+    """Execute the queued trials of a study; several workers (on several machines, with a shared PostgreSQL storage) work on one study in parallel."""
     from tools.baseline import work
     from tools.ledger import storage_url
     from tools.tracking import Tracker

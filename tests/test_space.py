@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import numpy as np
 import optuna
@@ -268,3 +269,9 @@ def test_markdown_lists_every_parameter_and_where_it_applies(space):
     assert "| `lr` | float in [0.0001, 0.03], log scale | `0.003` | recall | two_tower, two_tower+deepfm |" in text
     assert "| `negatives` | int in [1, 16] | `4` | ranker | heuristic+deepfm, two_tower+deepfm |" in text
     assert "`k >= top_n`" in text
+
+
+def test_readme_table_is_the_space_file():
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("<!-- space:begin -->\n", 1)[1].split("\n<!-- space:end -->", 1)[0]
+    assert table == SearchSpace.load().markdown(), "README's search-space table is stale: paste `rectune space` into it"
