@@ -229,5 +229,122 @@ def worker(
     typer.echo(f"worker {os.getpid()}: ran {done} trial(s) of {study}")
 
 
+CheckpointOption = typer.Option("rectune-sessions.db", "--checkpoint", help="LangGraph checkpoint: a SQLite file, or a postgresql:// URL for a shared deployment.")
+
+
+def ask_terminal(payload: dict) -> dict | None:
+    """Show a proposal and read approve / edit / reject from the terminal (None at end of input)."""
+    typer.echo(f"\n[approve] group {payload['group']} ({payload['pipeline']}), trial {payload['trial']}; "
+               f"best so far: trial {payload['best']['trial']} = {payload['best']['objective']:.5f}")
+    for name, (old, new) in payload["diff"].items():
+        typer.echo(f"  {name}: {old} → {new}")
+    typer.echo(f"  rationale: {payload['rationale']}")
+    if payload.get("error"):
+        typer.secho(f"  {payload['error']}", fg=typer.colors.RED)
+    while True:
+        try:
+            line = input("approve [a], edit [e NAME=VALUE ...], reject [r COMMENT]: ").strip()
+        except EOFError:
+            return None
+        word, _, rest = line.partition(" ")
+        if word in ("a", "approve", "y", "yes"):
+            return {"action": "approve"}
+        if word in ("r", "reject", "n", "no"):
+            return {"action": "reject", "comment": rest.strip()}
+        if word in ("e", "edit"):
+            try:
+                return {"action": "edit", "changes": parse_assignments(rest.split())}
+            except typer.BadParameter as error:
+                typer.echo(f"  {error.message}")
+                continue
+        typer.echo("  answer a, e NAME=VALUE ..., or r COMMENT")
+
+
+def _finish(values: dict, tracking_uri: str) -> None:
+    if values.get("report"):
+        typer.echo(f"report: {values['report']}")
+        typer.echo(f"MLflow: {tracking_uri} (run {values.get('mlflow_run_id')}); look with `mlflow ui --backend-store-uri {tracking_uri}`")
+
+
+@app.command("tune")
+def tune(
+    dataset_name: str = typer.Option("baby", "--dataset", help="Registered dataset name."),
+    groups_spec: str = typer.Option("activity", "--groups", help="User-group spec (see `rectune evaluate --help`)."),
+    budget: int = typer.Option(10, min=2, help="Trials per group, the default configuration (trial 0) included."),
+    approve: str = typer.Option("ask", help="ask: a person approves, edits or rejects each proposal; auto: run every valid proposal."),
+    objective: str = typer.Option("ndcg@20", help="Validation metric to maximise."),
+    seed: int = typer.Option(0, help="Seed of every model."),
+    session: Optional[str] = typer.Option(None, help="Session name (default: dataset-groups-time)."),
+    max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops (default 3 × budget)."),
+    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…); default: DEEPSEEK_API_KEY or OPENAI_API_KEY if set, else the embedded local model."),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name at that endpoint."),
+    storage: Optional[str] = StorageOption,
+    tracking_uri: Optional[str] = TrackingOption,
+    data_dir: Optional[Path] = DataDirOption,
+    cache_dir: Optional[Path] = CacheDirOption,
+    checkpoint: str = CheckpointOption,
+) -> None:
+    """Let the LLM pick a pipeline per user group, then tune each group's pipeline trial by trial."""
+    import time as clock
+
+    from agent.session import run
+    from models.config import tracking_uri as resolve_tracking_uri
+    from tools.ledger import storage_url
+    from tools.tracking import Tracker
+
+    if approve not in ("ask", "auto"):
+        raise typer.BadParameter(f"must be ask or auto, but got {approve!r}", param_hint="--approve")
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        settings = {
+            "session": session or f"{dataset_name}-{groups_spec.replace(':', '')}-{clock.strftime('%Y%m%d-%H%M%S')}",
+            "dataset": dataset_name, "groups": groups_spec, "objective": objective, "budget": budget, "seed": seed,
+            "approve": approve, "max_llm_calls": max_llm_calls or 3 * budget, "storage": storage_url(storage),
+            "tracking_uri": uri, "data_dir": str(data_dir) if data_dir else None, "cache_dir": str(cache_dir) if cache_dir else None,
+            "llm_base_url": llm_base_url, "llm_model": llm_model,
+        }
+        typer.echo(f"session {settings['session']}")
+        values = run(settings, ask_terminal if approve == "ask" else None, typer.echo, checkpoint, tracker=Tracker(uri))
+    except RectuneError as error:
+        fail(error)
+    _finish(values, uri)
+
+
+@app.command("resume")
+def resume(
+    session: str = typer.Argument(..., help="A session name (see `rectune sessions`)."),
+    checkpoint: str = CheckpointOption,
+) -> None:
+    """Continue a session after a crash, or answer the approval it is waiting for."""
+    from agent.session import load_settings, run
+    from tools.tracking import Tracker
+
+    try:
+        settings = load_settings(session, checkpoint)
+        values = run(settings, ask_terminal if settings["approve"] == "ask" else None, typer.echo, checkpoint,
+                     resume=True, tracker=Tracker(settings["tracking_uri"]))
+    except RectuneError as error:
+        fail(error)
+    _finish(values, settings["tracking_uri"])
+
+
+@app.command("sessions")
+def sessions(checkpoint: str = CheckpointOption) -> None:
+    """List the tuning sessions in a checkpoint store, newest state of each."""
+    from agent.session import list_sessions
+
+    try:
+        found = list_sessions(checkpoint)
+    except RectuneError as error:
+        fail(error)
+    if not found:
+        typer.echo(f"no sessions in {checkpoint}")
+    for item in found:
+        trials = ", ".join(f"{g} {n}" for g, n in item["trials"].items()) or "-"
+        state = "waiting for approval" if item["waiting"] else item["phase"]
+        typer.echo(f"{item['session']:<40} {item['dataset'] or '?':<12} {state:<22} trials: {trials}"
+                   + (f"  report: {item['report']}" if item["report"] else ""))
+
+
 if __name__ == "__main__":
     app()

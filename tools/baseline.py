@@ -81,8 +81,9 @@ def work(storage: str, name: str, data_dir=None, cache_dir=None, tracker=None, s
 
             waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
             running = in_flight(study) - len(waiting)
-            if not waiting and not (sample and spent(study) + running < context.budget):
+            sampling = sample and context.sampler != "llm"
+            if not waiting and not (sampling and spent(study) + running < context.budget):
                 break
-            if run_next(study, runner, runner.space, session, only_queued=not sample) is not None:
+            if run_next(study, runner, runner.space, session, only_queued=not sampling) is not None:
                 done += 1
     return done

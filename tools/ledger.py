@@ -21,7 +21,8 @@ from tools.space import SearchSpace
 from tools.trial import TUNERS, TrialResult, TrialSpec
 
 STORAGE_ENV = "RECTUNE_STORAGE"
-SAMPLERS = ("tpe", "random")
+SAMPLERS = ("tpe", "random", "llm")
+"""`llm`: every trial is a proposal enqueued by the agent; the study never samples."""
 # TPE arguments pinned here (Optuna 5 changed the defaults to multivariate + constant
 # liar): the baseline must not move when Optuna does. Logged with every baseline run.
 TPE_ARGUMENTS = {"n_startup_trials": 5, "n_ei_candidates": 24, "multivariate": True, "group": False, "constant_liar": True}
@@ -63,7 +64,7 @@ def make_sampler(context: StudyContext, offset: int = 0):
             # ≤ 0 is feasible: TPE then prefers configurations that meet the latency budget.
             constraints = lambda trial: [trial.user_attrs.get("latency_ms_per_user", 0.0) - context.max_latency_ms]  # noqa: E731
         return optuna.samplers.TPESampler(seed=context.seed + offset, constraints_func=constraints, **TPE_ARGUMENTS)
-    if context.sampler == "random":
+    if context.sampler in ("random", "llm"):
         return optuna.samplers.RandomSampler(seed=context.seed + offset)
     raise ConfigError(f"sampler must be one of {SAMPLERS}, but got {context.sampler!r}")
 
@@ -100,11 +101,12 @@ def context_of(study) -> StudyContext:
     return StudyContext(**study.user_attrs["rectune"])
 
 
-def enqueue(study, params: dict, tuner: str, rationale: str | None = None) -> None:
-    """Queue a proposal with fixed parameters (validated by the caller against the space)."""
+def enqueue(study, params: dict, tuner: str, rationale: str | None = None, proposal_id: str | None = None) -> None:
+    """Queue a proposal with fixed parameters (validated by the caller against the space).
+    `proposal_id` lets the proposer find the trial again after a crash (exactly-once runs)."""
     if tuner not in TUNERS:
         raise ConfigError(f"tuner must be one of {TUNERS}, but got {tuner!r}")
-    attrs = {"tuner": tuner, **({"rationale": rationale} if rationale else {})}
+    attrs = {"tuner": tuner, **({"rationale": rationale} if rationale else {}), **({"proposal_id": proposal_id} if proposal_id else {})}
     study.enqueue_trial(params, user_attrs=attrs)
 
 
@@ -135,7 +137,7 @@ def reclaim_orphans(study) -> int:
         if not owner or owner["host"] != host or _alive(owner["pid"]):
             continue
         study.tell(trial.number, state=TrialState.FAIL)
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in ("tuner", "rationale")}
+        attrs = {k: v for k, v in trial.user_attrs.items() if k in ("tuner", "rationale", "proposal_id")}
         study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
         reclaimed += 1
     return reclaimed

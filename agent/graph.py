@@ -1,0 +1,312 @@
+"""The tuning agent as a LangGraph state machine.
+
+    select → pick → start_group → decide ⇄ approve → run_trial → decide … → next_group
+                                   (one group at a time)                    → report → END
+
+The graph owns the control flow and every budget; the LLM makes one small decision per
+turn (pick the pipelines; then, per group, one tool call) and sees the whole history each
+time. Side effects are idempotent, because a node that is interrupted or killed runs
+again from its start: trials are found again in the ledger by their proposal id, so each
+proposal runs exactly once.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+from langgraph.graph import END, START, StateGraph
+from langgraph.types import Command, interrupt
+
+from agent.prompts import render
+from agent.state import State
+from agent.tools import canonical, read_select_call, read_tune_call, select_tool, tune_tools
+from models.errors import RectuneError
+from models.pipeline import PIPELINES
+from tools.ledger import StudyContext, enqueue, open_study, reclaim_orphans, run_next, spent
+from tools.runner import TrialRunner
+from tools.space import SearchSpace
+from tools.trial import TrialSpec
+
+SELECT_ATTEMPTS = 3
+
+
+class LLMUnavailable(RectuneError):
+    """The LLM endpoint failed after its retries; the session can be resumed."""
+
+
+@dataclass
+class Deps:
+    """What every process rebuilds from the settings: nothing here is checkpointed."""
+
+    runner: TrialRunner
+    space: SearchSpace
+    llm: object
+    """A LangChain chat model (ChatOpenAI)."""
+    session: object | None = None
+    """The MLflow parent run (tools.tracking.TrackingSession), if tracking."""
+    echo: Callable[[str], None] = print
+    report_dir: Path = Path("reports")
+
+
+def _metrics_row(metrics: dict, objective: str, top_n: int) -> dict:
+    names = [objective, "recall@20", "ndcg@20", f"precision@{top_n}", f"recall@{top_n}", f"f1@{top_n}"]
+    return {name: round(float(metrics[name]), 5) for name in dict.fromkeys(names) if name in metrics}
+
+
+def _record(trial, group: str, objective: str) -> dict:
+    metrics = trial.user_attrs["metrics"][group]
+    return {"trial": trial.number, "tuner": trial.user_attrs["tuner"], "params": trial.user_attrs["params"],
+            "objective": trial.value, "recall@20": metrics.get("recall@20"), "ndcg@20": metrics.get("ndcg@20"),
+            "latency_ms": trial.user_attrs["latency_ms_per_user"], "rationale": trial.user_attrs.get("rationale", "")}
+
+
+def _call_llm(llm, messages):
+    import openai
+
+    try:
+        return llm.invoke(messages)
+    except openai.OpenAIError as error:
+        raise LLMUnavailable(f"the LLM endpoint failed after its retries ({type(error).__name__}: {error}); "
+                             "nothing is lost — resume the session when it is back") from error
+
+
+def history_table(history: list[dict], defaults: dict, objective: str) -> str:
+    lines = [f"| trial | tuner | changes from default | {objective} | recall@20 | latency ms/user |", "|---|---|---|---|---|---|"]
+    for row in history:
+        changes = {k: v for k, v in row["params"].items() if defaults.get(k) != v}
+        lines.append(f"| {row['trial']} | {row['tuner']} | {json_compact(changes) or '(default)'} | {row['objective']:.5f} | "
+                     f"{(row['recall@20'] or 0):.5f} | {row['latency_ms']:.3f} |")
+    return "\n".join(lines)
+
+
+def json_compact(values: dict) -> str:
+    return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def build_graph(deps: Deps, checkpointer=None):
+    runner, space = deps.runner, deps.space
+    labels = list(runner.groups.labels)
+
+    def study_for(settings, group: str, pipeline: str):
+        context = StudyContext(settings["dataset"], settings["groups"], group, pipeline, settings["objective"],
+                               settings["seed"], settings["budget"], "llm")
+        return open_study(settings["storage"], f"{settings['session']}-{group}", context)
+
+    def execute(settings, group: str, pipeline: str, proposal_id: str, params: dict, tuner: str, rationale: str) -> dict:
+        """Run a proposal exactly once: a finished trial with its id is reused, a queued one is run."""
+        from optuna.trial import TrialState
+
+        study = study_for(settings, group, pipeline)
+        reclaim_orphans(study)
+        mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("proposal_id") == proposal_id]
+        done = [t for t in mine if t.state == TrialState.COMPLETE]
+        if not done:
+            if not any(t.state == TrialState.WAITING for t in mine):
+                enqueue(study, params, tuner, rationale or None, proposal_id)
+            run_next(study, runner, space, deps.session)
+            done = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.user_attrs.get("proposal_id") == proposal_id]
+        return _record(done[0], group, settings["objective"])
+
+    def select(state: State) -> dict:
+        settings = state["settings"]
+        table: dict = {}
+        for pipeline in PIPELINES:
+            for group in labels:
+                spec = TrialSpec(settings["dataset"], settings["groups"], group, pipeline, {}, settings["seed"], settings["objective"])
+                result = runner.run(spec)
+                top_n = space.defaults(pipeline)["top_n"]
+                table.setdefault(group, {})[pipeline] = _metrics_row(result.metrics[group], result.spec.objective, top_n) | {
+                    "objective": round(result.objective, 5)}
+            deps.echo(f"[select] {pipeline}: default configuration evaluated on {len(labels)} groups")
+        return {"table": table, "phase": "select"}
+
+    def pick(state: State) -> dict:
+        settings, table = state["settings"], state["table"]
+        rows = ["| group | pipeline | " + " | ".join(next(iter(next(iter(table.values())).values()))) + " |"]
+        rows.append("|" + "---|" * (len(rows[0].split("|")) - 2))
+        for group, pipelines in table.items():
+            for pipeline, metrics in pipelines.items():
+                rows.append(f"| {group} | {pipeline} | " + " | ".join(f"{v:.5f}" for v in metrics.values()) + " |")
+        prompt = render("select", dataset=settings["dataset"], objective=settings["objective"], table="\n".join(rows),
+                        groups=", ".join(labels), pipelines=", ".join(PIPELINES))
+        llm = deps.llm.bind_tools([select_tool(labels)])
+        feedback, picked, calls = "", {}, 0
+        from langchain_core.messages import HumanMessage
+
+        for _ in range(SELECT_ATTEMPTS):
+            calls += 1
+            reply = _call_llm(llm, [HumanMessage(prompt + (f"\n\nYour previous answer was refused: {feedback}" if feedback else ""))])
+            picked, feedback = read_select_call(reply, labels)
+            if picked:
+                break
+        selection = {}
+        for group in labels:
+            argmax = max(table[group], key=lambda p: table[group][p]["objective"])
+            f1 = {p: m.get(f"f1@{space.defaults(p)['top_n']}") for p, m in table[group].items()}
+            choice = picked.get(group) or {"pipeline": argmax, "reason": f"fallback to the best objective: the LLM failed ({feedback})"}
+            selection[group] = {**choice, "argmax": argmax, "agrees": choice["pipeline"] == argmax,
+                                "llm": bool(picked), "f1_argmax": max(f1, key=lambda p: f1[p] or 0.0)}
+        deps.echo("[pick] " + "; ".join(f"{g}: {s['pipeline']}{'' if s['agrees'] else ' (argmax ' + s['argmax'] + ')'}"
+                                         for g, s in selection.items()))
+        if deps.session is not None:
+            deps.session.log_session_artifact("\n".join(rows) + "\n\n" + "\n".join(
+                f"- {g}: {s['pipeline']} — {s['reason']} (argmax {s['argmax']}, agrees {s['agrees']})" for g, s in selection.items()),
+                "selection.md")
+        return {"selection": selection, "queue": list(labels), "phase": "tune", "history": {}, "finished": {},
+                "llm_calls": {"select": calls}, "invalid_calls": {}}
+
+    def start_group(state: State) -> dict:
+        settings = state["settings"]
+        group, queue = state["queue"][0], state["queue"][1:]
+        pipeline = state["selection"][group]["pipeline"]
+        default = execute(settings, group, pipeline, f"{group}-default", space.defaults(pipeline), "default", "")
+        deps.echo(f"[tune] group {group} ({pipeline}): default {settings['objective']} = {default['objective']:.5f}")
+        return {"group": group, "queue": queue, "history": {**state["history"], group: [default]}, "feedback": "",
+                "pending": None}
+
+    def decide(state: State) -> Command[Literal["approve", "decide", "next_group"]]:
+        settings, group = state["settings"], state["group"]
+        pipeline = state["selection"][group]["pipeline"]
+        history = state["history"][group]
+        calls = state["llm_calls"].get(group, 0)
+        if len(history) >= settings["budget"]:
+            return Command(goto="next_group", update={"finished": {**state["finished"], group: "budget"}})
+        if calls >= settings["max_llm_calls"]:
+            return Command(goto="next_group", update={"finished": {**state["finished"], group: "llm-call budget"}})
+        best = max(history, key=lambda r: r["objective"])
+        defaults = space.defaults(pipeline)
+        from langchain_core.messages import HumanMessage, SystemMessage
+
+        messages = [
+            SystemMessage(render("tune_system", pipeline=pipeline, group=group, dataset=settings["dataset"],
+                                 objective=settings["objective"], budget=settings["budget"], space=space.describe(pipeline))),
+            HumanMessage(render("tune_turn", group=group, used=len(history), budget=settings["budget"],
+                                history=history_table(history, defaults, settings["objective"]), best_trial=best["trial"],
+                                objective=settings["objective"], best_value=f"{best['objective']:.5f}",
+                                best_params=json_compact(best["params"]),
+                                feedback=f"\nFeedback on your previous call: {state['feedback']}\n" if state.get("feedback") else "")),
+        ]
+        reply = _call_llm(deps.llm.bind_tools(tune_tools(space, pipeline, labels)), messages)
+        tried = {canonical(r["params"]): r["trial"] for r in history}
+        decision = read_tune_call(reply, space, pipeline, best["params"], tried, labels)
+        update = {"llm_calls": {**state["llm_calls"], group: calls + 1}, "feedback": ""}
+        if decision.kind == "invalid":
+            deps.echo(f"[tune] {group}: refused call — {decision.message.splitlines()[0]}")
+            invalid = state["invalid_calls"]
+            return Command(goto="decide", update={**update, "feedback": decision.message,
+                                                   "invalid_calls": {**invalid, group: invalid.get(group, 0) + 1}})
+        if decision.kind == "finish":
+            deps.echo(f"[tune] {group}: the LLM finished — {decision.rationale}")
+            return Command(goto="next_group", update={**update, "finished": {**state["finished"], group: f"finish: {decision.rationale}"}})
+        if decision.kind == "get_history":
+            return Command(goto="decide", update={**update, "feedback": decision.message + "The full history:\n" +
+                                                   history_table(history, defaults, settings["objective"])})
+        if decision.kind == "evaluate_group":
+            spec = TrialSpec(settings["dataset"], settings["groups"], decision.group, pipeline, best["params"], settings["seed"], settings["objective"])
+            metrics = runner.run(spec).metrics[decision.group]
+            row = _metrics_row(metrics, settings["objective"], best["params"]["top_n"])
+            return Command(goto="decide", update={**update, "feedback": decision.message +
+                                                   f"The current best on group {decision.group}: {json_compact(row)}"})
+        proposal = {"id": f"{group}-{calls + 1}", "tool": "propose_change", "params": decision.params,
+                    "changes": decision.changes, "rationale": decision.rationale}
+        return Command(goto="approve", update={**update, "pending": proposal, "approval_error": "",
+                                                "feedback": decision.message})
+
+    def approve(state: State) -> Command[Literal["run_trial", "decide", "approve"]]:
+        settings, group, proposal = state["settings"], state["group"], state["pending"]
+        if settings["approve"] == "auto":
+            return Command(goto="run_trial")
+        history = state["history"][group]
+        best = max(history, key=lambda r: r["objective"])
+        answer = interrupt({
+            "group": group, "pipeline": state["selection"][group]["pipeline"], "trial": f"{len(history) + 1}/{settings['budget']}",
+            "changes": proposal["changes"], "diff": {k: [best["params"].get(k), v] for k, v in proposal["changes"].items()},
+            "rationale": proposal["rationale"], "best": {"trial": best["trial"], "objective": best["objective"]},
+            "error": state.get("approval_error", ""),
+        })
+        action = (answer or {}).get("action") if isinstance(answer, dict) else None
+        if action == "approve":
+            return Command(goto="run_trial", update={"approval_error": ""})
+        if action == "reject":
+            comment = str(answer.get("comment") or "no reason given")
+            deps.echo(f"[approve] {group}: rejected — {comment}")
+            return Command(goto="decide", update={"pending": None, "approval_error": "",
+                                                   "feedback": f"A person rejected your proposal {json_compact(proposal['changes'])}: {comment}"})
+        if action == "edit":
+            pipeline = state["selection"][group]["pipeline"]
+            tried = {canonical(r["params"]): r["trial"] for r in history}
+            try:
+                params = space.validate(pipeline, answer.get("changes") or {}, base=proposal["params"])
+            except RectuneError as error:
+                return Command(goto="approve", update={"approval_error": f"the edit was refused: {error}"})
+            if canonical(params) in tried:
+                return Command(goto="approve", update={"approval_error": f"the edited configuration is trial {tried[canonical(params)]}"})
+            edited = {**proposal, "params": params, "changes": {k: v for k, v in params.items() if best["params"].get(k) != v},
+                      "rationale": proposal["rationale"] + f" [edited by a person: {json_compact(answer.get('changes') or {})}]"}
+            return Command(goto="run_trial", update={"pending": edited, "approval_error": ""})
+        return Command(goto="approve", update={"approval_error": f"answer with approve, edit or reject, not {answer!r}"})
+
+    def run_trial(state: State) -> Command[Literal["decide"]]:
+        settings, group, proposal = state["settings"], state["group"], state["pending"]
+        pipeline = state["selection"][group]["pipeline"]
+        record = execute(settings, group, pipeline, proposal["id"], proposal["params"], "llm", proposal["rationale"])
+        history = [*state["history"][group], record]
+        best = max(history, key=lambda r: r["objective"])
+        deps.echo(f"[tune] {group}: trial {len(history)}/{settings['budget']} {json_compact(proposal['changes'])} → "
+                  f"{settings['objective']} {record['objective']:.5f} (best {best['objective']:.5f})")
+        return Command(goto="decide", update={"history": {**state["history"], group: history}, "pending": None,
+                                               "feedback": (state.get("feedback") or "") +
+                                               f"Trial {record['trial']} ran: {settings['objective']} = {record['objective']:.5f}."})
+
+    def next_group(state: State) -> Command[Literal["start_group", "report"]]:
+        return Command(goto="start_group" if state["queue"] else "report")
+
+    def report(state: State) -> dict:
+        settings = state["settings"]
+        rows, lines = [], []
+        for group in labels:
+            pipeline = state["selection"][group]["pipeline"]
+            history = state["history"][group]
+            best = max(history, key=lambda r: r["objective"])
+            results = {}
+            for label, params in (("default", space.defaults(pipeline)), ("tuned", best["params"])):
+                spec = TrialSpec(settings["dataset"], settings["groups"], group, pipeline, params, settings["seed"], settings["objective"])
+                results[label] = runner.run(spec, report_test=True).test_metrics[group]
+            top_n = best["params"]["top_n"]
+            names = list(dict.fromkeys([settings["objective"], "recall@20", "ndcg@20", f"precision@{top_n}", f"recall@{top_n}"]))
+            for name in names:
+                before, after = results["default"].get(name, float("nan")), results["tuned"].get(name, float("nan"))
+                rows.append(f"| {group} | {pipeline} | {name} | {before:.5f} | {after:.5f} | {after - before:+.5f} |")
+            lines.append(f"- **{group}**: {pipeline} ({state['selection'][group]['reason']}); best trial {best['trial']} of "
+                         f"{len(history)} ({json_compact({k: v for k, v in best['params'].items() if space.defaults(pipeline).get(k) != v}) or 'the default'}); "
+                         f"stopped by {state['finished'].get(group, '?')}")
+        text = "\n".join([
+            f"# rectune session {settings['session']}", "",
+            f"Dataset {settings['dataset']}, groups {settings['groups']}, objective {settings['objective']} (tuned on validation), "
+            f"budget {settings['budget']} trials per group, seed {settings['seed']}, approval {settings['approve']}.", "",
+            "## Pipelines and tuning", "", *lines, "",
+            "## Test split: default vs tuned configuration", "",
+            "| group | pipeline | metric | default | tuned | change |", "|---|---|---|---|---|---|", *rows, "",
+            f"LLM calls: {sum(state['llm_calls'].values())}; refused calls: {sum(state['invalid_calls'].values())}.",
+        ])
+        deps.report_dir.mkdir(parents=True, exist_ok=True)
+        path = deps.report_dir / f"{settings['session']}.md"
+        path.write_text(text + "\n")
+        if deps.session is not None:
+            deps.session.log_session_artifact(text, "report.md")
+        deps.echo(f"[report] {path}")
+        return {"report": str(path), "phase": "done"}
+
+    builder = StateGraph(State)
+    for node in (select, pick, start_group, decide, approve, run_trial, next_group, report):
+        builder.add_node(node.__name__, node)
+    builder.add_edge(START, "select")      # evaluate every pipeline's default on every group
+    builder.add_edge("select", "pick")     # the LLM picks a pipeline per group
+    builder.add_edge("pick", "start_group")
+    builder.add_edge("start_group", "decide")  # then decide ⇄ approve → run_trial, routed by Command
+    builder.add_edge("report", END)
+    return builder.compile(checkpointer=checkpointer)

@@ -1,0 +1,65 @@
+"""The agent's state: what a session knows, checkpointed after every step.
+
+Everything here is plain JSON-able data, so a session survives a crash and continues in
+another process (`rectune resume`). The trial runner, the ledger, MLflow and the LLM
+client are not state: they are rebuilt from `settings` by every process.
+"""
+
+from __future__ import annotations
+
+from typing import Any, TypedDict
+
+
+class Settings(TypedDict):
+    session: str
+    dataset: str
+    groups: str
+    objective: str
+    budget: int
+    """Trials per group, the default configuration (trial 0) included."""
+    seed: int
+    approve: str
+    """`auto`: run every valid proposal; `ask`: a person approves, edits or rejects it."""
+    max_llm_calls: int
+    """LLM calls per group before the graph stops tuning it (a model that never makes a valid call)."""
+    storage: str
+    tracking_uri: str
+    data_dir: str | None
+    cache_dir: str | None
+    llm_base_url: str | None
+    llm_model: str | None
+
+
+class Proposal(TypedDict):
+    id: str
+    tool: str
+    params: dict
+    """The full validated configuration to run."""
+    changes: dict
+    """What differs from the current best."""
+    rationale: str
+
+
+class State(TypedDict, total=False):
+    settings: Settings
+    phase: str
+    """select → tune → report → done."""
+    table: dict[str, dict[str, dict[str, float]]]
+    """Model selection: group → pipeline → validation metrics of the default configuration."""
+    selection: dict[str, dict[str, Any]]
+    """group → {pipeline, reason, argmax, agrees, llm}: the LLM's pick and the paper's check."""
+    queue: list[str]
+    """Groups still to tune."""
+    group: str | None
+    history: dict[str, list[dict]]
+    """group → trials: number, tuner, params, objective, a few metrics, latency, rationale."""
+    pending: Proposal | None
+    feedback: str
+    """Told to the LLM on its next turn (why a call was refused, a person's comment, a free tool's answer)."""
+    approval_error: str
+    llm_calls: dict[str, int]
+    invalid_calls: dict[str, int]
+    finished: dict[str, str]
+    """group → why tuning stopped (finish, budget, llm-calls)."""
+    mlflow_run_id: str | None
+    report: str | None

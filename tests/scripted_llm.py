@@ -1,0 +1,92 @@
+"""A scripted OpenAI-compatible chat server on 127.0.0.1, for deterministic agent tests.
+
+The real langchain-openai client talks to it over HTTP. Each request is answered by the
+next scripted reply: a tool call, several calls, arguments that are not JSON, plain text
+or an HTTP error. Every request body is kept for the test to inspect.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+def call(name: str, **args) -> dict:
+    return {"calls": [(name, json.dumps(args))]}
+
+
+def calls(*pairs: tuple[str, dict]) -> dict:
+    return {"calls": [(name, json.dumps(args)) for name, args in pairs]}
+
+
+def raw(name: str, arguments: str) -> dict:
+    return {"calls": [(name, arguments)]}
+
+
+def text(content: str) -> dict:
+    return {"text": content}
+
+
+def status(code: int) -> dict:
+    return {"status": code}
+
+
+class ScriptedLLM:
+    def __init__(self, replies: list[dict], on_request=None):
+        self.replies = list(replies)
+        self.requests: list[dict] = []
+        self.on_request = on_request
+        self._lock = threading.Lock()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                with owner._lock:
+                    owner.requests.append(body)
+                    index = len(owner.requests)
+                    reply = owner.replies.pop(0) if owner.replies else call("finish", reason="script exhausted")
+                if owner.on_request:
+                    owner.on_request(index, body)
+                if "status" in reply:
+                    self._send(reply["status"], {"error": {"message": "scripted failure", "type": "server_error"}})
+                    return
+                message = {"role": "assistant", "content": reply.get("text")}
+                if "calls" in reply:
+                    message["tool_calls"] = [{"id": f"call_{index}_{i}", "type": "function",
+                                              "function": {"name": name, "arguments": arguments}}
+                                             for i, (name, arguments) in enumerate(reply["calls"])]
+                self._send(200, {"id": f"chatcmpl-{index}", "object": "chat.completion", "created": 0, "model": body.get("model"),
+                                 "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if "calls" in reply else "stop"}],
+                                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+
+            def _send(self, code: int, payload: dict):
+                data = json.dumps(payload).encode()
+                self.send_response(code)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.server.server_address[1]}/v1"
+
+    def __enter__(self) -> "ScriptedLLM":
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+    def prompt(self, index: int) -> str:
+        """The text of request `index` (1-based), all messages joined."""
+        return "\n".join(str(m.get("content") or "") for m in self.requests[index - 1]["messages"])

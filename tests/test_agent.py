@@ -1,0 +1,132 @@
+"""The agent end to end: the real ChatOpenAI client over HTTP against a scripted server on
+127.0.0.1, the real trial runner, Optuna ledger (SQLite), MLflow (SQLite) and SqliteSaver."""
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from optuna.trial import TrialState
+
+from agent.session import list_sessions, run
+from scripted_llm import ScriptedLLM, call, calls, raw, text
+from tools.tracking import Tracker
+
+CHOOSE = call("choose_pipelines", choices=[
+    {"group": "cold", "pipeline": "heuristic", "reason": "sparse users favour item similarity"},
+    {"group": "heavy", "pipeline": "heuristic", "reason": "cheap and strong"},
+])
+
+
+@pytest.fixture(autouse=True)
+def no_real_keys(monkeypatch):
+    for name in ("OPENAI_API_KEY", "DEEPSEEK_API_KEY", "RECTUNE_LLM_API_KEY", "RECTUNE_LLM_BASE_URL", "MLFLOW_TRACKING_URI"):
+        monkeypatch.delenv(name, raising=False)
+
+
+def settings(tmp_path, data_dir, base_url, approve="ask", budget=3, groups="activity:2", session="s1"):
+    return {"session": session, "dataset": "baby", "groups": groups, "objective": "ndcg@20", "budget": budget, "seed": 0,
+            "approve": approve, "max_llm_calls": 12, "storage": f"sqlite:///{tmp_path / 'optuna.db'}",
+            "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}", "data_dir": str(data_dir), "cache_dir": str(tmp_path / "cache"),
+            "llm_base_url": base_url, "llm_model": "scripted"}
+
+
+def complete(storage: str, study: str) -> list:
+    return [t for t in optuna.load_study(study_name=study, storage=storage).get_trials() if t.state == TrialState.COMPLETE]
+
+
+def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_dir):
+    script = [
+        CHOOSE,
+        call("propose_change", changes={"neighbors": 20}, rationale="denser similarity graph"),
+        call("propose_change", changes={"k": 5}, rationale="fewer candidates"),
+        call("propose_change", changes={"neighbors": 30}, rationale="a bit denser still"),
+        call("propose_change", changes={"k": 100}, rationale="more candidates"),
+        call("get_history"),
+        call("propose_change", changes={"top_n": 30}, rationale="longer lists"),
+    ]
+    answers = iter([{"action": "approve"}, {"action": "edit", "changes": {"neighbors": 40}},
+                    {"action": "reject", "comment": "keep k small"}, {"action": "approve"}])
+    shown = []
+
+    def answer(payload):
+        shown.append(payload)
+        return next(answers)
+
+    with ScriptedLLM(script) as llm:
+        config = settings(tmp_path, baby_format_dir, llm.base_url)
+        values = run(config, answer, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"),
+                     tracker=Tracker(config["tracking_uri"]), report_dir=tmp_path / "reports")
+
+    assert values["phase"] == "done"
+    assert {g: s["pipeline"] for g, s in values["selection"].items()} == {"cold": "heuristic", "heavy": "heuristic"}
+    assert all(s["llm"] and isinstance(s["agrees"], bool) for s in values["selection"].values())
+    # Approval payloads carry the diff against the current best and the rationale.
+    assert shown[0]["diff"] == {"neighbors": [50, 20]} and shown[0]["rationale"] == "denser similarity graph"
+    # The invalid call (k=5) was answered with a precise message and cost no trial.
+    assert "k=5 is out of range [50, 3000]" in llm.prompt(4)
+    assert "A person rejected your proposal k=100: keep k small" in llm.prompt(6)
+    assert "The full history" in llm.prompt(7)
+
+    cold = complete(config["storage"], "s1-cold")
+    assert [t.user_attrs["tuner"] for t in cold] == ["default", "llm", "llm"]
+    assert [t.params["neighbors"] for t in cold] == [50, 20, 40]  # the person's edit ran, not the proposal
+    assert "edited by a person" in cold[2].user_attrs["rationale"]
+    heavy = complete(config["storage"], "s1-heavy")
+    assert [t.user_attrs["tuner"] for t in heavy] == ["default", "llm"] and heavy[1].params["top_n"] == 30
+    assert values["finished"] == {"cold": "budget", "heavy": "finish: script exhausted"}
+
+    report = (tmp_path / "reports" / "s1.md").read_text()
+    assert "Test split: default vs tuned" in report and "| cold | heuristic | ndcg@20 |" in report
+    client = MlflowClient(config["tracking_uri"])
+    parent = client.get_run(values["mlflow_run_id"])
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.data.tags["tuner"] for r in children) == ["default", "default", "llm", "llm", "llm"]
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
+    assert {"report.md", "selection.md"} <= artifacts
+    llm_child = next(r for r in children if r.data.tags["tuner"] == "llm" and r.data.params.get("neighbors") == "20")
+    assert client.download_artifacts(llm_child.info.run_id, "rationale.md", str(tmp_path)) and \
+        (tmp_path / "rationale.md").read_text() == "denser similarity graph"
+    assert list_sessions(str(tmp_path / "sessions.db"))[0]["phase"] == "done"
+
+
+def test_malformed_replies_are_answered_not_crashed(tmp_path, baby_format_dir):
+    long_text = "I think we should consider many things. " * 2500
+    script = [
+        call("choose_pipelines", choices=[{"group": "all", "pipeline": "nope", "reason": "?"}]),
+        call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}]),
+        raw("propose_change", '{"changes": {"neighbors": 20}, "rationale": "unterminated'),
+        call("tune_everything", strength=11),
+        call("propose_change", changes={"neighbors": 5000}, rationale="huge"),
+        text("Let me think about the best value for K."),
+        text(long_text),
+        call("propose_change", changes={"neighbors": 50}, rationale="same as default"),
+        call("propose_change", changes="neighbors=20", rationale="string instead of object"),
+        call("propose_change", changes={"neighbors": 20}),
+        call("evaluate_group", group="martians"),
+        calls(("propose_change", {"changes": {"neighbors": 25}, "rationale": "ok"}), ("finish", {"reason": "also"})),
+        call("finish", reason="done"),
+    ]
+    with ScriptedLLM(script) as llm:
+        config = settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=4)
+        config["max_llm_calls"] = 20
+        values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+
+    assert values["phase"] == "done"
+    expectations = {  # request index → what the LLM was told about its previous reply
+        2: "unknown pipeline 'nope'",
+        4: "are not valid JSON",
+        5: "There is no tool 'tune_everything'",
+        6: "neighbors=5000 is out of range [10, 500]",
+        7: "instead of a tool call",
+        8: "characters)",  # the long text is echoed truncated
+        9: "already tried as trial 0",
+        10: "changes must be a non-empty object",
+        11: "rationale must be a non-empty string",
+        12: "evaluate_group needs a group among ['all']",
+        13: "only the first (propose_change) was used",
+    }
+    for index, message in expectations.items():
+        assert message in llm.prompt(index), (index, llm.prompt(index)[-600:])
+    assert len(llm.prompt(8)) < 20000  # a 100 kB reply is not fed back whole
+    trials = complete(config["storage"], "s1-all")
+    assert [t.user_attrs["tuner"] for t in trials] == ["default", "llm"] and trials[1].params["neighbors"] == 25
+    assert values["invalid_calls"]["all"] == 9
