@@ -130,3 +130,102 @@ def test_malformed_replies_are_answered_not_crashed(tmp_path, baby_format_dir):
     trials = complete(config["storage"], "s1-all")
     assert [t.user_attrs["tuner"] for t in trials] == ["default", "llm"] and trials[1].params["neighbors"] == 25
     assert values["invalid_calls"]["all"] == 9
+
+
+def cli(tmp_path, data_dir, base_url, *args):
+    import sys
+
+    return [sys.executable, "-m", "agent.cli", *args, "--checkpoint", str(tmp_path / "sessions.db")] + ([] if args[0] != "tune" else [
+        "--dataset", "baby", "--groups", "all", "--budget", "3", "--llm-base-url", base_url, "--llm-model", "scripted",
+        "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache")])
+
+
+def two_tower_script():
+    return [call("choose_pipelines", choices=[{"group": "all", "pipeline": "two_tower", "reason": "learned"}]),
+            call("propose_change", changes={"embedding_dim": 32, "epochs": 4}, rationale="smaller"),
+            call("propose_change", changes={"embedding_dim": 48, "epochs": 4}, rationale="in between")]
+
+
+def start(command, tmp_path, **options):
+    import os
+    import subprocess
+
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "RECTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    return subprocess.Popen(command, cwd=tmp_path, env=env, text=True, start_new_session=True, **options)
+
+
+def kill(process) -> None:
+    import os
+    import signal
+
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait(timeout=30)
+
+
+def assert_exactly_the_budget(storage: str, study: str, budget: int) -> list:
+    trials = optuna.load_study(study_name=study, storage=storage).get_trials()
+    done = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(done) == budget
+    ids = [t.user_attrs["proposal_id"] for t in done]
+    assert len(set(ids)) == len(ids), f"a proposal ran twice: {ids}"
+    assert not [t for t in trials if t.state in (TrialState.RUNNING, TrialState.WAITING)]
+    return trials
+
+
+def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir):
+    import subprocess
+    import time
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    with ScriptedLLM(two_tower_script()) as llm:
+        process = start(cli(tmp_path, baby_format_dir, llm.base_url, "tune", "--approve", "auto", "--session", "k1"), tmp_path,
+                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and process.poll() is None:
+            try:
+                running = [t for t in optuna.load_study(study_name="k1-all", storage=storage).get_trials()
+                           if t.state == TrialState.RUNNING and t.user_attrs.get("tuner") == "llm"]
+            except (KeyError, Exception):
+                running = []
+            if running:
+                break
+            time.sleep(0.05)
+        assert running, "no LLM trial was seen running"
+        kill(process)
+        resumed = subprocess.run(cli(tmp_path, baby_format_dir, llm.base_url, "resume", "k1"), cwd=tmp_path,
+                                 capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert "report:" in resumed.stdout
+    trials = assert_exactly_the_budget(storage, "k1-all", 3)
+    killed = [t for t in trials if t.state == TrialState.FAIL]
+    assert len(killed) == 1 and any(t.user_attrs.get("retry_of") == killed[0].number for t in trials)
+
+
+def test_sigkill_at_an_approval_then_resume(tmp_path, baby_format_dir):
+    import subprocess
+    import threading
+    import time
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    lines: list[str] = []
+    with ScriptedLLM(two_tower_script()) as llm:
+        process = start(cli(tmp_path, baby_format_dir, llm.base_url, "tune", "--approve", "ask", "--session", "k2"), tmp_path,
+                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL)
+        reader = threading.Thread(target=lambda: lines.extend(iter(process.stdout.readline, "")), daemon=True)
+        reader.start()
+        deadline = time.monotonic() + 240
+        while time.monotonic() < deadline and not any(line.startswith("[approve]") for line in lines):
+            time.sleep(0.05)
+        assert any(line.startswith("[approve]") for line in lines), lines
+        kill(process)
+        before = len(llm.requests)
+        listed = subprocess.run(cli(tmp_path, baby_format_dir, llm.base_url, "sessions"), cwd=tmp_path, capture_output=True, text=True, timeout=60)
+        assert "waiting for approval" in listed.stdout
+        resumed = subprocess.run(cli(tmp_path, baby_format_dir, llm.base_url, "resume", "k2"), cwd=tmp_path, input="a\na\n",
+                                 capture_output=True, text=True, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr[-2000:]
+    assert resumed.stdout.count("[approve]") == 2  # the waiting approval is asked again, then the next one
+    # The waiting proposal is not asked for again; one more proposal fills the budget.
+    assert len(llm.requests) == before + 1
+    assert_exactly_the_budget(storage, "k2-all", 3)
