@@ -229,3 +229,23 @@ def test_sigkill_at_an_approval_then_resume(tmp_path, baby_format_dir):
     # The waiting proposal is not asked for again; one more proposal fills the budget.
     assert len(llm.requests) == before + 1
     assert_exactly_the_budget(storage, "k2-all", 3)
+
+
+def test_an_llm_outage_stops_cleanly_and_resumes(tmp_path, baby_format_dir, monkeypatch):
+    import agent.llm
+    from agent.graph import LLMUnavailable
+    from scripted_llm import status
+
+    original = agent.llm.resolve_llm
+    monkeypatch.setattr("agent.session.resolve_llm", lambda *a, **k: original(*a, **k, max_retries=1, timeout_s=10))
+    script = [call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}]),
+              status(503), status(503),  # the first try and its one retry
+              call("propose_change", changes={"neighbors": 20}, rationale="denser")]
+    with ScriptedLLM(script) as llm:
+        config = settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=2)
+        checkpoint = str(tmp_path / "sessions.db")
+        with pytest.raises(LLMUnavailable, match="InternalServerError|APIStatusError|503"):
+            run(config, None, echo=lambda line: None, checkpoint=checkpoint, report_dir=tmp_path / "r")
+        values = run(config, None, echo=lambda line: None, checkpoint=checkpoint, resume=True, report_dir=tmp_path / "r")
+    assert values["phase"] == "done"
+    assert_exactly_the_budget(config["storage"], "s1-all", 2)
