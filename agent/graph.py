@@ -60,17 +60,38 @@ def _record(trial, group: str, objective: str) -> dict:
     metrics = trial.user_attrs["metrics"][group]
     return {"trial": trial.number, "tuner": trial.user_attrs["tuner"], "params": trial.user_attrs["params"],
             "objective": trial.value, "recall@20": metrics.get("recall@20"), "ndcg@20": metrics.get("ndcg@20"),
-            "latency_ms": trial.user_attrs["latency_ms_per_user"], "rationale": trial.user_attrs.get("rationale", "")}
+            "latency_ms": trial.user_attrs["latency_ms_per_user"], "rationale": trial.user_attrs.get("rationale", ""),
+            "seconds": trial.user_attrs["train_seconds"] + trial.user_attrs["eval_seconds"]}
 
 
-def _call_llm(llm, messages):
+def _call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
+    """The reply, and `usage` with this call's seconds and tokens added."""
+    import time
+
     import openai
 
+    start = time.perf_counter()
     try:
-        return llm.invoke(messages)
+        reply = llm.invoke(messages)
     except openai.OpenAIError as error:
         raise LLMUnavailable(f"the LLM endpoint failed after its retries ({type(error).__name__}: {error}); "
                              "nothing is lost — resume the session when it is back") from error
+    tokens = getattr(reply, "usage_metadata", None) or {}
+    usage = dict(usage or {})
+    for name, value in (("calls", 1), ("seconds", time.perf_counter() - start),
+                        ("input_tokens", tokens.get("input_tokens", 0)), ("output_tokens", tokens.get("output_tokens", 0))):
+        usage[name] = usage.get(name, 0) + value
+    return reply, usage
+
+
+def _usage_line(state: State) -> str:
+    usage = state.get("usage") or {}
+    trial_seconds = sum(r.get("seconds", 0.0) for rows in state["history"].values() for r in rows)
+    calls = sum(state["llm_calls"].values())
+    refused = sum(state["invalid_calls"].values())
+    return (f"LLM: {calls} calls, {refused} refused ({(calls - refused) / max(calls, 1):.0%} valid), "
+            f"{usage.get('seconds', 0.0):.1f} s, {usage.get('input_tokens', 0)} prompt + {usage.get('output_tokens', 0)} "
+            f"completion tokens. Trials: {trial_seconds:.1f} s of training and evaluation.")
 
 
 def history_table(history: list[dict], defaults: dict, objective: str) -> str:
@@ -134,12 +155,12 @@ def build_graph(deps: Deps, checkpointer=None):
         prompt = render("select", dataset=settings["dataset"], objective=settings["objective"], table="\n".join(rows),
                         groups=", ".join(labels), pipelines=", ".join(PIPELINES))
         llm = deps.llm.bind_tools([select_tool(labels)])
-        feedback, picked, calls = "", {}, 0
+        feedback, picked, calls, usage = "", {}, 0, state.get("usage")
         from langchain_core.messages import HumanMessage
 
         for _ in range(SELECT_ATTEMPTS):
             calls += 1
-            reply = _call_llm(llm, [HumanMessage(prompt + (f"\n\nYour previous answer was refused: {feedback}" if feedback else ""))])
+            reply, usage = _call_llm(llm, [HumanMessage(prompt + (f"\n\nYour previous answer was refused: {feedback}" if feedback else ""))], usage)
             picked, feedback = read_select_call(reply, labels)
             if picked:
                 break
@@ -157,7 +178,7 @@ def build_graph(deps: Deps, checkpointer=None):
                 f"- {g}: {s['pipeline']} — {s['reason']} (argmax {s['argmax']}, agrees {s['agrees']})" for g, s in selection.items()),
                 "selection.md")
         return {"selection": selection, "queue": list(labels), "phase": "tune", "history": {}, "finished": {},
-                "llm_calls": {"select": calls}, "invalid_calls": {}}
+                "llm_calls": {"select": calls}, "invalid_calls": {}, "usage": usage}
 
     def start_group(state: State) -> dict:
         settings = state["settings"]
@@ -190,10 +211,10 @@ def build_graph(deps: Deps, checkpointer=None):
                                 best_params=json_compact(best["params"]),
                                 feedback=f"\nFeedback on your previous call: {state['feedback']}\n" if state.get("feedback") else "")),
         ]
-        reply = _call_llm(deps.llm.bind_tools(tune_tools(space, pipeline, labels)), messages)
+        reply, usage = _call_llm(deps.llm.bind_tools(tune_tools(space, pipeline, labels)), messages, state.get("usage"))
         tried = {canonical(r["params"]): r["trial"] for r in history}
         decision = read_tune_call(reply, space, pipeline, best["params"], tried, labels)
-        update = {"llm_calls": {**state["llm_calls"], group: calls + 1}, "feedback": ""}
+        update = {"llm_calls": {**state["llm_calls"], group: calls + 1}, "feedback": "", "usage": usage}
         if decision.kind == "invalid":
             deps.echo(f"[tune] {group}: refused call — {decision.message.splitlines()[0]}")
             invalid = state["invalid_calls"]
@@ -291,7 +312,7 @@ def build_graph(deps: Deps, checkpointer=None):
             "## Pipelines and tuning", "", *lines, "",
             "## Test split: default vs tuned configuration", "",
             "| group | pipeline | metric | default | tuned | change |", "|---|---|---|---|---|---|", *rows, "",
-            f"LLM calls: {sum(state['llm_calls'].values())}; refused calls: {sum(state['invalid_calls'].values())}.",
+            _usage_line(state),
         ])
         deps.report_dir.mkdir(parents=True, exist_ok=True)
         path = deps.report_dir / f"{settings['session']}.md"

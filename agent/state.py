@@ -61,5 +61,7 @@ class State(TypedDict, total=False):
     invalid_calls: dict[str, int]
     finished: dict[str, str]
     """group → why tuning stopped (finish, budget, llm-calls)."""
+    usage: dict[str, float]
+    """LLM calls, seconds and tokens over the session (for the wall-time split and the report)."""
     mlflow_run_id: str | None
     report: str | None
