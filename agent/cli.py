@@ -283,6 +283,7 @@ def tune(
     data_dir: Optional[Path] = DataDirOption,
     cache_dir: Optional[Path] = CacheDirOption,
     checkpoint: str = CheckpointOption,
+    trace_llm: bool = typer.Option(True, help="Trace the LLM calls into the MLflow experiment (mlflow.langchain.autolog)."),
 ) -> None:
     """Let the LLM pick a pipeline per user group, then tune each group's pipeline trial by trial."""
     import time as clock
@@ -304,7 +305,7 @@ def tune(
             "llm_base_url": llm_base_url, "llm_model": llm_model,
         }
         typer.echo(f"session {settings['session']}")
-        values = run(settings, ask_terminal if approve == "ask" else None, typer.echo, checkpoint, tracker=Tracker(uri))
+        values = run(settings, ask_terminal if approve == "ask" else None, typer.echo, checkpoint, tracker=Tracker(uri), trace=trace_llm)
     except RectuneError as error:
         fail(error)
     _finish(values, uri)
@@ -314,6 +315,7 @@ def tune(
 def resume(
     session: str = typer.Argument(..., help="A session name (see `rectune sessions`)."),
     checkpoint: str = CheckpointOption,
+    trace_llm: bool = typer.Option(True, help="Trace the LLM calls into the MLflow experiment (mlflow.langchain.autolog)."),
 ) -> None:
     """Continue a session after a crash, or answer the approval it is waiting for."""
     from agent.session import load_settings, run
@@ -322,7 +324,7 @@ def resume(
     try:
         settings = load_settings(session, checkpoint)
         values = run(settings, ask_terminal if settings["approve"] == "ask" else None, typer.echo, checkpoint,
-                     resume=True, tracker=Tracker(settings["tracking_uri"]))
+                     resume=True, tracker=Tracker(settings["tracking_uri"]), trace=trace_llm)
     except RectuneError as error:
         fail(error)
     _finish(values, settings["tracking_uri"])

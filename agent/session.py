@@ -51,8 +51,24 @@ def llm_client(settings: Settings, echo: Callable[[str], None]):
         yield chat_model(llm, base_url)
 
 
+def trace_llm_calls(tracking_uri: str, experiment_id: str) -> None:
+    """Trace every LangChain call into the session's experiment with mlflow.langchain.autolog().
+
+    It configures MLflow's process-wide (fluent) state, so only the CLI turns it on."""
+    import os
+
+    import mlflow
+
+    # Synchronous export: a process killed or ending right after a call still keeps its trace.
+    os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+    mlflow.set_tracking_uri(tracking_uri)
+    mlflow.set_experiment(experiment_id=experiment_id)
+    mlflow.langchain.autolog(silent=True)
+
+
 def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: Callable[[str], None] = print,
-        checkpoint: str = DEFAULT_CHECKPOINT, resume: bool = False, tracker=None, report_dir: Path = Path("reports")) -> dict:
+        checkpoint: str = DEFAULT_CHECKPOINT, resume: bool = False, tracker=None, report_dir: Path = Path("reports"),
+        trace: bool = False) -> dict:
     """Run a session until it ends or waits for a person; returns the state's values.
 
     answer(payload) → the person's answer to an approval interrupt, or None to stop here
@@ -71,6 +87,8 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
                                         params={k: v for k, v in settings.items() if k not in ("budget", "approve", "max_llm_calls")},
                                         tags={"budget": settings["budget"], "approve": settings["approve"]}) if tracker else nullcontext()
         with session_scope as mlflow_session:
+            if trace and mlflow_session is not None:
+                trace_llm_calls(settings["tracking_uri"], mlflow_session.experiment_id)
             graph = build_graph(Deps(runner, runner.space, llm, mlflow_session, echo, report_dir), saver)
             value = None
             if not existing.values:

@@ -200,6 +200,11 @@ def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir):
     trials = assert_exactly_the_budget(storage, "k1-all", 3)
     killed = [t for t in trials if t.state == TrialState.FAIL]
     assert len(killed) == 1 and any(t.user_attrs.get("retry_of") == killed[0].number for t in trials)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    traces = client.search_traces(locations=[client.get_experiment_by_name("baby").experiment_id])
+    # mlflow.langchain.autolog traces each graph run, its LLM calls as CHAT_MODEL spans; the
+    # resumed run made the last proposal call.
+    assert any(span.span_type == "CHAT_MODEL" for trace in traces for span in trace.data.spans)
 
 
 def test_sigkill_at_an_approval_then_resume(tmp_path, baby_format_dir):
