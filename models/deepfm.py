@@ -22,7 +22,7 @@ the same function (a test checks it against the plain forward) at a fraction of 
 
 from __future__ import annotations
 
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import scipy.sparse as sp
@@ -192,18 +192,17 @@ def _lightning_module(net, lr: float):
     return BinaryRanker()
 
 
+@dataclass
 class DeepFMRanker(Ranker):
-    def __init__(self, embedding_dim: int, hidden: tuple[int, ...], dropout: float, lr: float, epochs: int,
-                 batch_size: int, negatives: int, negative_pool: int):
-        self.embedding_dim = embedding_dim
-        self.hidden = tuple(hidden)
-        self.dropout = dropout
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.negatives = negatives
-        self.negative_pool = negative_pool
-        self.net = None
+    embedding_dim: int
+    hidden: tuple[int, ...]
+    dropout: float
+    lr: float
+    epochs: int
+    batch_size: int
+    negatives: int
+    negative_pool: int
+    net: DeepFMNet | None = field(default=None, init=False)
 
     def _training_lists(self, dataset: Dataset, make_recall, context: FitContext):
         """(users, items, recall scores, ranks, labels) from candidate lists with known answers.

@@ -19,6 +19,8 @@ noisy, and this prior lifted validation Recall@20 on Baby from .031 to .066.
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import scipy.sparse as sp
 
@@ -59,18 +61,20 @@ def knn_graph(similarity_rows, n_items: int, neighbors: int) -> sp.csr_matrix:
     return sp.csr_matrix((np.concatenate(vals), (np.concatenate(rows), np.concatenate(cols))), shape=(n_items, n_items))
 
 
+@dataclass
 class HeuristicRecall(RecallModel):
     """Content kNN similarity blended with item-CF similarity, applied to the history."""
 
-    def __init__(self, embedding_dim: int, neighbors: int, cf_weight: float, popularity_weight: float):
-        if not 0.0 <= cf_weight <= 1.0:
-            raise ConfigError(f"cf_weight must be in [0, 1], but got {cf_weight}")
-        self.embedding_dim = embedding_dim
-        self.neighbors = neighbors
-        self.cf_weight = cf_weight
-        self.popularity_weight = popularity_weight
-        self.similarity: sp.csr_matrix | None = None
-        self.popularity: np.ndarray | None = None
+    embedding_dim: int
+    neighbors: int
+    cf_weight: float
+    popularity_weight: float
+    similarity: sp.csr_matrix | None = field(default=None, init=False)
+    popularity: np.ndarray | None = field(default=None, init=False)
+
+    def __post_init__(self):
+        if not 0.0 <= self.cf_weight <= 1.0:
+            raise ConfigError(f"cf_weight must be in [0, 1], but got {self.cf_weight}")
 
     def fit(self, dataset: Dataset, context: FitContext) -> None:
         if dataset.item_features is None:

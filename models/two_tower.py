@@ -14,6 +14,8 @@ learn to recognise an item in its own history (which it never sees at serving ti
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
@@ -112,18 +114,18 @@ def _lightning_module(net, train: sp.csr_matrix, log_popularity, temperature: fl
     return InBatchSoftmax()
 
 
+@dataclass
 class TwoTowerRecall(RecallModel):
-    def __init__(self, embedding_dim: int, lr: float, epochs: int, batch_size: int, temperature: float, weight_decay: float,
-                 user_id: bool):
-        self.embedding_dim = embedding_dim
-        self.lr = lr
-        self.epochs = epochs
-        self.batch_size = batch_size
-        self.temperature = temperature
-        self.weight_decay = weight_decay
-        self.user_id = user_id
-        self.net = None
-        self.item_vectors: np.ndarray | None = None
+    embedding_dim: int
+    lr: float
+    epochs: int
+    batch_size: int
+    temperature: float
+    weight_decay: float
+    user_id: bool
+    net: TwoTowerNet | None = field(default=None, init=False)
+    item_vectors: np.ndarray | None = field(default=None, init=False)
+    attributes: np.ndarray | None = field(default=None, init=False)
 
     def fit(self, dataset: Dataset, context: FitContext) -> None:
         torch.manual_seed(context.seed)
