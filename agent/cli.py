@@ -311,6 +311,41 @@ def tune(
     _finish(values, uri)
 
 
+@app.command("compare")
+def compare_command(
+    dataset_name: str = typer.Option("baby", "--dataset", help="Registered dataset name."),
+    groups_spec: str = typer.Option("activity", "--groups", help="User-group spec."),
+    budget: int = typer.Option(10, min=2, help="Trials per group and tuner, the default configuration included."),
+    seeds: int = typer.Option(5, min=1, help="Seeds 0..N-1; every tuner runs every seed (paired)."),
+    objective: str = typer.Option("ndcg@20", help="Validation metric to maximise; the same metric is reported on test."),
+    reach: float = typer.Option(0.05, help="Report the trials each tuner needs to beat the default by this share."),
+    name: Optional[str] = typer.Option(None, help="Name of the comparison (re-use it to continue an interrupted one)."),
+    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="OpenAI-compatible endpoint (default: keys in the environment, else the embedded model)."),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name at that endpoint."),
+    storage: Optional[str] = StorageOption,
+    tracking_uri: Optional[str] = TrackingOption,
+    data_dir: Optional[Path] = DataDirOption,
+    cache_dir: Optional[Path] = CacheDirOption,
+    checkpoint: str = CheckpointOption,
+    report_dir: Path = typer.Option(Path("reports"), help="Where the markdown report and its plots go."),
+) -> None:
+    """Run the LLM agent, Optuna TPE and random search on the same budget, space, seeds and first trial, and report."""
+    from agent.compare import Comparison, compare
+    from models.config import tracking_uri as resolve_tracking_uri
+    from tools.ledger import storage_url
+    from tools.tracking import Tracker
+
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        spec = Comparison(name or f"compare-{dataset_name}-{groups_spec.replace(':', '')}-b{budget}", dataset_name, groups_spec, budget,
+                          tuple(range(seeds)), objective, reach, storage_url(storage), uri, checkpoint,
+                          str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None, llm_base_url, llm_model)
+        path = compare(spec, typer.echo, report_dir, Tracker(uri), trace=True)
+    except RectuneError as error:
+        fail(error)
+    typer.echo(f"report: {path}\nMLflow: {uri}")
+
+
 @app.command("resume")
 def resume(
     session: str = typer.Argument(..., help="A session name (see `rectune sessions`)."),

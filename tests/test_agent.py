@@ -254,3 +254,47 @@ def test_an_llm_outage_stops_cleanly_and_resumes(tmp_path, baby_format_dir, monk
         values = run(config, None, echo=lambda line: None, checkpoint=checkpoint, resume=True, report_dir=tmp_path / "r")
     assert values["phase"] == "done"
     assert_exactly_the_budget(config["storage"], "s1-all", 2)
+
+
+def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
+    from agent.compare import Comparison, compare
+
+    def agent_script():
+        tune = [call("propose_change", changes={"neighbors": 20}, rationale="denser"),
+                call("propose_change", changes={"popularity_weight": 1.0}, rationale="more popular items")]
+        return [CHOOSE, *tune, *tune]
+
+    with ScriptedLLM(agent_script() + agent_script()) as llm:
+        spec = Comparison("cmp", "baby", "activity:2", budget=3, seeds=(0, 1), storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", checkpoint=str(tmp_path / "sessions.db"),
+                          data_dir=str(baby_format_dir), cache_dir=str(tmp_path / "cache"), llm_base_url=llm.base_url, llm_model="scripted")
+        path = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports", tracker=Tracker(spec.tracking_uri))
+        again = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports")
+        assert len(llm.requests) == 10  # the second call resumed finished sessions: no new LLM call
+    text = path.read_text()
+    assert again == path
+    for tuner in ("llm", "tpe", "random"):
+        assert f"| cold | {tuner} |" in text and f"| heavy | {tuner} |" in text
+    assert "| tpe | cold |" in text and "| random | all groups |" in text
+    assert "Permutation test of the between-group variance" in text
+    assert (tmp_path / "reports" / "cmp-cold.png").stat().st_size > 1000
+    for group in ("cold", "heavy"):
+        for sampler in ("tpe", "random"):
+            for seed in (0, 1):
+                trials = complete(spec.storage, f"cmp-{sampler}-{group}-seed{seed}")
+                assert len(trials) == 3 and trials[0].user_attrs["tuner"] == "default"
+                # Every tuner starts from the same first trial.
+                assert trials[0].value == complete(spec.storage, f"cmp-llm-seed{seed}-{group}")[0].value
+
+
+def test_group_difference_test_sees_real_and_random_partitions():
+    import numpy as np
+
+    from agent.compare import group_difference_test
+
+    rng = np.random.default_rng(0)
+    values = rng.normal(size=2000)
+    random_codes = rng.integers(0, 4, size=2000)
+    assert group_difference_test(values, random_codes)[1] > 0.05
+    shifted = values + (random_codes == 0) * 0.5
+    assert group_difference_test(shifted, random_codes)[1] < 0.01

@@ -19,7 +19,7 @@ import numpy as np
 from models.dataset import Dataset
 from models.errors import ConfigError
 from models.groups import UserGroups
-from models.metrics import PER_USER_METRICS
+from models.metrics import PER_USER_METRICS, EvalResult
 from models.pipeline import ANCHOR_CUTOFF, PipelineConfig, fit_ranker, fit_recall, score_lists
 from tools.cache import ModelCache, cache_key, dataset_fingerprint
 from tools.space import SearchSpace
@@ -83,12 +83,46 @@ class TrialRunner:
         return np.arange(self.dataset.n_users) if group == "all" else self.groups.members(group)
 
     def run(self, spec: TrialSpec, report_test: bool = False) -> TrialResult:
+        config, objective, cutoffs = self._resolve(spec)
+        users = self.users(spec.group)
+        start = time.perf_counter()
+        recall, ranker, stages_cached = self._stages(config)
+        train_seconds = time.perf_counter() - start
+
+        start = time.perf_counter()
+        metrics, latency, ranking_cached, _ = self._evaluate(config, recall, ranker, users, spec.group, "val", cutoffs)
+        test_metrics = self._evaluate(config, recall, ranker, users, spec.group, "test", cutoffs)[0] if report_test else None
+        eval_seconds = time.perf_counter() - start
+
+        scope = "overall" if spec.group == "all" else spec.group
+        if objective not in metrics[scope]:
+            raise ConfigError(f"objective {objective!r} is not among the computed metrics: {sorted(metrics[scope])}")
+        cache = "ranking" if ranking_cached else "model" if all(stages_cached) else "recall" if stages_cached[0] else "none"
+        return TrialResult(
+            spec=spec, objective=float(metrics[scope][objective]), metrics=metrics, latency_ms_per_user=latency,
+            train_seconds=train_seconds, eval_seconds=eval_seconds, cache=cache,
+            feasible=self.max_latency_ms is None or latency <= self.max_latency_ms, test_metrics=test_metrics, metric=objective,
+        )
+
+    def per_user(self, spec: TrialSpec, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
+        """(users, values): spec.objective for each evaluated user of spec.group on `split`,
+        for bootstrap intervals and permutation tests."""
+        config, objective, cutoffs = self._resolve(spec)
+        recall, ranker, _ = self._stages(config)
+        result = self._evaluate(config, recall, ranker, self.users(spec.group), spec.group, split, cutoffs)[3]
+        if objective not in result.per_user:
+            raise ConfigError(f"objective {objective!r} is not a per-user metric; per-user metrics: {sorted(result.per_user)}")
+        return result.users, result.per_user[objective]
+
+    def _resolve(self, spec: TrialSpec) -> tuple[PipelineConfig, str, tuple[int, ...]]:
         values = self.space.validate(spec.pipeline, spec.params, base=self.space.defaults(spec.pipeline))
         config = replace(self.space.to_config(spec.pipeline, values), seed=spec.seed)
         objective, cutoff = resolve_objective(spec.objective, config)
-        users = self.users(spec.group)
+        cutoffs = tuple(sorted({ANCHOR_CUTOFF, config.top_n, *(() if cutoff is None else (cutoff,))}))
+        return config, objective, cutoffs
 
-        start = time.perf_counter()
+    def _stages(self, config: PipelineConfig) -> tuple[object, object, tuple[bool, bool]]:
+        """The fitted recall and rank stages (from the cache when it has them)."""
         recall, recall_cached = self.cache.get_or_fit(
             cache_key("recall", self._fingerprint, config.recall_key()),
             lambda: fit_recall(config, self.dataset, self.groups, self.progress))
@@ -97,27 +131,12 @@ class TrialRunner:
             ranker, ranker_cached = self.cache.get_or_fit(
                 cache_key("ranker", self._fingerprint, config.ranker_key()),
                 lambda: fit_ranker(config, self.dataset, self.groups, self.progress))
-        train_seconds = time.perf_counter() - start
-
-        start = time.perf_counter()
-        cutoffs = tuple(sorted({ANCHOR_CUTOFF, config.top_n, *(() if cutoff is None else (cutoff,))}))
-        metrics, latency, ranking_cached = self._evaluate(config, recall, ranker, users, spec.group, "val", cutoffs)
-        test_metrics = self._evaluate(config, recall, ranker, users, spec.group, "test", cutoffs)[0] if report_test else None
-        eval_seconds = time.perf_counter() - start
-
-        scope = "overall" if spec.group == "all" else spec.group
-        if objective not in metrics[scope]:
-            raise ConfigError(f"objective {objective!r} is not among the computed metrics: {sorted(metrics[scope])}")
-        cache = "ranking" if ranking_cached else "model" if recall_cached and ranker_cached else "recall" if recall_cached else "none"
-        return TrialResult(
-            spec=spec, objective=float(metrics[scope][objective]), metrics=metrics, latency_ms_per_user=latency,
-            train_seconds=train_seconds, eval_seconds=eval_seconds, cache=cache,
-            feasible=self.max_latency_ms is None or latency <= self.max_latency_ms, test_metrics=test_metrics,
-        )
+        return recall, ranker, (recall_cached, ranker_cached)
 
     def _evaluate(self, config: PipelineConfig, recall, ranker, users: np.ndarray, group: str, split: str,
-                  cutoffs: tuple[int, ...]) -> tuple[dict, float, bool]:
-        """Metrics per group on `split`, recommendation latency per user (ms), list reuse."""
+                  cutoffs: tuple[int, ...]) -> tuple[dict, float, bool, EvalResult]:
+        """Metrics per group on `split`, recommendation latency per user (ms), list reuse, and
+        the full evaluation."""
         key = cache_key("ranking", self._fingerprint, config.ranker_key() if ranker else config.recall_key(), config.k, split, group)
         cached = key in self._rankings
         if cached:
@@ -140,7 +159,7 @@ class TrialRunner:
         result = score_lists(self.dataset, split, users, candidates, shown, cutoffs, self.groups)
         metrics = {"overall": result.overall}
         metrics.update({label: values for label, values in result.groups.items() if values["users"] > 0})
-        return metrics, 1000.0 * seconds / max(len(users), 1), cached
+        return metrics, 1000.0 * seconds / max(len(users), 1), cached, result
 
 
 def run_trial(dataset: Dataset, groups: UserGroups, group: str, pipeline: str, params: dict, seed: int = 0,

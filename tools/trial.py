@@ -48,6 +48,8 @@ class TrialResult:
     """False when the trial broke a constraint such as --max-latency-ms."""
     test_metrics: dict[str, dict[str, float]] | None = None
     """Test metrics in the same shape, only when the trial was asked to report them."""
+    metric: str = ""
+    """The objective's metric name as computed (`f1@topn` becomes e.g. `f1@20`)."""
 
     def to_dict(self) -> dict:
         return asdict(self)

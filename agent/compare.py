@@ -1,0 +1,216 @@
+"""Is the LLM worth it? The agent against Optuna TPE and random search, fairly.
+
+Per seed, the agent runs a session (approve=auto) and picks a pipeline per group; TPE and
+random search then tune the same pipeline on the same group with the same search space,
+objective, budget, seed and first trial (the default configuration), through the same
+runner and ledger. Everything is resumable: agent sessions continue from their
+checkpoint, baselines from their study. The report compares best-so-far validation curves,
+test metrics of each tuner's best configuration (paired by seed, bootstrap intervals),
+trials needed to beat the default by a margin, and wall time and tokens.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.session import checkpointer, run
+from tools.baseline import run_baseline
+from tools.ledger import StudyContext
+from tools.runner import TrialRunner
+from tools.trial import TrialSpec
+
+TUNERS = ("llm", "tpe", "random")
+BOOTSTRAP_SAMPLES = 5000
+PERMUTATIONS = 1000
+
+
+@dataclass(frozen=True)
+class Comparison:
+    name: str
+    dataset: str
+    groups: str
+    budget: int
+    seeds: tuple[int, ...]
+    objective: str = "ndcg@20"
+    reach: float = 0.05
+    """Report the trials each tuner needs to beat the default by this share."""
+    storage: str = "sqlite:///rectune-optuna.db"
+    tracking_uri: str = "sqlite:///mlflow.db"
+    checkpoint: str = "rectune-sessions.db"
+    data_dir: str | None = None
+    cache_dir: str | None = None
+    llm_base_url: str | None = None
+    llm_model: str | None = None
+
+
+@dataclass
+class Run:
+    tuner: str
+    group: str
+    seed: int
+    pipeline: str
+    curve: list[float]
+    """Best validation objective so far, trial by trial (trial 0 = the default)."""
+    best_params: dict
+    trial_seconds: float
+    llm_seconds: float = 0.0
+    tokens: int = 0
+    test: float = float("nan")
+
+
+def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean."""
+    rng = np.random.default_rng(seed)
+    means = rng.choice(values, size=(BOOTSTRAP_SAMPLES, len(values)), replace=True).mean(axis=1)
+    return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def group_difference_test(values: np.ndarray, codes: np.ndarray, seed: int = 0) -> tuple[float, float]:
+    """Between-group variance of a per-user metric and its permutation p-value (are the
+    groups distinguishable, or as alike as random partitions of the users?)."""
+    def between(labels: np.ndarray) -> float:
+        means = np.bincount(labels, weights=values) / np.maximum(np.bincount(labels), 1)
+        return float(np.sum(np.bincount(labels) * (means - values.mean()) ** 2) / len(values))
+
+    observed = between(codes)
+    rng = np.random.default_rng(seed)
+    null = np.array([between(rng.permutation(codes)) for _ in range(PERMUTATIONS)])
+    return observed, float((1 + np.sum(null >= observed)) / (1 + PERMUTATIONS))
+
+
+def trials_to_reach(curve: list[float], share: float) -> int | None:
+    target = curve[0] * (1 + share)
+    return next((i for i, value in enumerate(curve) if value >= target), None)
+
+
+def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tracker=None, trace: bool = False) -> Path:
+    runner = TrialRunner.open(spec.dataset, spec.groups, data_dir=spec.data_dir, cache_dir=spec.cache_dir)
+    labels = list(runner.groups.labels)
+    runs: list[Run] = []
+    tables = None
+    for seed in spec.seeds:
+        session = f"{spec.name}-llm-seed{seed}"
+        settings = {"session": session, "dataset": spec.dataset, "groups": spec.groups, "objective": spec.objective,
+                    "budget": spec.budget, "seed": seed, "approve": "auto", "max_llm_calls": 3 * spec.budget,
+                    "storage": spec.storage, "tracking_uri": spec.tracking_uri, "data_dir": spec.data_dir,
+                    "cache_dir": spec.cache_dir, "llm_base_url": spec.llm_base_url, "llm_model": spec.llm_model}
+        echo(f"[compare] seed {seed}: the LLM agent")
+        values = run(settings, None, echo, spec.checkpoint, resume=_exists(spec.checkpoint, session), tracker=tracker,
+                     report_dir=report_dir, trace=trace)
+        tables = tables or (values["table"], values["selection"])
+        usage = values.get("usage") or {}
+        for group in labels:
+            history = values["history"][group]
+            best = max(history, key=lambda r: r["objective"])
+            runs.append(Run("llm", group, seed, values["selection"][group]["pipeline"],
+                            np.maximum.accumulate([r["objective"] for r in history]).tolist(), best["params"],
+                            sum(r.get("seconds", 0.0) for r in history),
+                            usage.get("seconds", 0.0) / len(labels), int(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)) // len(labels)))
+            for sampler in ("tpe", "random"):
+                echo(f"[compare] seed {seed}: {sampler} on {group} ({values['selection'][group]['pipeline']})")
+                context = StudyContext(spec.dataset, spec.groups, group, values["selection"][group]["pipeline"], spec.objective,
+                                       seed, spec.budget, sampler)
+                study = run_baseline(context, runner, spec.storage, f"{spec.name}-{sampler}-{group}-seed{seed}", tracker, progress=False)
+                trials = sorted((t for t in study.get_trials() if t.value is not None), key=lambda t: t.number)
+                best_trial = max(trials, key=lambda t: t.value)
+                runs.append(Run(sampler, group, seed, context.pipeline, np.maximum.accumulate([t.value for t in trials]).tolist(),
+                                best_trial.user_attrs["params"],
+                                sum(t.user_attrs["train_seconds"] + t.user_attrs["eval_seconds"] for t in trials)))
+    for item in runs:
+        result = runner.run(TrialSpec(spec.dataset, spec.groups, item.group, item.pipeline, item.best_params, item.seed, spec.objective),
+                            report_test=True)
+        item.test = float(result.test_metrics[item.group][result.metric])
+    return _report(spec, runs, tables, runner, report_dir, tracker, echo)
+
+
+def _exists(checkpoint: str, session: str) -> bool:
+    if not checkpoint.startswith("postgres") and not Path(checkpoint).exists():
+        return False
+    with checkpointer(checkpoint) as saver:
+        return saver.get_tuple({"configurable": {"thread_id": session}}) is not None
+
+
+def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, report_dir: Path, tracker, echo) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    report_dir.mkdir(parents=True, exist_ok=True)
+    labels = list(runner.groups.labels)
+    lines = [f"# LLM agent vs Optuna — {spec.name}", "",
+             f"Dataset {spec.dataset}, groups {spec.groups}, objective {spec.objective} on validation (tuning) and test "
+             f"(reporting), budget {spec.budget} trials per group and tuner (trial 0 = the default configuration for every "
+             f"tuner), seeds {list(spec.seeds)}, same search space and runner.", ""]
+    plots = []
+    lines += ["## Best-so-far validation objective", ""]
+    for group in labels:
+        figure, axis = plt.subplots(figsize=(6.5, 3.6))
+        for tuner, colour in zip(TUNERS, ("tab:green", "tab:blue", "tab:orange")):
+            curves = np.array([r.curve for r in runs if r.tuner == tuner and r.group == group and len(r.curve) == spec.budget])
+            if len(curves):
+                steps = np.arange(curves.shape[1])
+                axis.plot(steps, np.median(curves, axis=0), color=colour, label=f"{tuner} (median, {len(curves)} seeds)")
+                axis.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=colour, alpha=0.15)
+        axis.set_xlabel("trial")
+        axis.set_ylabel(f"best validation {spec.objective}")
+        axis.set_title(f"{spec.dataset} · group {group}")
+        axis.legend(fontsize=8)
+        figure.tight_layout()
+        path = report_dir / f"{spec.name}-{group}.png"
+        figure.savefig(path, dpi=110)
+        plt.close(figure)
+        plots.append(path)
+        lines.append(f"![{group}]({path.name})")
+    lines += ["", f"## Test {spec.objective} of each tuner's best configuration", "",
+              "| group | tuner | mean over seeds | per seed | trials to beat default +{:.0%} (median) | trial seconds | LLM seconds | LLM tokens |".format(spec.reach),
+              "|---|---|---|---|---|---|---|---|"]
+    for group in labels:
+        for tuner in TUNERS:
+            mine = [r for r in runs if r.tuner == tuner and r.group == group]
+            reach = [trials_to_reach(r.curve, spec.reach) for r in mine]
+            reached = [x for x in reach if x is not None]
+            lines.append(f"| {group} | {tuner} | {np.mean([r.test for r in mine]):.5f} | {', '.join(f'{r.test:.4f}' for r in mine)} | "
+                         f"{(str(int(np.median(reached))) + f' ({len(reached)}/{len(mine)} seeds)') if reached else 'never'} | "
+                         f"{sum(r.trial_seconds for r in mine):.0f} | {sum(r.llm_seconds for r in mine):.0f} | {sum(r.tokens for r in mine)} |")
+    lines += ["", "## Paired differences on test (LLM − baseline, same group and seed; 95% bootstrap interval over pairs)", "",
+              "| baseline | group | mean difference | interval | LLM better / tied / worse |", "|---|---|---|---|---|"]
+    for baseline in ("tpe", "random"):
+        for group in [*labels, "all groups"]:
+            pairs = [(r.test, b.test) for r in runs if r.tuner == "llm" and (group == "all groups" or r.group == group)
+                     for b in runs if b.tuner == baseline and b.group == r.group and b.seed == r.seed]
+            differences = np.array([a - b for a, b in pairs])
+            low, high = bootstrap_interval(differences) if len(differences) > 1 else (float("nan"), float("nan"))
+            lines.append(f"| {baseline} | {group} | {differences.mean():+.5f} | [{low:+.5f}, {high:+.5f}] | "
+                         f"{int((differences > 1e-12).sum())} / {int((np.abs(differences) <= 1e-12).sum())} / {int((differences < -1e-12).sum())} |")
+    if tables:
+        table, selection = tables
+        lines += ["", "## Model selection (RQ1): default configuration per group × pipeline, validation", "",
+                  "| group | " + " | ".join(next(iter(table.values()))) + " | LLM pick | argmax |", "|---|" + "---|" * (len(next(iter(table.values()))) + 2)]
+        for group, pipelines in table.items():
+            lines.append(f"| {group} | " + " | ".join(f"{m['objective']:.5f}" for m in pipelines.values()) +
+                         f" | {selection[group]['pipeline']} | {selection[group]['argmax']} |")
+    if tables and len(labels) > 1:
+        pipeline = tables[1][labels[0]]["argmax"]
+        users, values = runner.per_user(TrialSpec(spec.dataset, spec.groups, "all", pipeline, {}, spec.seeds[0], spec.objective))
+        codes = runner.groups.codes[users]
+        _, p_value = group_difference_test(values, codes)
+        intervals = {g: bootstrap_interval(values[codes == i]) for i, g in enumerate(labels)}
+        lines += ["", f"Are the groups distinguishable? Per-user validation {spec.objective} of {pipeline} (default): "
+                  + "; ".join(f"{g} {values[codes == i].mean():.4f} [{intervals[g][0]:.4f}, {intervals[g][1]:.4f}]" for i, g in enumerate(labels))
+                  + f". Permutation test of the between-group variance ({PERMUTATIONS} random relabellings): p = {p_value:.3f}"
+                  + (" — the groups differ no more than random partitions of the users do." if p_value > 0.05 else " — the groups differ.")]
+    text = "\n".join(lines) + "\n"
+    path = report_dir / f"{spec.name}.md"
+    path.write_text(text)
+    if tracker is not None:
+        with tracker.session(spec.dataset, name=spec.name, tuner="compare", params={"budget": spec.budget, "seeds": list(spec.seeds),
+                                                                                     "objective": spec.objective, "groups": spec.groups}) as session:
+            session.log_session_artifact(text, "comparison.md")
+            for plot in plots:
+                session.client.log_artifact(session.run_id, str(plot))
+    echo(f"[compare] report: {path}")
+    return path
