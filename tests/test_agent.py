@@ -298,3 +298,16 @@ def test_group_difference_test_sees_real_and_random_partitions():
     assert group_difference_test(values, random_codes)[1] > 0.05
     shifted = values + (random_codes == 0) * 0.5
     assert group_difference_test(shifted, random_codes)[1] < 0.01
+
+
+def test_langgraph_json_points_at_a_graph_factory(baby_format_dir, tmp_path):
+    import importlib
+    import json
+    from pathlib import Path
+
+    spec = json.loads((Path(__file__).resolve().parents[1] / "langgraph.json").read_text())
+    path, function = spec["graphs"]["rectune"].split(":")
+    factory = getattr(importlib.import_module(path.removeprefix("./").removesuffix(".py").replace("/", ".")), function)
+    graph = factory({"configurable": {"dataset": "baby", "groups": "activity:2", "data_dir": str(baby_format_dir),
+                                      "cache_dir": str(tmp_path / "cache"), "llm_base_url": "http://127.0.0.1:9/v1"}})
+    assert {"select", "pick", "start_group", "decide", "approve", "run_trial", "next_group", "report"} <= set(graph.nodes)
