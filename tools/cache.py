@@ -34,8 +34,12 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return f"{dataset.name}|{dataset.report.split}|{dataset.n_users}x{dataset.n_items}|{features}|{digest.hexdigest()[:16]}"
 
 
+# Bump when fitted stages change shape, so that files pickled by older code are never loaded.
+STAGE_FORMAT = 2
+
+
 def cache_key(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()
+    return hashlib.sha256(json.dumps([STAGE_FORMAT, *parts], sort_keys=True, default=str).encode()).hexdigest()
 
 
 @contextmanager
