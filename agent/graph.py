@@ -211,10 +211,12 @@ def build_graph(deps: Deps, checkpointer=None):
                                 best_params=json_compact(best["params"]),
                                 feedback=f"\nFeedback on your previous call: {state['feedback']}\n" if state.get("feedback") else "")),
         ]
-        reply, usage = _call_llm(deps.llm.bind_tools(tune_tools(space, pipeline, labels)), messages, state.get("usage"))
+        tools = tune_tools(space, pipeline, labels, free=not state.get("free_call"))
+        reply, usage = _call_llm(deps.llm.bind_tools(tools), messages, state.get("usage"))
         tried = {canonical(r["params"]): r["trial"] for r in history}
         decision = read_tune_call(reply, space, pipeline, best["params"], tried, labels)
-        update = {"llm_calls": {**state["llm_calls"], group: calls + 1}, "feedback": "", "usage": usage}
+        update = {"llm_calls": {**state["llm_calls"], group: calls + 1}, "feedback": "", "usage": usage,
+                  "free_call": decision.kind in ("get_history", "evaluate_group")}
         if decision.kind == "invalid":
             deps.echo(f"[tune] {group}: refused call — {decision.message.splitlines()[0]}")
             invalid = state["invalid_calls"]
@@ -224,14 +226,18 @@ def build_graph(deps: Deps, checkpointer=None):
             deps.echo(f"[tune] {group}: the LLM finished — {decision.rationale}")
             return Command(goto="next_group", update={**update, "finished": {**state["finished"], group: f"finish: {decision.rationale}"}})
         if decision.kind == "get_history":
+            deps.echo(f"[tune] {group}: the LLM read the history")
             return Command(goto="decide", update={**update, "feedback": decision.message + "The full history:\n" +
-                                                   history_table(history, defaults, settings["objective"])})
+                                                   history_table(history, defaults, settings["objective"]) +
+                                                   "\nNow propose a change or finish."})
         if decision.kind == "evaluate_group":
             spec = TrialSpec(settings["dataset"], settings["groups"], decision.group, pipeline, best["params"], settings["seed"], settings["objective"])
             metrics = runner.run(spec).metrics[decision.group]
             row = _metrics_row(metrics, settings["objective"], best["params"]["top_n"])
+            deps.echo(f"[tune] {group}: the LLM looked at group {decision.group}")
             return Command(goto="decide", update={**update, "feedback": decision.message +
-                                                   f"The current best on group {decision.group}: {json_compact(row)}"})
+                                                   f"The current best on group {decision.group}: {json_compact(row)}. "
+                                                   "Now propose a change or finish."})
         proposal = {"id": f"{group}-{calls + 1}", "tool": "propose_change", "params": decision.params,
                     "changes": decision.changes, "rationale": decision.rationale}
         return Command(goto="approve", update={**update, "pending": proposal, "approval_error": "",

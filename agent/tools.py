@@ -16,6 +16,7 @@ from models.pipeline import PIPELINES
 from tools.space import SearchSpace
 
 _ECHO_LIMIT = 300
+FREE_TOOLS = ("evaluate_group", "get_history")
 
 
 def select_tool(groups: list[str]) -> dict:
@@ -27,12 +28,14 @@ def select_tool(groups: list[str]) -> dict:
     }, ["choices"])
 
 
-def tune_tools(space: SearchSpace, pipeline: str, groups: list[str]) -> list[dict]:
+def tune_tools(space: SearchSpace, pipeline: str, groups: list[str], free: bool = True) -> list[dict]:
+    """The tuning tools; `free=False` leaves out the two that cost no trial (after one of
+    them the next turn must decide: small models otherwise ask for information forever)."""
     kinds = {"int": "integer", "float": "number", "categorical": "string"}
     properties = {p.name: {"type": kinds[p.type] if not p.choices or isinstance(p.choices[0], str) else "integer",
                            "description": p.help} for p in space.parameters_for(pipeline)}
     values = {"type": "object", "properties": properties, "additionalProperties": False}
-    return [
+    tools = [
         _function("propose_change", "Change a few parameters of the current best configuration and run it as a trial.",
                   {"changes": values, "rationale": {"type": "string"}}, ["changes", "rationale"]),
         _function("train_model", "Train and evaluate a configuration given in full (missing parameters take defaults).",
@@ -42,6 +45,7 @@ def tune_tools(space: SearchSpace, pipeline: str, groups: list[str]) -> list[dic
         _function("get_history", "The table of all trials of this group so far (free).", {}, []),
         _function("finish", "Stop tuning this group.", {"reason": {"type": "string"}}, ["reason"]),
     ]
+    return tools if free else [t for t in tools if t["function"]["name"] not in FREE_TOOLS]
 
 
 def _function(name: str, description: str, properties: dict, required: list[str]) -> dict:

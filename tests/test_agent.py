@@ -65,6 +65,9 @@ def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_di
     assert "k=5 is out of range [50, 3000]" in llm.prompt(4)
     assert "A person rejected your proposal k=100: keep k small" in llm.prompt(6)
     assert "The full history" in llm.prompt(7)
+    # After a free tool, the next turn offers only tools that decide.
+    assert {t["function"]["name"] for t in llm.requests[6]["tools"]} == {"propose_change", "train_model", "finish"}
+    assert {t["function"]["name"] for t in llm.requests[5]["tools"]} >= {"get_history", "evaluate_group"}
 
     cold = complete(config["storage"], "s1-cold")
     assert [t.user_attrs["tuner"] for t in cold] == ["default", "llm", "llm"]
