@@ -212,11 +212,17 @@ def build_graph(deps: Deps, checkpointer=None):
                                 feedback=f"\nFeedback on your previous call: {state['feedback']}\n" if state.get("feedback") else "")),
         ]
         tools = tune_tools(space, pipeline, labels, free=not state.get("free_call"))
-        reply, usage = _call_llm(deps.llm.bind_tools(tools), messages, state.get("usage"))
+        model = deps.llm.bind_tools(tools)
+        streak = state.get("refused_in_row", 0)
+        if streak:
+            # Greedy decoding repeats a refused call word for word: sample more freely after each refusal.
+            model = model.bind(temperature=min(1.0, 0.3 * streak))
+        reply, usage = _call_llm(model, messages, state.get("usage"))
         tried = {canonical(r["params"]): r["trial"] for r in history}
         decision = read_tune_call(reply, space, pipeline, best["params"], tried, labels)
         update = {"llm_calls": {**state["llm_calls"], group: calls + 1}, "feedback": "", "usage": usage,
-                  "free_call": decision.kind in ("get_history", "evaluate_group")}
+                  "free_call": decision.kind in ("get_history", "evaluate_group"),
+                  "refused_in_row": streak + 1 if decision.kind == "invalid" else 0}
         if decision.kind == "invalid":
             deps.echo(f"[tune] {group}: refused call — {decision.message.splitlines()[0]}")
             invalid = state["invalid_calls"]

@@ -57,6 +57,8 @@ class State(TypedDict, total=False):
     feedback: str
     """Told to the LLM on its next turn (why a call was refused, a person's comment, a free tool's answer)."""
     approval_error: str
+    refused_in_row: int
+    """Refused calls in a row: each raises the sampling temperature of the next turn."""
     free_call: bool
     """The last turn used a free tool: the next one is offered only tools that decide."""
     llm_calls: dict[str, int]

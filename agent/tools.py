@@ -117,8 +117,10 @@ def read_tune_call(message, space: SearchSpace, pipeline: str, best: dict, tried
         return Decision("invalid", message=f"{note}Your {name} was not run (no trial used):\n- " + "\n- ".join(error.problems))
     previous = tried.get(canonical(params))
     if previous is not None:
+        others = [p.name for p in space.parameters_for(pipeline) if p.name not in values][:6]
         return Decision("invalid", message=f"{note}That configuration was already tried as trial {previous}; "
-                                           "propose one that differs from every row of the history.")
+                                           "propose one that differs from every row of the history — another value, "
+                                           f"or another parameter such as {', '.join(others)}.")
     changes = {k: v for k, v in params.items() if best.get(k) != v}
     return Decision("proposal", params=params, changes=changes, rationale=rationale.strip(), message=note)
 
