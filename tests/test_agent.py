@@ -130,6 +130,9 @@ def test_malformed_replies_are_answered_not_crashed(tmp_path, baby_format_dir):
     for index, message in expectations.items():
         assert message in llm.prompt(index), (index, llm.prompt(index)[-600:])
     assert len(llm.prompt(8)) < 20000  # a 100 kB reply is not fed back whole
+    # Greedy decoding would repeat a refused call: each refusal in a row samples more freely.
+    assert llm.requests[2]["temperature"] == 0.0 and llm.requests[3]["temperature"] == pytest.approx(0.3)
+    assert llm.requests[4]["temperature"] == pytest.approx(0.6)
     trials = complete(config["storage"], "s1-all")
     assert [t.user_attrs["tuner"] for t in trials] == ["default", "llm"] and trials[1].params["neighbors"] == 25
     assert values["invalid_calls"]["all"] == 9
