@@ -118,9 +118,9 @@ def read_tune_call(message, space: SearchSpace, pipeline: str, best: dict, tried
     previous = tried.get(canonical(params))
     if previous is not None:
         others = [p.name for p in space.parameters_for(pipeline) if p.name not in values][:6]
+        hint = f"another value, or another parameter such as {', '.join(others)}" if others else "other values"
         return Decision("invalid", message=f"{note}That configuration was already tried as trial {previous}; "
-                                           "propose one that differs from every row of the history — another value, "
-                                           f"or another parameter such as {', '.join(others)}.")
+                                           f"propose one that differs from every row of the history — {hint}.")
     changes = {k: v for k, v in params.items() if best.get(k) != v}
     return Decision("proposal", params=params, changes=changes, rationale=rationale.strip(), message=note)
 
