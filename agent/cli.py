@@ -276,6 +276,7 @@ def tune(
     seed: int = typer.Option(0, help="Seed of every model."),
     session: Optional[str] = typer.Option(None, help="Session name (default: dataset-groups-time)."),
     max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops (default 3 × budget)."),
+    max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget of the session; past it, remaining groups keep their default."),
     llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…); default: DEEPSEEK_API_KEY or OPENAI_API_KEY if set, else the embedded local model."),
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name at that endpoint."),
     storage: Optional[str] = StorageOption,
@@ -300,7 +301,7 @@ def tune(
         settings = {
             "session": session or f"{dataset_name}-{groups_spec.replace(':', '')}-{clock.strftime('%Y%m%d-%H%M%S')}",
             "dataset": dataset_name, "groups": groups_spec, "objective": objective, "budget": budget, "seed": seed,
-            "approve": approve, "max_llm_calls": max_llm_calls or 3 * budget, "storage": storage_url(storage),
+            "approve": approve, "max_llm_calls": max_llm_calls or 3 * budget, "max_minutes": max_minutes, "storage": storage_url(storage),
             "tracking_uri": uri, "data_dir": str(data_dir) if data_dir else None, "cache_dir": str(cache_dir) if cache_dir else None,
             "llm_base_url": llm_base_url, "llm_model": llm_model,
         }

@@ -12,6 +12,7 @@ proposal runs exactly once.
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -143,7 +144,7 @@ def build_graph(deps: Deps, checkpointer=None):
                 table.setdefault(group, {})[pipeline] = _metrics_row(result.metrics[group], result.spec.objective, top_n) | {
                     "objective": round(result.objective, 5)}
             deps.echo(f"[select] {pipeline}: default configuration evaluated on {len(labels)} groups")
-        return {"table": table, "phase": "select"}
+        return {"table": table, "phase": "select", "started_at": time.time()}
 
     def pick(state: State) -> dict:
         settings, table = state["settings"], state["table"]
@@ -198,6 +199,8 @@ def build_graph(deps: Deps, checkpointer=None):
             return Command(goto="next_group", update={"finished": {**state["finished"], group: "budget"}})
         if calls >= settings["max_llm_calls"]:
             return Command(goto="next_group", update={"finished": {**state["finished"], group: "llm-call budget"}})
+        if settings.get("max_minutes") and time.time() - state["started_at"] > 60 * settings["max_minutes"]:
+            return Command(goto="next_group", update={"finished": {**state["finished"], group: "wall-time budget"}})
         best = max(history, key=lambda r: r["objective"])
         defaults = space.defaults(pipeline)
         from langchain_core.messages import HumanMessage, SystemMessage

@@ -22,6 +22,8 @@ class Settings(TypedDict):
     """`auto`: run every valid proposal; `ask`: a person approves, edits or rejects it."""
     max_llm_calls: int
     """LLM calls per group before the graph stops tuning it (a model that never makes a valid call)."""
+    max_minutes: float | None
+    """Wall-time budget of the session from its start; past it every group keeps only what it has."""
     storage: str
     tracking_uri: str
     data_dir: str | None
@@ -67,5 +69,7 @@ class State(TypedDict, total=False):
     """group → why tuning stopped (finish, budget, llm-calls)."""
     usage: dict[str, float]
     """LLM calls, seconds and tokens over the session (for the wall-time split and the report)."""
+    started_at: float
+    """When model selection finished (epoch seconds), for the wall-time budget."""
     mlflow_run_id: str | None
     report: str | None

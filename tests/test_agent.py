@@ -317,3 +317,12 @@ def test_langgraph_json_points_at_a_graph_factory(baby_format_dir, tmp_path):
     graph = factory({"configurable": {"dataset": "baby", "groups": "activity:2", "data_dir": str(baby_format_dir),
                                       "cache_dir": str(tmp_path / "cache"), "llm_base_url": "http://127.0.0.1:9/v1"}})
     assert {"select", "pick", "start_group", "decide", "approve", "run_trial", "next_group", "report"} <= set(graph.nodes)
+
+
+def test_wall_time_budget_stops_tuning(tmp_path, baby_format_dir):
+    with ScriptedLLM([CHOOSE]) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto"), "max_minutes": 1e-6}
+        values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+    assert values["finished"] == {"cold": "wall-time budget", "heavy": "wall-time budget"}
+    assert len(llm.requests) == 1  # only the pick: no tuning turn after the budget ran out
+    assert values["phase"] == "done" and all(len(h) == 1 for h in values["history"].values())
