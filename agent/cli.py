@@ -229,6 +229,8 @@ def worker(
     typer.echo(f"worker {os.getpid()}: ran {done} trial(s) of {study}")
 
 
+LLMBaseUrlOption = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…); default: DEEPSEEK_API_KEY or OPENAI_API_KEY if set, else the embedded local model.")
+LLMModelOption = typer.Option(None, "--llm-model", help="Model name at that endpoint.")
 CheckpointOption = typer.Option("rectune-sessions.db", "--checkpoint", help="LangGraph checkpoint: a SQLite file, or a postgresql:// URL for a shared deployment.")
 
 
@@ -277,8 +279,8 @@ def tune(
     session: Optional[str] = typer.Option(None, help="Session name (default: dataset-groups-time)."),
     max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops (default 3 × budget)."),
     max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget of the session; past it, remaining groups keep their default."),
-    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…); default: DEEPSEEK_API_KEY or OPENAI_API_KEY if set, else the embedded local model."),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name at that endpoint."),
+    llm_base_url: Optional[str] = LLMBaseUrlOption,
+    llm_model: Optional[str] = LLMModelOption,
     storage: Optional[str] = StorageOption,
     tracking_uri: Optional[str] = TrackingOption,
     data_dir: Optional[Path] = DataDirOption,
@@ -321,8 +323,8 @@ def compare_command(
     objective: str = typer.Option("ndcg@20", help="Validation metric to maximise; the same metric is reported on test."),
     reach: float = typer.Option(0.05, help="Report the trials each tuner needs to beat the default by this share."),
     name: Optional[str] = typer.Option(None, help="Name of the comparison (re-use it to continue an interrupted one)."),
-    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="OpenAI-compatible endpoint (default: keys in the environment, else the embedded model)."),
-    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Model name at that endpoint."),
+    llm_base_url: Optional[str] = LLMBaseUrlOption,
+    llm_model: Optional[str] = LLMModelOption,
     storage: Optional[str] = StorageOption,
     tracking_uri: Optional[str] = TrackingOption,
     data_dir: Optional[Path] = DataDirOption,

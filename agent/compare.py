@@ -19,6 +19,7 @@ import numpy as np
 from agent.session import checkpointer, run
 from tools.baseline import run_baseline
 from tools.ledger import StudyContext
+from tools.plots import best_so_far
 from tools.runner import TrialRunner
 from tools.trial import TrialSpec
 
@@ -134,11 +135,6 @@ def _exists(checkpoint: str, session: str) -> bool:
 
 
 def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, report_dir: Path, tracker, echo) -> Path:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     report_dir.mkdir(parents=True, exist_ok=True)
     labels = list(runner.groups.labels)
     lines = [f"# LLM agent vs Optuna — {spec.name}", "",
@@ -148,21 +144,10 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
     plots = []
     lines += ["## Best-so-far validation objective", ""]
     for group in labels:
-        figure, axis = plt.subplots(figsize=(6.5, 3.6))
-        for tuner, colour in zip(TUNERS, ("tab:green", "tab:blue", "tab:orange")):
-            curves = np.array([r.curve for r in runs if r.tuner == tuner and r.group == group and len(r.curve) == spec.budget])
-            if len(curves):
-                steps = np.arange(curves.shape[1])
-                axis.plot(steps, np.median(curves, axis=0), color=colour, label=f"{tuner} (median, {len(curves)} seeds)")
-                axis.fill_between(steps, curves.min(axis=0), curves.max(axis=0), color=colour, alpha=0.15)
-        axis.set_xlabel("trial")
-        axis.set_ylabel(f"best validation {spec.objective}")
-        axis.set_title(f"{spec.dataset} · group {group}")
-        axis.legend(fontsize=8)
-        figure.tight_layout()
-        path = report_dir / f"{spec.name}-{group}.png"
-        figure.savefig(path, dpi=110)
-        plt.close(figure)
+        curves = {tuner: [r.curve for r in runs if r.tuner == tuner and r.group == group and len(r.curve) == spec.budget]
+                  for tuner in TUNERS}
+        path = best_so_far(curves, report_dir / f"{spec.name}-{group}.png", f"{spec.dataset} · group {group}",
+                           f"best validation {spec.objective}")
         plots.append(path)
         lines.append(f"![{group}]({path.name})")
     lines += ["", f"## Test {spec.objective} of each tuner's best configuration", "",

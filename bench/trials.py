@@ -29,6 +29,7 @@ from core import deepfm_flops_per_pair, matmul_gflops  # noqa: E402
 from tools.baseline import run_baseline  # noqa: E402
 from tools.cache import ModelCache  # noqa: E402
 from tools.ledger import StudyContext  # noqa: E402
+from tools.plots import best_so_far  # noqa: E402
 from tools.runner import TrialRunner  # noqa: E402
 from tools.trial import TrialSpec  # noqa: E402
 
@@ -106,24 +107,8 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
 
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    figure, axis = plt.subplots(figsize=(7, 4))
-    for sampler, colour in (("tpe", "tab:blue"), ("random", "tab:orange")):
-        data = np.array(curves[sampler])
-        steps = np.arange(data.shape[1])
-        axis.plot(steps, np.median(data, axis=0), color=colour, label=f"{sampler} (median of {len(data)} seeds)")
-        axis.fill_between(steps, data.min(axis=0), data.max(axis=0), color=colour, alpha=0.2)
-    axis.set_xlabel("trial (0 = default configuration)")
-    axis.set_ylabel(f"best validation {args.objective} so far")
-    axis.set_title(f"{args.dataset}, group {args.group}, pipeline {args.tuning_pipeline}")
-    axis.legend()
-    figure.tight_layout()
-    plot = out.with_suffix(".png")
-    figure.savefig(plot, dpi=120)
+    plot = best_so_far(curves, out.with_suffix(".png"), f"{args.dataset}, group {args.group}, pipeline {args.tuning_pipeline}",
+                       f"best validation {args.objective} so far")
 
     print(f"\n{'sampler':<8} {'median best':>12} {'per seed':>30} {'median wall s':>14}")
     for sampler, row in summary.items():
