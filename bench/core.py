@@ -1,7 +1,7 @@
 """Benchmark of the recommender core: the four default pipelines on a real dataset.
 
 Train on train, select on validation, report on test (full ranking, seen items masked).
-Prints a table and writes JSON to bench/results/core-<dataset>.json.
+Prints a table and writes JSON to bench/results/core_<dataset>.json (dashes become underscores).
 
     python bench/core.py --dataset baby --groups prefix --data-dir ../shared/data
     python bench/core.py --dataset ml-100k --groups age --data-dir ../shared/data
@@ -143,7 +143,7 @@ def main() -> None:
         "reproducible_same_seed": reproducible, "anchors_recall20_ndcg20": ANCHORS if dataset.name == "baby" else {},
         "date": time.strftime("%Y-%m-%d"),
     }
-    out = Path(args.out or Path(__file__).parent / "results" / f"core-{dataset.name}.json")
+    out = Path(args.out or Path(__file__).parent / "results" / f"core_{dataset.name.replace('-', '_')}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
 

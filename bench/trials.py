@@ -7,7 +7,7 @@
 2. Optuna TPE vs random search, `--budget` trials × `--seeds` seeds, both starting from the
    default configuration (trial 0): best-so-far validation objective per trial.
 
-Prints a table, writes bench/results/trials-<dataset>.json and a PNG plot.
+Prints a table, writes bench/results/trials_<dataset>.json and a PNG plot.
 
     python bench/trials.py --data-dir ../shared/data
 """
@@ -103,7 +103,7 @@ def main() -> None:
               "matmul_gflops": round(gflops, 1), "timing_pipeline": args.timing_pipeline, "timings": timings,
               "tuning_pipeline": args.tuning_pipeline, "objective": args.objective, "budget": args.budget,
               "seeds": args.seeds, "best_so_far": curves, "summary": summary, "date": time.strftime("%Y-%m-%d")}
-    out = Path(__file__).parent / "results" / f"trials-{args.dataset}.json"
+    out = Path(__file__).parent / "results" / f"trials_{args.dataset.replace('-', '_')}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
 
