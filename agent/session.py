@@ -75,39 +75,47 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
     (the session then waits, resumable, at that approval)."""
     from tools.runner import TrialRunner
 
-    runner = TrialRunner.open(settings["dataset"], settings["groups"], data_dir=settings["data_dir"], cache_dir=settings["cache_dir"])
     config = {"configurable": {"thread_id": settings["session"]}}
-    with checkpointer(checkpoint) as saver, llm_client(settings, echo) as llm:
-        probe = build_graph(Deps(runner, runner.space, llm, None, echo, report_dir), saver)
-        existing = probe.get_state(config)
-        if existing.values and not resume:
+    with checkpointer(checkpoint) as saver:
+        # Refuse a name clash before loading data or starting a model.
+        if saver.get_tuple(config) is not None and not resume:
             raise ConfigError(f"session {settings['session']!r} already exists in {checkpoint}: `rectune resume {settings['session']}`")
-        run_id = existing.values.get("mlflow_run_id") if existing.values else None
-        session_scope = tracker.session(settings["dataset"], name=settings["session"], tuner="llm", run_id=run_id,
-                                        params={k: v for k, v in settings.items() if k not in ("budget", "approve", "max_llm_calls")},
-                                        tags={"budget": settings["budget"], "approve": settings["approve"]}) if tracker else nullcontext()
-        with session_scope as mlflow_session:
-            if trace and mlflow_session is not None:
-                trace_llm_calls(settings["tracking_uri"], mlflow_session.experiment_id)
-            graph = build_graph(Deps(runner, runner.space, llm, mlflow_session, echo, report_dir), saver)
-            value = None
-            if not existing.values:
-                value = {"settings": settings, "mlflow_run_id": mlflow_session.run_id if mlflow_session else None}
-            elif existing.interrupts:
-                value = _answer(existing.interrupts[0].value, answer)
-                if value is None:
-                    return graph.get_state(config).values
-            while True:
-                interrupted = None
-                for chunk in graph.stream(value, config, stream_mode="updates", durability="sync"):
-                    if "__interrupt__" in chunk:
-                        interrupted = chunk["__interrupt__"][0].value
-                if interrupted is None:
-                    return graph.get_state(config).values
-                value = _answer(interrupted, answer)
-                if value is None:
-                    echo(f"waiting for approval; continue with `rectune resume {settings['session']}`")
-                    return graph.get_state(config).values
+        runner = TrialRunner.open(settings["dataset"], settings["groups"], data_dir=settings["data_dir"], cache_dir=settings["cache_dir"])
+        with llm_client(settings, echo) as llm:
+            deps = Deps(runner, runner.space, llm, None, echo, report_dir)
+            graph = build_graph(deps, saver)
+            return _drive(graph, deps, config, settings, answer, tracker, trace)
+
+
+def _drive(graph, deps: Deps, config: dict, settings: Settings, answer, tracker, trace: bool) -> dict:
+    """Stream the graph until it ends or waits for a person who is not there."""
+    existing = graph.get_state(config)
+    run_id = existing.values.get("mlflow_run_id") if existing.values else None
+    session_scope = tracker.session(settings["dataset"], name=settings["session"], tuner="llm", run_id=run_id,
+                                    params={k: v for k, v in settings.items() if k not in ("budget", "approve", "max_llm_calls")},
+                                    tags={"budget": settings["budget"], "approve": settings["approve"]}) if tracker else nullcontext()
+    with session_scope as mlflow_session:
+        if trace and mlflow_session is not None:
+            trace_llm_calls(settings["tracking_uri"], mlflow_session.experiment_id)
+        deps.session = mlflow_session  # the nodes read it when they run
+        value = None
+        if not existing.values:
+            value = {"settings": settings, "mlflow_run_id": mlflow_session.run_id if mlflow_session else None}
+        elif existing.interrupts:
+            value = _answer(existing.interrupts[0].value, answer)
+            if value is None:
+                return graph.get_state(config).values
+        while True:
+            interrupted = None
+            for chunk in graph.stream(value, config, stream_mode="updates", durability="sync"):
+                if "__interrupt__" in chunk:
+                    interrupted = chunk["__interrupt__"][0].value
+            if interrupted is None:
+                return graph.get_state(config).values
+            value = _answer(interrupted, answer)
+            if value is None:
+                deps.echo(f"waiting for approval; continue with `rectune resume {settings['session']}`")
+                return graph.get_state(config).values
 
 
 def _answer(payload: dict, answer: Callable[[dict], dict | None] | None):
@@ -118,6 +126,8 @@ def _answer(payload: dict, answer: Callable[[dict], dict | None] | None):
 
 
 def load_settings(session: str, checkpoint: str = DEFAULT_CHECKPOINT) -> Settings:
+    if not checkpoint.startswith("postgres") and not Path(checkpoint).exists():
+        raise ConfigError(f"no session store {checkpoint} here; `rectune sessions --checkpoint PATH` lists a store's sessions")
     with checkpointer(checkpoint) as saver:
         found = saver.get_tuple({"configurable": {"thread_id": session}})
     if found is None:

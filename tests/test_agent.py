@@ -326,3 +326,7 @@ def test_wall_time_budget_stops_tuning(tmp_path, baby_format_dir):
     assert values["finished"] == {"cold": "wall-time budget", "heavy": "wall-time budget"}
     assert len(llm.requests) == 1  # only the pick: no tuning turn after the budget ran out
     assert values["phase"] == "done" and all(len(h) == 1 for h in values["history"].values())
+    from models.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="session 's1' already exists"):
+        run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"))
