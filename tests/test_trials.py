@@ -19,7 +19,7 @@ from models.errors import ConfigError, InvalidProposal
 from models.groups import make_groups
 from tools.baseline import run_baseline, work
 from tools.cache import ModelCache
-from tools.ledger import StudyContext, enqueue, open_study, spent
+from tools.ledger import StudyContext, enqueue, open_study, reclaim_orphans, spent
 from tools.runner import TrialRunner, resolve_objective
 from tools.space import SearchSpace
 from tools.tracking import Tracker
@@ -201,6 +201,32 @@ def test_a_trial_whose_process_died_is_run_again(runner, tmp_path):
     retried = [t for t in study.get_trials() if "retry_of" in t.user_attrs]
     assert len(retried) == 1 and retried[0].user_attrs["tuner"] == "default"
     assert spent(study) == 2
+
+
+def test_a_trial_popped_but_never_claimed_is_queued_again_with_its_proposal(tmp_path):
+    # The process died between study.ask() (the trial is RUNNING) and setting its owner.
+    study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
+    enqueue(study, {"top_n": 7}, "llm", "why", proposal_id="p1")
+    study.ask()
+    assert reclaim_orphans(study, grace_seconds=0.3) == 1
+    waiting = study.get_trials(states=(TrialState.WAITING,))
+    assert len(waiting) == 1
+    assert waiting[0].system_attrs["fixed_params"] == {"top_n": 7}
+    assert waiting[0].user_attrs["proposal_id"] == "p1" and waiting[0].user_attrs["rationale"] == "why"
+    assert study.get_trials(states=(TrialState.RUNNING,)) == []
+
+
+def test_a_trial_being_claimed_is_left_to_its_process(tmp_path):
+    import threading
+
+    study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
+    enqueue(study, {"top_n": 7}, "llm")
+    trial = study.ask()
+    claim = threading.Timer(0.2, trial.set_user_attr, ("owner", {"host": os.uname().nodename, "pid": os.getpid()}))
+    claim.start()
+    assert reclaim_orphans(study, grace_seconds=30) == 0
+    claim.join()
+    assert [t.number for t in study.get_trials(states=(TrialState.RUNNING,))] == [trial.number]
 
 
 def test_two_workers_run_each_queued_trial_once(baby_format_dir, tmp_path):

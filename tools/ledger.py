@@ -125,22 +125,54 @@ def in_flight(study) -> int:
     return len(study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)))
 
 
-def reclaim_orphans(study) -> int:
-    """Fail the RUNNING trials whose process on this host is gone, and queue their parameters
-    again, so a crash costs the interrupted trial, not a slot of the budget."""
+CLAIM_GRACE_SECONDS = 20.0
+"""How long a trial may be RUNNING without an owner: `study.ask()` pops it and the next
+statement claims it, so one still unclaimed after this long lost its process in between."""
+
+
+def reclaim_orphans(study, grace_seconds: float = CLAIM_GRACE_SECONDS) -> int:
+    """Fail the RUNNING trials whose process is gone, and queue their parameters again, so a
+    crash costs the interrupted trial, not a slot of the budget.
+
+    A claimed trial is an orphan when its owner process on this host is dead. An unclaimed
+    one is either being claimed right now (a live process sets the owner within
+    milliseconds) or lost its process between pop and claim: it is watched until it gets
+    an owner or has been running for `grace_seconds`.
+    """
+    import time
+    from datetime import datetime
+
     from optuna.trial import TrialState
 
     host = socket.gethostname()
-    reclaimed = 0
-    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-        owner = trial.user_attrs.get("owner")
-        if not owner or owner["host"] != host or _alive(owner["pid"]):
-            continue
-        study.tell(trial.number, state=TrialState.FAIL)
-        attrs = {k: v for k, v in trial.user_attrs.items() if k in ("tuner", "rationale", "proposal_id")}
-        study.enqueue_trial(trial.params, user_attrs={**attrs, "retry_of": trial.number})
-        reclaimed += 1
-    return reclaimed
+    reclaimed, unclaimed = 0, set()
+    while True:
+        for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            owner = trial.user_attrs.get("owner")
+            if owner:
+                unclaimed.discard(trial.number)
+                if owner["host"] != host or _alive(owner["pid"]):
+                    continue
+            elif (datetime.now() - trial.datetime_start).total_seconds() < grace_seconds:
+                unclaimed.add(trial.number)
+                continue
+            unclaimed.discard(trial.number)
+            _retry(study, trial)
+            reclaimed += 1
+        if not unclaimed:
+            return reclaimed
+        time.sleep(min(0.5, grace_seconds / 4))
+
+
+def _retry(study, trial) -> None:
+    from optuna.trial import TrialState
+
+    study.tell(trial.number, state=TrialState.FAIL)
+    attrs = {k: v for k, v in trial.user_attrs.items() if k in ("tuner", "rationale", "proposal_id")}
+    # A trial that died before its suggest calls has no params yet: its proposal lives in
+    # the fixed parameters it was enqueued with.
+    params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
+    study.enqueue_trial(params, user_attrs={**attrs, "retry_of": trial.number})
 
 
 def _alive(pid: int) -> bool:
