@@ -265,7 +265,7 @@ def ask_terminal(payload: dict) -> dict | None:
 def _finish(values: dict, tracking_uri: str) -> None:
     if values.get("report"):
         typer.echo(f"report: {values['report']}")
-        typer.echo(f"MLflow: {tracking_uri} (run {values.get('mlflow_run_id')}); look with `mlflow ui --backend-store-uri {tracking_uri}`")
+        typer.echo(f"MLflow: {tracking_uri} (run {values.get('mlflow_run_id')}); browse it with `rectune ui --tracking-uri {tracking_uri}`")
 
 
 @app.command("tune")
@@ -384,6 +384,36 @@ def sessions(checkpoint: str = CheckpointOption) -> None:
         state = "waiting for approval" if item["waiting"] else item["phase"]
         typer.echo(f"{item['session']:<40} {item['dataset'] or '?':<12} {state:<22} trials: {trials}"
                    + (f"  report: {item['report']}" if item["report"] else ""))
+
+
+@app.command("ui")
+def ui(
+    tracking_uri: Optional[str] = TrackingOption,
+    port: int = typer.Option(5000, min=0, max=65535, help="Port on 127.0.0.1 (0: any free port)."),
+) -> None:
+    """Browse sessions and trials in the MLflow UI: starts `mlflow server` on 127.0.0.1 against the tracking store and prints the URL of each experiment's runs; Ctrl-C stops it."""
+    import signal
+
+    from models.config import tracking_uri as resolve_tracking_uri
+    from tools.mlflow_ui import experiment_pages, ui_server
+
+    # A service manager stops with SIGTERM: leave through the same path as Ctrl-C, so the
+    # server's process group is stopped rather than orphaned.
+    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    try:
+        uri = resolve_tracking_uri(tracking_uri)
+        with ui_server(uri, port) as server:
+            typer.echo(f"MLflow UI for {uri}: {server.url}  (log {server.log_path}; Ctrl-C stops it)")
+            pages = experiment_pages(uri, server.url)
+            for name, url in pages:
+                typer.echo(f"  {name}: {url}")
+            if not pages:
+                typer.echo("  (no runs yet)")
+            server.wait()
+    except KeyboardInterrupt:
+        typer.echo("MLflow UI stopped")
+    except RectuneError as error:
+        fail(error)
 
 
 if __name__ == "__main__":

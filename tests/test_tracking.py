@@ -3,15 +3,12 @@ server` on 127.0.0.1, and a scan of everything a run stores for secrets."""
 
 from __future__ import annotations
 
-import os
+import select
+import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -21,6 +18,7 @@ from mlflow import MlflowClient  # noqa: E402
 
 from models import config  # noqa: E402
 from models.errors import ConfigError  # noqa: E402
+from tools.mlflow_ui import MlflowServer, port_free  # noqa: E402
 from tools.tracking import Tracker, redact, scrub  # noqa: E402
 from tools.trial import TrialResult, TrialSpec  # noqa: E402
 
@@ -252,65 +250,12 @@ def test_tracking_uri_resolution(tmp_path, monkeypatch):
         Tracker()
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_open(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) == 0
-
-
-@contextmanager
-def mlflow_server(tmp_path: Path, port: int) -> Iterator[str]:
-    """A real tracking server; artifacts proxied over HTTP to tmp_path/art like a remote one's."""
-    log = (tmp_path / "server.log").open("wb")
-    command = [
-        sys.executable, "-m", "mlflow", "server", "--backend-store-uri", f"sqlite:///{tmp_path / 'srv.db'}",
-        "--artifacts-destination", str(tmp_path / "art"), "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-    ]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-    started = time.monotonic()
-    server = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        while True:
-            assert server.poll() is None, f"mlflow server exited: {(tmp_path / 'server.log').read_text()[-3000:]}"
-            assert time.monotonic() - started < 90, f"no /health in 90 s: {(tmp_path / 'server.log').read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.25)
-        print(f"\nmlflow server healthy after {time.monotonic() - started:.1f} s")
-        yield url
-    finally:
-        # The server forks workers into its process group: signal the group, not just the PID.
-        os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=10)
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                os.killpg(server.pid, 0)
-            except ProcessLookupError:
-                break
-            time.sleep(0.1)
-        else:
-            os.killpg(server.pid, signal.SIGKILL)
-        log.close()
-
-
 def test_real_mlflow_server(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    port = free_port()
-    with mlflow_server(tmp_path, port) as url:
+    # Artifacts proxied over HTTP to tmp_path/art, like a remote server's.
+    with MlflowServer(f"sqlite:///{tmp_path / 'srv.db'}", tmp_path / "server.log",
+                      artifacts_destination=tmp_path / "art", cwd=tmp_path) as server:
+        url, port = server.url, server.port
         tracker = Tracker(tracking_uri=url)
         with tracker.session("baby", "tpe-baseline", "tpe", params={"budget": 2}) as session:
             ids = [session.log_trial(trial(k, test=k == 200), n, "tpe", "baby-tpe") for n, k in enumerate((100, 200))]
@@ -326,4 +271,61 @@ def test_real_mlflow_server(tmp_path, monkeypatch):
         table = read_artifact(client, ids[1], "metrics_by_group.md", tmp_path / "dl")
         assert "## test" in table
         assert len(list((tmp_path / "art").rglob("metrics_by_group.md"))) == 2
-    assert not port_open(port)
+    assert port_free(port)
+
+
+ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
+CHROMIUM_FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                  "--disable-component-update", "--disable-sync"]
+
+
+def read_line_with(process: subprocess.Popen, needle: str, seconds: float) -> str:
+    """The first stdout line containing `needle`; fails with everything printed so far."""
+    seen: list[str] = []
+    deadline = time.monotonic() + seconds
+    while time.monotonic() < deadline:
+        ready, _, _ = select.select([process.stdout], [], [], 0.5)
+        if ready:
+            line = process.stdout.readline()
+            seen.append(line)
+            if needle in line:
+                return line
+            if not line and process.poll() is not None:
+                break
+    raise AssertionError(f"no line with {needle!r} in {seconds:.0f} s; output:\n{''.join(seen)}")
+
+
+def test_rectune_ui_lists_the_session_and_its_nested_trials_in_chromium(tmp_path):
+    """`rectune ui` as a user runs it; the runs table as a user sees it, in headless Chromium."""
+    sync_api = pytest.importorskip("playwright.sync_api", reason="playwright is in the dev extra")
+    chromium = shutil.which("chromium")
+    if chromium is None:
+        pytest.skip("no chromium on PATH: the README's test command installs Debian's (apt-get install chromium)")
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    log_three(Tracker(tracking_uri=store))
+
+    ui = subprocess.Popen([sys.executable, "-m", "agent.cli", "ui", "--tracking-uri", store, "--port", "0"],
+                          cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        page_url = read_line_with(ui, "baby: http://127.0.0.1:", 120).split("baby: ", 1)[1].strip()
+        assert page_url.endswith("/runs")
+        ARTIFACTS.mkdir(exist_ok=True)
+        with sync_api.sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=chromium, args=CHROMIUM_FLAGS)
+            page = browser.new_page(viewport={"width": 1600, "height": 900})
+            page.goto(page_url)
+            session_cell = page.get_by_role("gridcell").filter(has_text="llm-session")
+            session_cell.wait_for(timeout=60_000)
+            # Nested runs are collapsed under their parent until its expander is clicked.
+            assert page.get_by_text("trial-1", exact=True).count() == 0
+            session_cell.locator("button[data-component-id*='runnamecellrenderer']").click()
+            for name in ("trial-0", "trial-1", "trial-2"):
+                page.get_by_text(name, exact=True).wait_for(timeout=30_000)
+            page.screenshot(path=ARTIFACTS / "mlflow-ui-session.png", full_page=True)
+            browser.close()
+        print(f"\nscreenshot: {ARTIFACTS / 'mlflow-ui-session.png'}")
+    finally:
+        ui.send_signal(signal.SIGTERM)
+        output = ui.communicate(timeout=60)[0]
+    assert ui.returncode == 0 and "MLflow UI stopped" in output, output
+    assert port_free(int(page_url.split(":")[2].split("/")[0]))

@@ -84,7 +84,7 @@ def metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def _sqlite_path(uri: str) -> Path | None:
+def sqlite_path(uri: str) -> Path | None:
     """The database file of a sqlite URI, None for anything else."""
     parts = urlsplit(uri)
     if parts.scheme != "sqlite" or parts.path in ("", "/", "/:memory:"):
@@ -95,7 +95,7 @@ def _sqlite_path(uri: str) -> Path | None:
 
 def _default_artifact_root(uri: str) -> Path | None:
     """Next to a sqlite file; otherwise MLflow's choice (a server decides for its clients)."""
-    database = _sqlite_path(uri)
+    database = sqlite_path(uri)
     return None if database is None else database.parent / "mlartifacts"
 
 
@@ -195,7 +195,7 @@ class Tracker:
         if self._client is None:
             from mlflow import MlflowClient
 
-            database = _sqlite_path(self.tracking_uri)
+            database = sqlite_path(self.tracking_uri)
             if database is None:
                 self._client = MlflowClient(tracking_uri=self.tracking_uri)
                 return self._client
