@@ -144,23 +144,27 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
     plots = []
     lines += ["## Best-so-far validation objective", ""]
     for group in labels:
-        curves = {tuner: [r.curve for r in runs if r.tuner == tuner and r.group == group and len(r.curve) == spec.budget]
+        # The agent may finish before its budget: its best then stays where it was.
+        curves = {tuner: [r.curve + r.curve[-1:] * (spec.budget - len(r.curve))
+                          for r in runs if r.tuner == tuner and r.group == group]
                   for tuner in TUNERS}
         path = best_so_far(curves, report_dir / f"{spec.name}-{group}.png", f"{spec.dataset} · group {group}",
                            f"best validation {spec.objective}")
         plots.append(path)
         lines.append(f"![{group}]({path.name})")
     lines += ["", f"## Test {spec.objective} of each tuner's best configuration", "",
-              "| group | tuner | mean over seeds | per seed | trials to beat default +{:.0%} (median) | trial seconds | LLM seconds | LLM tokens |".format(spec.reach),
-              "|---|---|---|---|---|---|---|---|"]
+              "| group | tuner | mean over seeds | per seed | trials used | trials to beat default +{:.0%} (median) | trial seconds | LLM seconds | LLM tokens |".format(spec.reach),
+              "|---|---|---|---|---|---|---|---|---|"]
     for group in labels:
         for tuner in TUNERS:
             mine = [r for r in runs if r.tuner == tuner and r.group == group]
             reach = [trials_to_reach(r.curve, spec.reach) for r in mine]
             reached = [x for x in reach if x is not None]
-            lines.append(f"| {group} | {tuner} | {np.mean([r.test for r in mine]):.5f} | {', '.join(f'{r.test:.4f}' for r in mine)} | "
+            lines.append(f"| {group} | {tuner} | {np.mean([r.test for r in mine]):.5f} | {', '.join(f'{r.test:.4f}' for r in mine)} | {', '.join(str(len(r.curve)) for r in mine)} | "
                          f"{(str(int(np.median(reached))) + f' ({len(reached)}/{len(mine)} seeds)') if reached else 'never'} | "
                          f"{sum(r.trial_seconds for r in mine):.0f} | {sum(r.llm_seconds for r in mine):.0f} | {sum(r.tokens for r in mine)} |")
+    lines += ["", "Seconds and tokens are summed over the seeds; a session's LLM seconds and tokens, model selection "
+              "included, are split evenly over its groups."]
     lines += ["", "## Paired differences on test (LLM − baseline, same group and seed; 95% bootstrap interval over pairs)", "",
               "| baseline | group | mean difference | interval | LLM better / tied / worse |", "|---|---|---|---|---|"]
     for baseline in ("tpe", "random"):

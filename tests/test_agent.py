@@ -265,12 +265,11 @@ def test_an_llm_outage_stops_cleanly_and_resumes(tmp_path, baby_format_dir, monk
 def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
     from agent.compare import Comparison, compare
 
-    def agent_script():
-        tune = [call("propose_change", changes={"neighbors": 20}, rationale="denser"),
-                call("propose_change", changes={"popularity_weight": 1.0}, rationale="more popular items")]
-        return [CHOOSE, *tune, *tune]
-
-    with ScriptedLLM(agent_script() + agent_script()) as llm:
+    tune = [call("propose_change", changes={"neighbors": 20}, rationale="denser"),
+            call("propose_change", changes={"popularity_weight": 1.0}, rationale="more popular items")]
+    # In seed 1 the agent gives up on cold after one change: its curve must still be reported.
+    early = [tune[0], call("finish", reason="good enough")]
+    with ScriptedLLM([CHOOSE, *tune, *tune, CHOOSE, *early, *tune]) as llm:
         spec = Comparison("cmp", "baby", "activity:2", budget=3, seeds=(0, 1), storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", checkpoint=str(tmp_path / "sessions.db"),
                           data_dir=str(baby_format_dir), cache_dir=str(tmp_path / "cache"), llm_base_url=llm.base_url, llm_model="scripted")
@@ -282,6 +281,7 @@ def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
     for tuner in ("llm", "tpe", "random"):
         assert f"| cold | {tuner} |" in text and f"| heavy | {tuner} |" in text
     assert "| tpe | cold |" in text and "| random | all groups |" in text
+    assert " | 3, 2 | " in next(line for line in text.splitlines() if line.startswith("| cold | llm |"))
     assert "Permutation test of the between-group variance" in text
     assert (tmp_path / "reports" / "cmp-cold.png").stat().st_size > 1000
     for group in ("cold", "heavy"):
