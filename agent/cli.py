@@ -279,6 +279,7 @@ def tune(
     session: Optional[str] = typer.Option(None, help="Session name (default: dataset-groups-time)."),
     max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops (default 3 × budget)."),
     max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget of the session; past it, remaining groups keep their default."),
+    may_finish: bool = typer.Option(True, "--may-finish/--full-budget", help="Let the LLM stop a group before its budget (--full-budget: it must use every trial)."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,
     storage: Optional[str] = StorageOption,
@@ -303,7 +304,7 @@ def tune(
         settings = {
             "session": session or f"{dataset_name}-{groups_spec.replace(':', '')}-{clock.strftime('%Y%m%d-%H%M%S')}",
             "dataset": dataset_name, "groups": groups_spec, "objective": objective, "budget": budget, "seed": seed,
-            "approve": approve, "max_llm_calls": max_llm_calls or 3 * budget, "max_minutes": max_minutes, "storage": storage_url(storage),
+            "approve": approve, "max_llm_calls": max_llm_calls or 3 * budget, "max_minutes": max_minutes, "may_finish": may_finish, "storage": storage_url(storage),
             "tracking_uri": uri, "data_dir": str(data_dir) if data_dir else None, "cache_dir": str(cache_dir) if cache_dir else None,
             "llm_base_url": llm_base_url, "llm_model": llm_model,
         }
@@ -323,6 +324,7 @@ def compare_command(
     objective: str = typer.Option("ndcg@20", help="Validation metric to maximise; the same metric is reported on test."),
     reach: float = typer.Option(0.05, help="Report the trials each tuner needs to beat the default by this share."),
     name: Optional[str] = typer.Option(None, help="Name of the comparison (re-use it to continue an interrupted one)."),
+    agent_may_finish: bool = typer.Option(False, "--agent-may-finish/--agent-full-budget", help="Let the agent stop a group early; by default it runs every trial, like the baselines."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,
     storage: Optional[str] = StorageOption,
@@ -342,7 +344,8 @@ def compare_command(
         uri = resolve_tracking_uri(tracking_uri)
         spec = Comparison(name or f"compare-{dataset_name}-{groups_spec.replace(':', '')}-b{budget}", dataset_name, groups_spec, budget,
                           tuple(range(seeds)), objective, reach, storage_url(storage), uri, checkpoint,
-                          str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None, llm_base_url, llm_model)
+                          str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None, llm_base_url, llm_model,
+                          agent_may_finish)
         path = compare(spec, typer.echo, report_dir, Tracker(uri), trace=True)
     except RectuneError as error:
         fail(error)

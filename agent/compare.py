@@ -45,6 +45,8 @@ class Comparison:
     cache_dir: str | None = None
     llm_base_url: str | None = None
     llm_model: str | None = None
+    agent_may_finish: bool = False
+    """False: the agent runs every trial of its budget, as the baselines do (equal trial counts)."""
 
 
 @dataclass
@@ -95,7 +97,7 @@ def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tr
     for seed in spec.seeds:
         session = f"{spec.name}-llm-seed{seed}"
         settings = {"session": session, "dataset": spec.dataset, "groups": spec.groups, "objective": spec.objective,
-                    "budget": spec.budget, "seed": seed, "approve": "auto", "max_llm_calls": 3 * spec.budget,
+                    "budget": spec.budget, "seed": seed, "approve": "auto", "max_llm_calls": 3 * spec.budget, "may_finish": spec.agent_may_finish,
                     "storage": spec.storage, "tracking_uri": spec.tracking_uri, "data_dir": spec.data_dir,
                     "cache_dir": spec.cache_dir, "llm_base_url": spec.llm_base_url, "llm_model": spec.llm_model}
         echo(f"[compare] seed {seed}: the LLM agent")
@@ -140,7 +142,9 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
     lines = [f"# LLM agent vs Optuna — {spec.name}", "",
              f"Dataset {spec.dataset}, groups {spec.groups}, objective {spec.objective} on validation (tuning) and test "
              f"(reporting), budget {spec.budget} trials per group and tuner (trial 0 = the default configuration for every "
-             f"tuner), seeds {list(spec.seeds)}, same search space and runner.", ""]
+             f"tuner), seeds {list(spec.seeds)}, same search space and runner; the agent "
+             + ("could stop a group before its budget." if spec.agent_may_finish else "had to use its whole budget (no finish tool)."),
+             ""]
     plots = []
     lines += ["## Best-so-far validation objective", ""]
     for group in labels:

@@ -205,16 +205,19 @@ def build_graph(deps: Deps, checkpointer=None):
         defaults = space.defaults(pipeline)
         from langchain_core.messages import HumanMessage, SystemMessage
 
+        # Sessions checkpointed before the setting existed could always finish.
+        may_finish = settings.get("may_finish", True)
         messages = [
             SystemMessage(render("tune_system", pipeline=pipeline, group=group, dataset=settings["dataset"],
-                                 objective=settings["objective"], budget=settings["budget"], space=space.describe(pipeline))),
+                                 objective=settings["objective"], budget=settings["budget"], space=space.describe(pipeline),
+                                 finish=render("tune_finish" if may_finish else "tune_full_budget", budget=settings["budget"]))),
             HumanMessage(render("tune_turn", group=group, used=len(history), budget=settings["budget"],
                                 history=history_table(history, defaults, settings["objective"]), best_trial=best["trial"],
                                 objective=settings["objective"], best_value=f"{best['objective']:.5f}",
                                 best_params=json_compact(best["params"]),
                                 feedback=f"\nFeedback on your previous call: {state['feedback']}\n" if state.get("feedback") else "")),
         ]
-        tools = tune_tools(space, pipeline, labels, free=not state.get("free_call"))
+        tools = tune_tools(space, pipeline, labels, free=not state.get("free_call"), may_finish=may_finish)
         model = deps.llm.bind_tools(tools)
         streak = state.get("refused_in_row", 0)
         if streak:
@@ -222,7 +225,7 @@ def build_graph(deps: Deps, checkpointer=None):
             model = model.bind(temperature=min(1.0, 0.3 * streak))
         reply, usage = _call_llm(model, messages, state.get("usage"))
         tried = {canonical(r["params"]): r["trial"] for r in history}
-        decision = read_tune_call(reply, space, pipeline, best["params"], tried, labels)
+        decision = read_tune_call(reply, space, pipeline, best["params"], tried, labels, may_finish)
         update = {"llm_calls": {**state["llm_calls"], group: calls + 1}, "feedback": "", "usage": usage,
                   "free_call": decision.kind in ("get_history", "evaluate_group"),
                   "refused_in_row": streak + 1 if decision.kind == "invalid" else 0}

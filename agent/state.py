@@ -22,6 +22,8 @@ class Settings(TypedDict):
     """`auto`: run every valid proposal; `ask`: a person approves, edits or rejects it."""
     max_llm_calls: int
     """LLM calls per group before the graph stops tuning it (a model that never makes a valid call)."""
+    may_finish: bool
+    """Whether the LLM may stop a group before its budget; a comparison at equal trials says no."""
     max_minutes: float | None
     """Wall-time budget of the session from its start; past it every group keeps only what it has."""
     storage: str

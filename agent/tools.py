@@ -28,7 +28,7 @@ def select_tool(groups: list[str]) -> dict:
     }, ["choices"])
 
 
-def tune_tools(space: SearchSpace, pipeline: str, groups: list[str], free: bool = True) -> list[dict]:
+def tune_tools(space: SearchSpace, pipeline: str, groups: list[str], free: bool = True, may_finish: bool = True) -> list[dict]:
     """The tuning tools; `free=False` leaves out the two that cost no trial (after one of
     them the next turn must decide: small models otherwise ask for information forever)."""
     kinds = {"int": "integer", "float": "number", "categorical": "string"}
@@ -45,7 +45,8 @@ def tune_tools(space: SearchSpace, pipeline: str, groups: list[str], free: bool 
         _function("get_history", "The table of all trials of this group so far (free).", {}, []),
         _function("finish", "Stop tuning this group.", {"reason": {"type": "string"}}, ["reason"]),
     ]
-    return tools if free else [t for t in tools if t["function"]["name"] not in FREE_TOOLS]
+    left_out = (set() if free else set(FREE_TOOLS)) | (set() if may_finish else {"finish"})
+    return [t for t in tools if t["function"]["name"] not in left_out]
 
 
 def _function(name: str, description: str, properties: dict, required: list[str]) -> dict:
@@ -72,7 +73,8 @@ def _echo(text: str) -> str:
     return text if len(text) <= _ECHO_LIMIT else text[:_ECHO_LIMIT] + f"… ({len(text)} characters)"
 
 
-def read_tune_call(message, space: SearchSpace, pipeline: str, best: dict, tried: dict[str, int], groups: list[str]) -> Decision:
+def read_tune_call(message, space: SearchSpace, pipeline: str, best: dict, tried: dict[str, int], groups: list[str],
+                   may_finish: bool = True) -> Decision:
     """Turn the LLM's reply into a Decision. `tried` maps canonical configurations to trial numbers."""
     names = ["propose_change", "train_model", "evaluate_group", "get_history", "finish"]
     calls = list(getattr(message, "tool_calls", None) or [])
@@ -94,6 +96,9 @@ def read_tune_call(message, space: SearchSpace, pipeline: str, best: dict, tried
     if name == "get_history":
         return Decision("get_history", message=note)
     if name == "finish":
+        if not may_finish:
+            return Decision("invalid", message=f"{note}This session runs its whole budget: finish is not available. "
+                                               "Propose a change (changing only k or top_n is cheap).")
         return Decision("finish", rationale=str(args.get("reason", "")), message=note)
     if name == "evaluate_group":
         group = args.get("group")

@@ -138,6 +138,24 @@ def test_malformed_replies_are_answered_not_crashed(tmp_path, baby_format_dir):
     assert values["invalid_calls"]["all"] == 9
 
 
+def test_a_full_budget_session_refuses_finish_and_uses_every_trial(tmp_path, baby_format_dir):
+    script = [
+        call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}]),
+        call("finish", reason="the default is good enough"),
+        call("propose_change", changes={"neighbors": 20}, rationale="denser"),
+        call("propose_change", changes={"k": 1000}, rationale="more candidates"),
+    ]
+    with ScriptedLLM(script) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=3), "may_finish": False}
+        values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+    offered = {tool["function"]["name"] for tool in llm.requests[1]["tools"]}
+    assert "finish" not in offered and "propose_change" in offered
+    assert "There is no finish tool: this group gets all 3 trials" in llm.prompt(2)
+    assert "finish is not available" in llm.prompt(3)
+    assert values["finished"]["all"] == "budget"
+    assert len(complete(config["storage"], "s1-all")) == 3
+
+
 def cli(tmp_path, data_dir, base_url, *args):
     import sys
 
@@ -272,7 +290,8 @@ def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
     with ScriptedLLM([CHOOSE, *tune, *tune, CHOOSE, *early, *tune]) as llm:
         spec = Comparison("cmp", "baby", "activity:2", budget=3, seeds=(0, 1), storage=f"sqlite:///{tmp_path / 'optuna.db'}",
                           tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", checkpoint=str(tmp_path / "sessions.db"),
-                          data_dir=str(baby_format_dir), cache_dir=str(tmp_path / "cache"), llm_base_url=llm.base_url, llm_model="scripted")
+                          data_dir=str(baby_format_dir), cache_dir=str(tmp_path / "cache"), llm_base_url=llm.base_url, llm_model="scripted",
+                          agent_may_finish=True)
         path = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports", tracker=Tracker(spec.tracking_uri))
         again = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports")
         assert len(llm.requests) == 10  # the second call resumed finished sessions: no new LLM call
@@ -281,6 +300,7 @@ def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
     for tuner in ("llm", "tpe", "random"):
         assert f"| cold | {tuner} |" in text and f"| heavy | {tuner} |" in text
     assert "| tpe | cold |" in text and "| random | all groups |" in text
+    assert "the agent could stop a group before its budget" in text
     assert " | 3, 2 | " in next(line for line in text.splitlines() if line.startswith("| cold | llm |"))
     assert "Permutation test of the between-group variance" in text
     assert (tmp_path / "reports" / "cmp-cold.png").stat().st_size > 1000
