@@ -18,6 +18,7 @@ import models.two_tower
 from models.errors import ConfigError, InvalidProposal
 from models.groups import make_groups
 from tools.baseline import run_baseline, work
+from tools import ledger
 from tools.cache import ModelCache
 from tools.ledger import StudyContext, enqueue, open_study, reclaim_orphans, spent
 from tools.runner import TrialRunner, resolve_objective
@@ -227,6 +228,37 @@ def test_a_trial_being_claimed_is_left_to_its_process(tmp_path):
     assert reclaim_orphans(study, grace_seconds=30) == 0
     claim.join()
     assert [t.number for t in study.get_trials(states=(TrialState.RUNNING,))] == [trial.number]
+
+
+def test_a_watched_trial_that_ends_without_an_owner_ends_the_watch(tmp_path):
+    # run_next(only_queued=True) closes a sampled trial as FAIL without ever claiming it.
+    import threading
+
+    study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
+    trial = study.ask()
+    abandon = threading.Timer(0.2, study.tell, (trial,), {"state": TrialState.FAIL})
+    abandon.start()
+    result = []
+    # In a thread, so that a reclaimer that never stops watching fails the test instead of hanging it.
+    watch = threading.Thread(target=lambda: result.append(reclaim_orphans(study, grace_seconds=600)), daemon=True)
+    watch.start()
+    watch.join(timeout=30)
+    abandon.join()
+    assert not watch.is_alive() and result == [0]
+    assert study.get_trials(states=(TrialState.WAITING,)) == []
+
+
+def test_an_orphan_reclaimed_by_two_processes_is_queued_once(tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    first = open_study(storage, "s", heuristic_context())
+    enqueue(first, {"top_n": 7}, "llm", proposal_id="p1")
+    first.ask()
+    second = open_study(storage, "s")
+    orphan = second.get_trials(states=(TrialState.RUNNING,))[0]
+    assert reclaim_orphans(first, grace_seconds=0.1) == 1
+    # The second process saw the same orphan before the first one failed it.
+    assert ledger._retry(second, orphan) is False
+    assert len(second.get_trials(states=(TrialState.WAITING,))) == 1
 
 
 def test_two_workers_run_each_queued_trial_once(baby_format_dir, tmp_path):

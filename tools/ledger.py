@@ -145,34 +145,40 @@ def reclaim_orphans(study, grace_seconds: float = CLAIM_GRACE_SECONDS) -> int:
     from optuna.trial import TrialState
 
     host = socket.gethostname()
-    reclaimed, unclaimed = 0, set()
+    reclaimed = 0
     while True:
+        # Recomputed every pass: a watched trial may be claimed, finished or reclaimed by
+        # another process meanwhile, and then it is no longer ours to wait for.
+        waiting = False
         for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             owner = trial.user_attrs.get("owner")
             if owner:
-                unclaimed.discard(trial.number)
                 if owner["host"] != host or _alive(owner["pid"]):
                     continue
             elif (datetime.now() - trial.datetime_start).total_seconds() < grace_seconds:
-                unclaimed.add(trial.number)
+                waiting = True
                 continue
-            unclaimed.discard(trial.number)
-            _retry(study, trial)
-            reclaimed += 1
-        if not unclaimed:
+            reclaimed += _retry(study, trial)
+        if not waiting:
             return reclaimed
         time.sleep(min(0.5, grace_seconds / 4))
 
 
-def _retry(study, trial) -> None:
+def _retry(study, trial) -> bool:
+    """Fail the trial and queue its parameters again; False when another process did first."""
+    from optuna.exceptions import UpdateFinishedTrialError
     from optuna.trial import TrialState
 
-    study.tell(trial.number, state=TrialState.FAIL)
+    try:
+        study.tell(trial.number, state=TrialState.FAIL)
+    except (ValueError, UpdateFinishedTrialError):  # ValueError: Optuna saw it finished already
+        return False
     attrs = {k: v for k, v in trial.user_attrs.items() if k in ("tuner", "rationale", "proposal_id")}
     # A trial that died before its suggest calls has no params yet: its proposal lives in
     # the fixed parameters it was enqueued with.
     params = {**trial.system_attrs.get("fixed_params", {}), **trial.params}
     study.enqueue_trial(params, user_attrs={**attrs, "retry_of": trial.number})
+    return True
 
 
 def _alive(pid: int) -> bool:
