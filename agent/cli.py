@@ -400,9 +400,10 @@ def ui(
     from models.config import tracking_uri as resolve_tracking_uri
     from tools.mlflow_ui import experiment_pages, ui_server
 
-    # A service manager stops with SIGTERM: leave through the same path as Ctrl-C, so the
-    # server's process group is stopped rather than orphaned.
-    signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # A service manager stops with SIGTERM, a closed terminal sends SIGHUP: leave through the
+    # same path as Ctrl-C, so the server's process group is stopped rather than orphaned.
+    for stop_signal in (signal.SIGTERM, signal.SIGHUP):
+        signal.signal(stop_signal, signal.default_int_handler)
     try:
         uri = resolve_tracking_uri(tracking_uri)
         with ui_server(uri, port) as server:

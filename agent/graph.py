@@ -26,7 +26,7 @@ from agent.state import State
 from agent.tools import canonical, read_select_call, read_tune_call, select_tool, tune_tools
 from models.errors import RectuneError
 from models.pipeline import PIPELINES
-from tools.ledger import StudyContext, enqueue, open_study, reclaim_orphans, run_next, spent
+from tools.ledger import StudyContext, enqueue, open_study, reclaim_orphans, run_next
 from tools.runner import TrialRunner
 from tools.space import SearchSpace
 from tools.trial import TrialSpec

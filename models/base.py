@@ -15,7 +15,6 @@ import numpy as np
 import scipy.sparse as sp
 
 from models.dataset import Dataset
-from models.metrics import in_rows  # noqa: F401  (re-exported: the stages filter seen items with it)
 
 
 @dataclass(frozen=True)

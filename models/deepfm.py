@@ -31,9 +31,10 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.base import Candidates, FitContext, Ranker, in_rows
+from models.base import Candidates, FitContext, Ranker
 from models.dataset import Dataset
 from models.errors import ConfigError
+from models.metrics import in_rows
 from models.training import fit_module, inference_device, shuffled_batches
 
 # Candidates scored per block: small enough that the hidden activations stay in cache

@@ -5,9 +5,6 @@ from __future__ import annotations
 import logging
 import warnings
 
-import numpy as np
-import scipy.sparse as sp
-
 
 def history_bag(indptr, indices, rows):
     """The histories of `rows` (CSR arrays as tensors) flattened for `embedding_bag`:

@@ -24,8 +24,9 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.base import Candidates, FitContext, RecallModel, in_rows
+from models.base import Candidates, FitContext, RecallModel
 from models.dataset import Dataset
+from models.metrics import in_rows
 from models.training import fit_module, history_bag, inference_device, shuffled_batches
 
 _BLOCK = 4096

@@ -7,7 +7,7 @@ import torch
 from models.errors import ConfigError
 from models.groups import make_groups
 from models.pipeline import PIPELINES, Pipeline, PipelineConfig
-from models.base import in_rows
+from models.metrics import in_rows
 
 TINY = {"epochs": 3, "ranker_epochs": 2, "embedding_dim": 16, "k": 60, "top_n": 10, "batch_size": 128, "negative_pool": 30}
 

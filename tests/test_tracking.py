@@ -18,7 +18,8 @@ from mlflow import MlflowClient  # noqa: E402
 
 from models import config  # noqa: E402
 from models.errors import ConfigError  # noqa: E402
-from tools.mlflow_ui import MlflowServer, port_free  # noqa: E402
+from tools.loopback import port_in_use  # noqa: E402
+from tools.mlflow_ui import MlflowServer  # noqa: E402
 from tools.tracking import Tracker, redact, scrub  # noqa: E402
 from tools.trial import TrialResult, TrialSpec  # noqa: E402
 
@@ -271,7 +272,7 @@ def test_real_mlflow_server(tmp_path, monkeypatch):
         table = read_artifact(client, ids[1], "metrics_by_group.md", tmp_path / "dl")
         assert "## test" in table
         assert len(list((tmp_path / "art").rglob("metrics_by_group.md"))) == 2
-    assert port_free(port)
+    assert not port_in_use(port)
 
 
 ARTIFACTS = Path(__file__).resolve().parents[1] / "test-artifacts"
@@ -326,6 +327,10 @@ def test_rectune_ui_lists_the_session_and_its_nested_trials_in_chromium(tmp_path
         print(f"\nscreenshot: {ARTIFACTS / 'mlflow-ui-session.png'}")
     finally:
         ui.send_signal(signal.SIGTERM)
-        output = ui.communicate(timeout=60)[0]
+        try:
+            output = ui.communicate(timeout=60)[0]
+        except subprocess.TimeoutExpired:
+            ui.kill()
+            raise
     assert ui.returncode == 0 and "MLflow UI stopped" in output, output
-    assert port_free(int(page_url.split(":")[2].split("/")[0]))
+    assert not port_in_use(int(page_url.split(":")[2].split("/")[0]))

@@ -5,7 +5,6 @@ import os
 import subprocess
 import sys
 import textwrap
-from pathlib import Path
 
 import numpy as np
 import optuna
@@ -17,7 +16,7 @@ import models.deepfm
 import models.two_tower
 from models.errors import ConfigError, InvalidProposal
 from models.groups import make_groups
-from tools.baseline import run_baseline, work
+from tools.baseline import run_baseline
 from tools import ledger
 from tools.cache import ModelCache
 from tools.ledger import StudyContext, enqueue, open_study, reclaim_orphans, spent

@@ -1,37 +1,20 @@
 """A real `mlflow server` on 127.0.0.1 against a tracking store, started and stopped by PID.
 
 Used by `rectune ui` to review sessions in the MLflow UI and by the tests that exercise a
-real tracking server. The server forks workers into its own process group, so it is
-stopped by signalling the group, and the stop waits until the group is gone: a port or
-a SQLite file must not stay held by an orphaned worker.
+real tracking server.
 """
 
 from __future__ import annotations
 
 import os
-import signal
-import socket
-import subprocess
 import sys
-import time
-import urllib.request
 from pathlib import Path
 
 from models.errors import ConfigError
+from tools.loopback import LoopbackProcess, pick_free_port, port_in_use
 from tools.tracking import sqlite_path
 
 STARTUP_SECONDS = 90.0
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def port_free(port: int) -> bool:
-    with socket.socket() as sock:
-        return sock.connect_ex(("127.0.0.1", port)) != 0
 
 
 def ui_server(tracking_uri: str, port: int) -> "MlflowServer":
@@ -78,15 +61,18 @@ class MlflowServer:
         if backend_store_uri.startswith(("http://", "https://")):
             raise ConfigError(f"the tracking URI {backend_store_uri} is already a server: open it in a browser")
         self.backend_store_uri = backend_store_uri
-        self.log_path = Path(log_path)
-        self.port = port or free_port()
+        self.port = port or pick_free_port()
         self.artifacts_destination = artifacts_destination
         self.cwd = cwd
         self.url = f"http://127.0.0.1:{self.port}"
-        self.process: subprocess.Popen | None = None
+        self.server = LoopbackProcess(f"mlflow server on port {self.port}", ConfigError, Path(log_path))
+
+    @property
+    def log_path(self) -> Path:
+        return self.server.log_path
 
     def start(self) -> "MlflowServer":
-        if not port_free(self.port):
+        if port_in_use(self.port):
             raise ConfigError(f"port {self.port} on 127.0.0.1 is in use (another MLflow UI?); pass --port 0 to pick a free one")
         command = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", self.backend_store_uri,
                    "--host", "127.0.0.1", "--port", str(self.port), "--workers", "1"]
@@ -94,77 +80,17 @@ class MlflowServer:
             command += ["--artifacts-destination", str(self.artifacts_destination)]
         # Job execution would start a huey consumer per server: nothing here uses MLflow jobs.
         env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
-        self.log_path.parent.mkdir(parents=True, exist_ok=True)
-        with self.log_path.open("wb") as log:
-            self.process = subprocess.Popen(command, cwd=self.cwd, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                            start_new_session=True)
-        started = time.monotonic()
-        while not self._healthy():
-            if self.process.poll() is not None or time.monotonic() - started > STARTUP_SECONDS:
-                why = "exited" if self.process.poll() is not None else f"did not answer /health in {STARTUP_SECONDS:.0f} s"
-                self.stop()
-                raise ConfigError(f"mlflow server on port {self.port} {why}; {self._log_tail()}")
-            time.sleep(0.25)
-        self.startup_seconds = time.monotonic() - started
+        self.server.start(command, f"{self.url}/health", STARTUP_SECONDS, cwd=self.cwd, env=env)
         return self
 
     def wait(self) -> None:
-        """Block while the server runs; a server that dies on its own is an error with its log."""
-        while self.process is not None and self.process.poll() is None:
-            time.sleep(0.5)
-        if self.process is not None:
-            raise ConfigError(f"mlflow server exited with code {self.process.returncode}; {self._log_tail()}")
-
-    def _log_tail(self) -> str:
-        return f"its log {self.log_path} ends with:\n" + self.log_path.read_text(errors="replace")[-3000:]
-
-    def _healthy(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=2) as response:
-                return response.status == 200
-        except OSError:
-            return False
+        self.server.wait()
 
     def stop(self) -> None:
-        if self.process is None:
-            return
-        pid, self.process = self.process.pid, None
-        _signal_group(pid, signal.SIGTERM)
-        deadline = time.monotonic() + 30
-        while _group_alive(pid) and time.monotonic() < deadline:
-            _reap(pid)
-            time.sleep(0.1)
-        if _group_alive(pid):
-            _signal_group(pid, signal.SIGKILL)
-            while _group_alive(pid):
-                _reap(pid)
-                time.sleep(0.1)
+        self.server.stop()
 
     def __enter__(self) -> "MlflowServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:
         self.stop()
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        os.killpg(pid, sig)
-    except ProcessLookupError:
-        pass
-
-
-def _group_alive(pid: int) -> bool:
-    try:
-        os.killpg(pid, 0)
-    except ProcessLookupError:
-        return False
-    return True
-
-
-def _reap(pid: int) -> None:
-    """Collect our child's exit status, else it stays a zombie and its group looks alive."""
-    try:
-        os.waitpid(pid, os.WNOHANG)
-    except ChildProcessError:
-        pass
