@@ -278,7 +278,7 @@ def tune(
     seed: int = typer.Option(0, help="Seed of every model."),
     session: Optional[str] = typer.Option(None, help="Session name (default: dataset-groups-time)."),
     max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops (default 3 × budget)."),
-    max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-time budget of the session; past it, remaining groups keep their default."),
+    max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-clock minutes for tuning, counted from the end of model selection (a stopped session's downtime counts too); past it, each remaining group keeps its best trial so far. 0 skips tuning."),
     may_finish: bool = typer.Option(True, "--may-finish/--full-budget", help="Let the LLM stop a group before its budget (--full-budget: it must use every trial)."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,

@@ -11,12 +11,14 @@ trials needed to beat the default by a margin, and wall time and tokens.
 
 from __future__ import annotations
 
+import itertools
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from agent.session import checkpointer, run
+from agent.session import latest_checkpoint, run
 from tools.baseline import run_baseline
 from tools.ledger import StudyContext
 from tools.plots import best_so_far
@@ -26,6 +28,7 @@ from tools.trial import TrialSpec
 TUNERS = ("llm", "tpe", "random")
 BOOTSTRAP_SAMPLES = 5000
 PERMUTATIONS = 1000
+EXACT_SIGN_FLIPS_UP_TO = 16
 
 
 @dataclass(frozen=True)
@@ -64,11 +67,30 @@ class Run:
     test: float = float("nan")
 
 
-def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95) -> tuple[float, float]:
-    """Percentile bootstrap interval of the mean."""
+def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95,
+                       clusters: np.ndarray | None = None) -> tuple[float, float]:
+    """Percentile bootstrap interval of the mean, resampling whole clusters when given
+    (the groups of one seed share its LLM session and its pick: they are not independent)."""
+    clusters = np.arange(len(values)) if clusters is None else clusters
+    ids, codes = np.unique(clusters, return_inverse=True)
+    sums, sizes = np.bincount(codes, weights=values), np.bincount(codes)
     rng = np.random.default_rng(seed)
-    means = rng.choice(values, size=(BOOTSTRAP_SAMPLES, len(values)), replace=True).mean(axis=1)
+    drawn = rng.integers(0, len(ids), size=(BOOTSTRAP_SAMPLES, len(ids)))
+    means = sums[drawn].sum(axis=1) / sizes[drawn].sum(axis=1)
     return float(np.quantile(means, (1 - level) / 2)), float(np.quantile(means, (1 + level) / 2))
+
+
+def sign_flip_p(values: np.ndarray, clusters: np.ndarray | None = None) -> float:
+    """Two-sided p-value of a zero mean difference: every sign pattern over the clusters
+    (exact; with 5 seeds it cannot go below 2/32 = 0.0625, which is worth knowing)."""
+    clusters = np.arange(len(values)) if clusters is None else clusters
+    sums = np.bincount(np.unique(clusters, return_inverse=True)[1], weights=values)
+    if len(sums) <= EXACT_SIGN_FLIPS_UP_TO:
+        signs = np.array(list(itertools.product((1.0, -1.0), repeat=len(sums))))
+    else:
+        signs = np.random.default_rng(0).choice((1.0, -1.0), size=(PERMUTATIONS * 20, len(sums)))
+    flipped = np.abs(signs @ sums)
+    return float(np.mean(flipped >= abs(sums.sum()) - 1e-15))
 
 
 def group_difference_test(values: np.ndarray, codes: np.ndarray, seed: int = 0) -> tuple[float, float]:
@@ -101,8 +123,12 @@ def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tr
                     "storage": spec.storage, "tracking_uri": spec.tracking_uri, "data_dir": spec.data_dir,
                     "cache_dir": spec.cache_dir, "llm_base_url": spec.llm_base_url, "llm_model": spec.llm_model}
         echo(f"[compare] seed {seed}: the LLM agent")
-        values = run(settings, None, echo, spec.checkpoint, resume=_exists(spec.checkpoint, session), tracker=tracker,
-                     report_dir=report_dir, trace=trace)
+        saved = latest_checkpoint(session, spec.checkpoint)
+        if saved is not None and saved.checkpoint["channel_values"].get("phase") == "done":
+            values = saved.checkpoint["channel_values"]  # finished: no need to start the LLM again
+        else:
+            values = run(settings, None, echo, spec.checkpoint, resume=saved is not None, tracker=tracker,
+                         report_dir=report_dir, trace=trace)
         tables = tables or (values["table"], values["selection"])
         usage = values.get("usage") or {}
         for group in labels:
@@ -129,11 +155,9 @@ def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tr
     return _report(spec, runs, tables, runner, report_dir, tracker, echo)
 
 
-def _exists(checkpoint: str, session: str) -> bool:
-    if not checkpoint.startswith("postgres") and not Path(checkpoint).exists():
-        return False
-    with checkpointer(checkpoint) as saver:
-        return saver.get_tuple({"configurable": {"thread_id": session}}) is not None
+def _picks(runs: list[Run], group: str) -> str:
+    counts = Counter(r.pipeline for r in runs if r.tuner == "llm" and r.group == group)
+    return ", ".join(f"{pipeline} ×{n}" for pipeline, n in counts.most_common())
 
 
 def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, report_dir: Path, tracker, echo) -> Path:
@@ -149,7 +173,7 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
     lines += ["## Best-so-far validation objective", ""]
     for group in labels:
         # The agent may finish before its budget: its best then stays where it was.
-        curves = {tuner: [r.curve + r.curve[-1:] * (spec.budget - len(r.curve))
+        curves = {tuner: [(r.curve + r.curve[-1:] * (spec.budget - len(r.curve)))[:spec.budget]
                           for r in runs if r.tuner == tuner and r.group == group]
                   for tuner in TUNERS}
         path = best_so_far(curves, report_dir / f"{spec.name}-{group}.png", f"{spec.dataset} · group {group}",
@@ -168,24 +192,27 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
                          f"{(str(int(np.median(reached))) + f' ({len(reached)}/{len(mine)} seeds)') if reached else 'never'} | "
                          f"{sum(r.trial_seconds for r in mine):.0f} | {sum(r.llm_seconds for r in mine):.0f} | {sum(r.tokens for r in mine)} |")
     lines += ["", "Seconds and tokens are summed over the seeds; a session's LLM seconds and tokens, model selection "
-              "included, are split evenly over its groups."]
-    lines += ["", "## Paired differences on test (LLM − baseline, same group and seed; 95% bootstrap interval over pairs)", "",
-              "| baseline | group | mean difference | interval | LLM better / tied / worse |", "|---|---|---|---|---|"]
+              "included, are split evenly over its groups. The agent runs first in each seed, so the models it trains "
+              "(trial 0's included) are in the cache when the baselines need them: compare trial seconds with that in mind."]
+    lines += ["", "## Paired differences on test (LLM − baseline, same group and seed)", "",
+              "95% bootstrap interval over the seeds (for all groups, the seeds are resampled whole) and the exact "
+              "sign-flip p-value.", "",
+              "| baseline | group | mean difference | interval | p | LLM better / tied / worse |", "|---|---|---|---|---|---|"]
     for baseline in ("tpe", "random"):
         for group in [*labels, "all groups"]:
-            pairs = [(r.test, b.test) for r in runs if r.tuner == "llm" and (group == "all groups" or r.group == group)
+            pairs = [(r.test - b.test, r.seed) for r in runs if r.tuner == "llm" and (group == "all groups" or r.group == group)
                      for b in runs if b.tuner == baseline and b.group == r.group and b.seed == r.seed]
-            differences = np.array([a - b for a, b in pairs])
-            low, high = bootstrap_interval(differences) if len(differences) > 1 else (float("nan"), float("nan"))
-            lines.append(f"| {baseline} | {group} | {differences.mean():+.5f} | [{low:+.5f}, {high:+.5f}] | "
+            differences, seeds = np.array([d for d, _ in pairs]), np.array([seed for _, seed in pairs])
+            low, high = bootstrap_interval(differences, clusters=seeds) if len(set(seeds)) > 1 else (float("nan"), float("nan"))
+            lines.append(f"| {baseline} | {group} | {differences.mean():+.5f} | [{low:+.5f}, {high:+.5f}] | {sign_flip_p(differences, seeds):.3f} | "
                          f"{int((differences > 1e-12).sum())} / {int((np.abs(differences) <= 1e-12).sum())} / {int((differences < -1e-12).sum())} |")
     if tables:
         table, selection = tables
-        lines += ["", "## Model selection (RQ1): default configuration per group × pipeline, validation", "",
-                  "| group | " + " | ".join(next(iter(table.values()))) + " | LLM pick | argmax |", "|---|" + "---|" * (len(next(iter(table.values()))) + 2)]
+        lines += ["", f"## Model selection (RQ1): default configuration per group × pipeline, validation, seed {spec.seeds[0]}", "",
+                  "| group | " + " | ".join(next(iter(table.values()))) + " | LLM picks (over seeds) | argmax |", "|---|" + "---|" * (len(next(iter(table.values()))) + 2)]
         for group, pipelines in table.items():
             lines.append(f"| {group} | " + " | ".join(f"{m['objective']:.5f}" for m in pipelines.values()) +
-                         f" | {selection[group]['pipeline']} | {selection[group]['argmax']} |")
+                         f" | {_picks(runs, group)} | {selection[group]['argmax']} |")
     if tables and len(labels) > 1:
         pipeline = tables[1][labels[0]]["argmax"]
         users, values = runner.per_user(TrialSpec(spec.dataset, spec.groups, "all", pipeline, {}, spec.seeds[0], spec.objective))

@@ -67,8 +67,6 @@ def _record(trial, group: str, objective: str) -> dict:
 
 def _call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
     """The reply, and `usage` with this call's seconds and tokens added."""
-    import time
-
     import openai
 
     start = time.perf_counter()
@@ -199,7 +197,7 @@ def build_graph(deps: Deps, checkpointer=None):
             return Command(goto="next_group", update={"finished": {**state["finished"], group: "budget"}})
         if calls >= settings["max_llm_calls"]:
             return Command(goto="next_group", update={"finished": {**state["finished"], group: "llm-call budget"}})
-        if settings.get("max_minutes") and time.time() - state["started_at"] > 60 * settings["max_minutes"]:
+        if settings.get("max_minutes") is not None and time.time() - state["started_at"] > 60 * settings["max_minutes"]:
             return Command(goto="next_group", update={"finished": {**state["finished"], group: "wall-time budget"}})
         best = max(history, key=lambda r: r["objective"])
         defaults = space.defaults(pipeline)

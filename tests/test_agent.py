@@ -293,8 +293,10 @@ def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
                           data_dir=str(baby_format_dir), cache_dir=str(tmp_path / "cache"), llm_base_url=llm.base_url, llm_model="scripted",
                           agent_may_finish=True)
         path = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports", tracker=Tracker(spec.tracking_uri))
-        again = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports")
-        assert len(llm.requests) == 10  # the second call resumed finished sessions: no new LLM call
+        lines = []
+        again = compare(spec, echo=lines.append, report_dir=tmp_path / "reports")
+        assert len(llm.requests) == 10  # the second call found finished sessions: no new LLM call
+        assert not [line for line in lines if line.startswith("LLM:")]  # nor an LLM client (the embedded one starts a server)
     text = path.read_text()
     assert again == path
     for tuner in ("llm", "tpe", "random"):
@@ -324,6 +326,25 @@ def test_group_difference_test_sees_real_and_random_partitions():
     assert group_difference_test(values, random_codes)[1] > 0.05
     shifted = values + (random_codes == 0) * 0.5
     assert group_difference_test(shifted, random_codes)[1] < 0.01
+
+
+def test_paired_statistics_respect_seeds_and_small_samples():
+    import numpy as np
+
+    from agent.compare import bootstrap_interval, sign_flip_p
+
+    # Five seeds all in favour: the smallest p an exact sign-flip test on 5 pairs can give.
+    assert sign_flip_p(np.array([0.1, 0.2, 0.3, 0.4, 0.5])) == pytest.approx(2 / 32)
+    assert sign_flip_p(np.array([0.1, -0.1, 0.2, -0.2])) == pytest.approx(1.0)
+    # 4 groups × 5 seeds where each seed moves all its groups together: 5 clusters, not 20 pairs.
+    seeds = np.repeat(np.arange(5), 4)
+    differences = np.repeat([0.3, 0.2, 0.1, 0.2, -0.05], 4) + np.tile([0.0, 0.001, -0.001, 0.0], 5)
+    assert sign_flip_p(differences, seeds) == pytest.approx(sign_flip_p(np.array([0.3, 0.2, 0.1, 0.2, -0.05])))
+    assert sign_flip_p(differences, seeds) > 0.06
+    assert sign_flip_p(differences) < 0.01  # treating the 20 pairs as independent overstates the evidence
+    clustered, naive = bootstrap_interval(differences, clusters=seeds), bootstrap_interval(differences)
+    assert clustered[1] - clustered[0] > 1.5 * (naive[1] - naive[0])
+    assert clustered[0] < differences.mean() < clustered[1]
 
 
 def test_langgraph_json_points_at_a_graph_factory(baby_format_dir, tmp_path):
