@@ -56,10 +56,20 @@ def chat_model(settings: LLMSettings, base_url: str | None = None):
     """A ChatOpenAI client; `base_url` overrides the settings' (the embedded server's port)."""
     from langchain_openai import ChatOpenAI
 
+    from tools.loopback import is_loopback
+
     key = os.environ.get(settings.key_env, "") if settings.key_env else ""
+    url = base_url or (None if settings.embedded else settings.base_url)
+    clients = {}
+    if url and is_loopback(url):
+        import httpx
+
+        # A local server is never behind the http(s)_proxy the environment may set for the internet.
+        clients = {"http_client": httpx.Client(trust_env=False, timeout=settings.timeout_s),
+                   "http_async_client": httpx.AsyncClient(trust_env=False, timeout=settings.timeout_s)}
     return ChatOpenAI(
         model=settings.model,
-        base_url=base_url or (None if settings.embedded else settings.base_url),
+        base_url=url,
         # Local servers need no key, but the client insists on one.
         api_key=key or "not-needed",
         timeout=settings.timeout_s,
@@ -68,4 +78,5 @@ def chat_model(settings: LLMSettings, base_url: str | None = None):
         max_tokens=settings.max_tokens,
         # Local servers speak Chat Completions only; some model names would switch to /v1/responses.
         use_responses_api=False,
+        **clients,
     )

@@ -299,6 +299,19 @@ def test_chat_openai_gets_real_tool_calls(stub_server, streaming):
         {"id": "c1", "type": "function", "function": {"name": "propose_change", "arguments": {"changes": {"k": 80}, "rationale": "r"}}}]}
 
 
+def test_a_proxy_in_the_environment_does_not_capture_the_loopback_llm(stub_server, monkeypatch):
+    from agent.llm import LLMSettings, chat_model
+
+    _, base_url = stub_server
+    for name in ("NO_PROXY", "no_proxy"):
+        monkeypatch.delenv(name, raising=False)
+    for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # the discard port: nothing answers there
+    llm = chat_model(LLMSettings(base_url, MODEL_ID, None, timeout_s=10, max_retries=0))
+    reply = llm.bind_tools([propose_change, finish]).invoke(CONVERSATION)
+    assert reply.tool_calls[0]["name"] == "propose_change"
+
+
 def test_chat_openai_forcing_a_named_tool(stub_server):
     backend, base_url = stub_server
     reply = client(base_url).bind_tools([propose_change, finish], tool_choice="finish").invoke(CONVERSATION)

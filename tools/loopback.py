@@ -23,6 +23,12 @@ from pathlib import Path
 DIRECT = urllib.request.build_opener(urllib.request.ProxyHandler({}))
 
 
+def is_loopback(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    return urlsplit(url).hostname in ("127.0.0.1", "localhost", "::1")
+
+
 def pick_free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
