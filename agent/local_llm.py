@@ -121,15 +121,25 @@ def ensure_model(cache_dir: str | Path | None = None) -> Path:
     return target
 
 
+def default_threads() -> int:
+    """RECTUNE_LLM_THREADS, else one per CPU up to 8 (generation is memory-bound beyond that)."""
+    value = os.environ.get("RECTUNE_LLM_THREADS")
+    if value is None:
+        return max(1, min(8, os.cpu_count() or 2))
+    if not value.isdigit() or int(value) < 1:
+        raise LocalModelError(f"RECTUNE_LLM_THREADS={value!r}: expected a whole number of threads ≥ 1")
+    return int(value)
+
+
 class EmbeddedServer:
     """`with EmbeddedServer() as base_url:` runs agent.llm_server on a free loopback port
     and stops it when the block ends, whichever way it ends."""
 
     def __init__(self, model_path: str | Path | None = None, *, cache_dir: str | Path | None = None,
-                 threads: int = 2, ctx: int = 8192, startup_timeout_s: float = 180.0):
+                 threads: int | None = None, ctx: int = 8192, startup_timeout_s: float = 180.0):
         self.model_path = Path(model_path) if model_path else None
         self.cache_dir = cache_dir
-        self.threads = threads
+        self.threads = threads or default_threads()
         self.ctx = ctx
         self.startup_timeout_s = startup_timeout_s
         self.server = LoopbackProcess("the embedded LLM server", LocalModelError)

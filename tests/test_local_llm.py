@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import threading
 import time
 import types
@@ -383,3 +384,14 @@ def test_the_embedded_model_answers_one_turn_with_a_valid_tool_call(request, mon
     assert isinstance(call["args"], dict) and not reply.invalid_tool_calls
     if call["name"] == "propose_change":
         assert isinstance(call["args"]["changes"], dict) and isinstance(call["args"]["rationale"], str)
+
+
+def test_llm_threads_come_from_the_environment_or_the_cpu_count(monkeypatch):
+    monkeypatch.delenv("RECTUNE_LLM_THREADS", raising=False)
+    assert local_llm.default_threads() == max(1, min(8, os.cpu_count() or 2))
+    monkeypatch.setenv("RECTUNE_LLM_THREADS", "3")
+    assert local_llm.EmbeddedServer("model.gguf").threads == 3
+    for bad in ("0", "two", "-1"):
+        monkeypatch.setenv("RECTUNE_LLM_THREADS", bad)
+        with pytest.raises(local_llm.LocalModelError, match="RECTUNE_LLM_THREADS"):
+            local_llm.default_threads()
