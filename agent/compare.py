@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 
 from agent.session import latest_checkpoint, run
+from models.errors import RectuneError
+from models.groups import make_groups
 from tools.baseline import run_baseline
 from tools.ledger import StudyContext
 from tools.plots import best_so_far
@@ -104,6 +106,17 @@ def group_difference_test(values: np.ndarray, codes: np.ndarray, seed: int = 0) 
     rng = np.random.default_rng(seed)
     null = np.array([between(rng.permutation(codes)) for _ in range(PERMUTATIONS)])
     return observed, float((1 + np.sum(null >= observed)) / (1 + PERMUTATIONS))
+
+
+def distinguishability(values: np.ndarray, codes: np.ndarray, labels: list[str]) -> str:
+    """One line: each group's mean per-user metric with its interval, and the permutation p-value."""
+    _, p_value = group_difference_test(values, codes)
+    parts = []
+    for i, label in enumerate(labels):
+        low, high = bootstrap_interval(values[codes == i])
+        parts.append(f"{label} {values[codes == i].mean():.4f} [{low:.4f}, {high:.4f}]")
+    verdict = " — they differ no more than random partitions of the users do" if p_value > 0.05 else " — they differ"
+    return "; ".join(parts) + f"; p = {p_value:.3f}{verdict}."
 
 
 def trials_to_reach(curve: list[float], share: float) -> int | None:
@@ -216,13 +229,16 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
     if tables and len(labels) > 1:
         pipeline = tables[1][labels[0]]["argmax"]
         users, values = runner.per_user(TrialSpec(spec.dataset, spec.groups, "all", pipeline, {}, spec.seeds[0], spec.objective))
-        codes = runner.groups.codes[users]
-        _, p_value = group_difference_test(values, codes)
-        intervals = {g: bootstrap_interval(values[codes == i]) for i, g in enumerate(labels)}
-        lines += ["", f"Are the groups distinguishable? Per-user validation {spec.objective} of {pipeline} (default): "
-                  + "; ".join(f"{g} {values[codes == i].mean():.4f} [{intervals[g][0]:.4f}, {intervals[g][1]:.4f}]" for i, g in enumerate(labels))
-                  + f". Permutation test of the between-group variance ({PERMUTATIONS} random relabellings): p = {p_value:.3f}"
-                  + (" — the groups differ no more than random partitions of the users do." if p_value > 0.05 else " — the groups differ.")]
+        lines += ["", f"Are the groups distinguishable? Per-user validation {spec.objective} of {pipeline} (default), "
+                  f"mean and 95% bootstrap interval per group, and a permutation test of the between-group variance "
+                  f"({PERMUTATIONS} random relabellings of the users):", "",
+                  f"- {spec.groups}: " + distinguishability(values, runner.groups.codes[users], labels)]
+        if not spec.groups.startswith("prefix"):
+            try:  # the paper's id-prefix groups, on the same per-user values, for reference
+                prefix = make_groups(runner.dataset, "prefix")
+                lines.append("- prefix (user-id letters): " + distinguishability(values, prefix.codes[users], list(prefix.labels)))
+            except RectuneError as error:
+                lines.append(f"- prefix: not available ({error})")
     text = "\n".join(lines) + "\n"
     path = report_dir / f"{spec.name}.md"
     path.write_text(text)

@@ -304,7 +304,9 @@ def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
     assert "| tpe | cold |" in text and "| random | all groups |" in text
     assert "the agent could stop a group before its budget" in text
     assert " | 3, 2 | " in next(line for line in text.splitlines() if line.startswith("| cold | llm |"))
-    assert "Permutation test of the between-group variance" in text
+    assert "permutation test of the between-group variance" in text
+    distinguishable = [line for line in text.splitlines() if line.startswith(("- activity:2: ", "- prefix (user-id letters): "))]
+    assert len(distinguishable) == 2 and all(" p = " in line for line in distinguishable)
     assert (tmp_path / "reports" / "cmp-cold.png").stat().st_size > 1000
     for group in ("cold", "heavy"):
         for sampler in ("tpe", "random"):
