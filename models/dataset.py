@@ -8,6 +8,7 @@ them; item feature vectors are attached by `models.features`.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -25,6 +26,9 @@ class ItemFeatures:
 
     matrix: np.ndarray
     source: str
+    wider: Callable[[int], np.ndarray] | None = field(default=None, compare=False, repr=False)
+    """dim → the same kind of features with more columns, where the source can make them
+    (collaborative SVD factors: more singular vectors); None for fixed-width features."""
 
 
 @dataclass(frozen=True)

@@ -189,9 +189,13 @@ def attach_item_features(dataset: Dataset, cache_dir: str | Path | None = None, 
                          lambda: encode_texts(texts, progress=progress))
         return dataset.with_features(ItemFeatures(matrix, TEXT_SOURCE))
     dim, seed = collaborative_dim, COLLABORATIVE_SEED
-    matrix = _cached(directory / f"{_train_key(dataset.train, dim, seed)}.npy", (dataset.n_items, min(dim, *dataset.train.shape)),
-                     lambda: collaborative_features(dataset.train, dim, seed))
-    result = dataset.with_features(ItemFeatures(matrix, f"collaborative:svd{matrix.shape[1]}"))
+
+    def factors(width: int) -> np.ndarray:
+        return _cached(directory / f"{_train_key(dataset.train, width, seed)}.npy", (dataset.n_items, min(width, *dataset.train.shape)),
+                       lambda: collaborative_features(dataset.train, width, seed))
+
+    matrix = factors(dim)
+    result = dataset.with_features(ItemFeatures(matrix, f"collaborative:svd{matrix.shape[1]}", wider=factors))
     if matrix.shape[1] < dim:
         note = f"collaborative features clamped from {dim} to {matrix.shape[1]} dims by the train matrix shape {dataset.train.shape}"
         result = replace(result, report=replace(result.report, notes=(*result.report.notes, note)))

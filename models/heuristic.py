@@ -6,7 +6,8 @@ similarity matrix, multiplied by the user × item rating matrix, and the result 
 filtered with item-based collaborative filtering.
 
 Here: the fused item features (`dataset.item_features`, whatever their source) are
-reduced by PCA to `embedding_dim` and L2-normalised; each item keeps its `neighbors` most
+reduced by PCA to `embedding_dim` (collaborative SVD factors are recomputed wider when
+`embedding_dim` exceeds them) and L2-normalised; each item keeps its `neighbors` most
 similar items by cosine (a kNN graph, as in LATTICE). Item-based CF gives a second kNN
 similarity, the cosine of item columns of the train matrix. The user's score for an item
 is the user's history multiplied by the blend `(1 − cf_weight)·S_content + cf_weight·S_cf`,
@@ -80,7 +81,12 @@ class HeuristicRecall(RecallModel):
         if dataset.item_features is None:
             raise ConfigError(f"heuristic recall needs item features on dataset {dataset.name!r}: call models.features.attach_item_features first")
         n_items = dataset.n_items
-        reduced = reduce_features(dataset.item_features.matrix, self.embedding_dim)
+        features = dataset.item_features.matrix
+        if dataset.item_features.wider is not None and self.embedding_dim > features.shape[1]:
+            # PCA cannot widen: without this, every embedding_dim above the feature width
+            # would be the same model (on Baby's 64 SVD factors, 64–512 all were).
+            features = dataset.item_features.wider(self.embedding_dim)
+        reduced = reduce_features(features, self.embedding_dim)
         content = knn_graph(lambda a, b: reduced[a:b] @ reduced.T, n_items, self.neighbors)
         train = dataset.train.tocsc()
         counts = np.asarray(train.sum(axis=0)).ravel()

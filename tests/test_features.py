@@ -230,3 +230,27 @@ def test_movielens_titles_encode_to_sane_neighbours(tmp_path):
     toy_story = dataset.item_text.index("Toy Story. Animation Children's Comedy")
     neighbours = np.argsort(-(matrix @ matrix[toy_story]))[1:6]
     assert all("Animation" in dataset.item_text[i] for i in neighbours)
+
+
+def test_a_wider_heuristic_embedding_takes_more_singular_vectors(tmp_path):
+    from models.base import FitContext
+    from models.heuristic import HeuristicRecall
+
+    rng = np.random.default_rng(0)
+    pairs = {(f"u{u}", f"i{i}") for u, i in zip(rng.integers(0, 40, 400), rng.integers(0, 30, 400))}
+    frame = pd.DataFrame([(u, i, "train") for u, i in sorted(pairs)], columns=["user", "item", "split"])
+    dataset = attach_item_features(build_dataset("random", frame, source="random.tsv", split=SplitStrategy("given")),
+                                   cache_dir=tmp_path, collaborative_dim=2)
+    assert dataset.item_features.matrix.shape == (30, 2)
+    np.testing.assert_allclose(dataset.item_features.wider(8), collaborative_features(dataset.train, 8, 0), atol=1e-5)
+    assert len(list((tmp_path / "features").glob("*.npy"))) == 2  # the wider factors are cached too
+
+    def similarity(features: ItemFeatures, dim: int) -> np.ndarray:
+        model = HeuristicRecall(embedding_dim=dim, neighbors=10, cf_weight=0.0, popularity_weight=0.0)
+        model.fit(dataset.with_features(features), FitContext())
+        return model.similarity.toarray()
+
+    # Before, PCA could only keep the 2 columns it had: dims 2 to 8 were one model.
+    assert not np.allclose(similarity(dataset.item_features, 2), similarity(dataset.item_features, 8))
+    fixed = ItemFeatures(dataset.item_features.matrix, "npy:image_feat")  # fixed-width features stay as they are
+    np.testing.assert_allclose(similarity(fixed, 8), similarity(dataset.item_features, 2))

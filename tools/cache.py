@@ -34,8 +34,9 @@ def dataset_fingerprint(dataset: Dataset) -> str:
     return f"{dataset.name}|{dataset.report.split}|{dataset.n_users}x{dataset.n_items}|{features}|{digest.hexdigest()[:16]}"
 
 
-# Bump when fitted stages change shape, so that files pickled by older code are never loaded.
-STAGE_FORMAT = 2
+# Bump when fitted stages change shape or meaning, so that files pickled by older code are
+# never loaded (3: a heuristic wider than its collaborative features takes more SVD factors).
+STAGE_FORMAT = 3
 
 
 def cache_key(*parts: Any) -> str:
