@@ -73,13 +73,15 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
 
     answer(payload) → the person's answer to an approval interrupt, or None to stop here
     (the session then waits, resumable, at that approval)."""
-    from tools.runner import TrialRunner
+    from models.pipeline import PipelineConfig
+    from tools.runner import TrialRunner, resolve_objective
 
     config = {"configurable": {"thread_id": settings["session"]}}
     with checkpointer(checkpoint) as saver:
         # Refuse a name clash before loading data or starting a model.
         if saver.get_tuple(config) is not None and not resume:
             raise ConfigError(f"session {settings['session']!r} already exists in {checkpoint}: `rectune resume {settings['session']}`")
+        resolve_objective(settings["objective"], PipelineConfig())  # trial 0 is the default: refuse a bad objective before the LLM starts
         runner = TrialRunner.open(settings["dataset"], settings["groups"], data_dir=settings["data_dir"], cache_dir=settings["cache_dir"])
         with llm_client(settings, echo) as llm:
             deps = Deps(runner, runner.space, llm, None, echo, report_dir)

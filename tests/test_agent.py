@@ -373,3 +373,14 @@ def test_wall_time_budget_stops_tuning(tmp_path, baby_format_dir):
 
     with pytest.raises(ConfigError, match="session 's1' already exists"):
         run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"))
+
+
+def test_a_bad_objective_is_refused_before_the_llm_is_called(tmp_path, baby_format_dir):
+    from models.errors import ConfigError
+
+    lines = []
+    with ScriptedLLM([CHOOSE]) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto"), "objective": "ndcg@0"}
+        with pytest.raises(ConfigError, match="at least 1"):
+            run(config, None, echo=lines.append, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+    assert llm.requests == [] and not any(line.startswith("LLM:") for line in lines)

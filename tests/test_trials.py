@@ -108,6 +108,8 @@ def test_objective_names_resolve_against_the_config():
         resolve_objective("recall@500", config)
     with pytest.raises(ConfigError, match="must look like"):
         resolve_objective("ndcg", config)
+    with pytest.raises(ConfigError, match="at least 1"):
+        resolve_objective("ndcg@0", config)
 
 
 def test_disk_cache_serves_a_second_runner(planted, tmp_path, fit_counts):

@@ -44,7 +44,9 @@ def resolve_objective(objective: str, config: PipelineConfig) -> tuple[str, int 
     if name not in _LIST_METRICS:
         raise ConfigError(f"unknown objective metric {name!r}; expected one of {sorted((*_LIST_METRICS, 'candidate_recall'))}")
     cutoff = config.top_n if n == "topn" else config.k if n == "k" else int(n)
-    if cutoff < 1 or cutoff > config.k:
+    if cutoff < 1:
+        raise ConfigError(f"objective {objective!r}: the cutoff N in metric@N must be at least 1")
+    if cutoff > config.k:
         raise ConfigError(f"objective {objective!r} needs a list of {cutoff}, but K={config.k} candidates are ranked")
     return f"{name}@{cutoff}", cutoff
 
