@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager, nullcontext
+from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
 from agent.graph import Deps, build_graph
@@ -21,8 +21,16 @@ def checkpointer(location: str) -> Iterator[object]:
         try:
             from langgraph.checkpoint.postgres import PostgresSaver
         except ImportError as error:
-            raise ConfigError("a PostgreSQL checkpoint needs `pip install langgraph-checkpoint-postgres psycopg[binary]`") from error
-        with PostgresSaver.from_conn_string(location) as saver:
+            raise ConfigError("a PostgreSQL checkpoint needs the postgres extra: `pip install -e '.[postgres]'`") from error
+        import psycopg
+
+        from tools.tracking import scrub
+
+        with ExitStack() as stack:
+            try:
+                saver = stack.enter_context(PostgresSaver.from_conn_string(location))
+            except psycopg.Error as error:
+                raise ConfigError(scrub(f"cannot open the session store {location}: {str(error).strip().splitlines()[0]}")) from error
             saver.setup()
             yield saver
         return

@@ -156,12 +156,15 @@ def test_a_full_budget_session_refuses_finish_and_uses_every_trial(tmp_path, bab
     assert len(complete(config["storage"], "s1-all")) == 3
 
 
-def cli(tmp_path, data_dir, base_url, *args):
+def cli(tmp_path, data_dir, base_url, *args, postgres: str | None = None):
+    """A `rectune` command line; with `postgres`, the ledger and the checkpoints live on that database."""
     import sys
 
-    return [sys.executable, "-m", "agent.cli", *args, "--checkpoint", str(tmp_path / "sessions.db")] + ([] if args[0] != "tune" else [
+    checkpoint = postgres or str(tmp_path / "sessions.db")
+    storage = postgres or f"sqlite:///{tmp_path / 'optuna.db'}"
+    return [sys.executable, "-m", "agent.cli", *args, "--checkpoint", checkpoint] + ([] if args[0] != "tune" else [
         "--dataset", "baby", "--groups", "all", "--budget", "3", "--llm-base-url", base_url, "--llm-model", "scripted",
-        "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache")])
 
 
@@ -197,13 +200,15 @@ def assert_exactly_the_budget(storage: str, study: str, budget: int) -> list:
     return trials
 
 
-def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir):
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir, backend, request):
     import subprocess
     import time
 
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    postgres = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
+    storage = postgres or f"sqlite:///{tmp_path / 'optuna.db'}"
     with ScriptedLLM(two_tower_script()) as llm:
-        process = start(cli(tmp_path, baby_format_dir, llm.base_url, "tune", "--approve", "auto", "--session", "k1"), tmp_path,
+        process = start(cli(tmp_path, baby_format_dir, llm.base_url, "tune", "--approve", "auto", "--session", "k1", postgres=postgres), tmp_path,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
         while time.monotonic() < deadline and process.poll() is None:
@@ -217,7 +222,10 @@ def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir):
             time.sleep(0.05)
         assert running, "no LLM trial was seen running"
         kill(process)
-        resumed = subprocess.run(cli(tmp_path, baby_format_dir, llm.base_url, "resume", "k1"), cwd=tmp_path,
+        listed = subprocess.run(cli(tmp_path, baby_format_dir, llm.base_url, "sessions", postgres=postgres), cwd=tmp_path,
+                                capture_output=True, text=True, timeout=60)
+        assert "k1" in listed.stdout, listed.stdout + listed.stderr
+        resumed = subprocess.run(cli(tmp_path, baby_format_dir, llm.base_url, "resume", "k1", postgres=postgres), cwd=tmp_path,
                                  capture_output=True, text=True, timeout=300)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert "report:" in resumed.stdout

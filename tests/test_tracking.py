@@ -221,6 +221,8 @@ def test_redact_keeps_what_is_not_secret(monkeypatch):
     assert scrub("task-scheduler uses 20 tokens: fine") == "task-scheduler uses 20 tokens: fine"
     assert scrub('{"api_key": "abc123", "x": 1}') == '{"api_key": "***", "x": 1}'
     assert scrub("curl -H 'Authorization: Basic dXNlcjpwYXNz' url") == "curl -H 'Authorization: ***' url"
+    assert scrub("--storage postgresql://tuner:s3cr%40t@db:5432/rectune") == "--storage postgresql://tuner:***@db:5432/rectune"
+    assert scrub("sqlite:///a:b/c.db and http://127.0.0.1:5000/#/x@y") == "sqlite:///a:b/c.db and http://127.0.0.1:5000/#/x@y"
 
 
 def test_tracking_uri_resolution(tmp_path, monkeypatch):

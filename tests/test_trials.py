@@ -262,8 +262,9 @@ def test_an_orphan_reclaimed_by_two_processes_is_queued_once(tmp_path):
     assert len(second.get_trials(states=(TrialState.WAITING,))) == 1
 
 
-def test_two_workers_run_each_queued_trial_once(baby_format_dir, tmp_path):
-    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+@pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
+def test_two_workers_run_each_queued_trial_once(baby_format_dir, tmp_path, backend, request):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
     context = StudyContext("baby", "activity:2", "all", "heuristic", budget=6, sampler="random")
     study = open_study(storage, "queue", context)
     for neighbors in (10, 20, 30, 40, 50, 60):

@@ -74,7 +74,7 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    summaries = {s.study_name: s for s in _reach(storage, optuna.get_all_study_summaries)}
     if name not in summaries:
         if context is None:
             raise ConfigError(f"no study {name!r} in {storage}; studies there: {sorted(summaries) or 'none'}")
@@ -95,6 +95,20 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
     if stored.budget != summaries[name].user_attrs["rectune"]["budget"]:
         study.set_user_attr("rectune", asdict(stored))
     return study
+
+
+def _reach(storage: str, read):
+    """`read(storage)`, with an unreachable or malformed storage named in one line (not a
+    driver traceback): a wrong URL, a server that is down, a missing driver."""
+    import sqlalchemy.exc
+
+    try:
+        return read(storage)
+    except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
+        from tools.tracking import scrub
+
+        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(scrub(f"cannot open the trial ledger {storage}: {reason}")) from error
 
 
 def context_of(study) -> StudyContext:

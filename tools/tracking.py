@@ -37,7 +37,9 @@ _SECRET_TEXT = re.compile(
     r"(?P<name>[\w-]*(?:api[_-]?key|token|secret|password|authorization|auth)[\"']?\s*[:=]\s*[\"']?)"
     r"(?:(?:bearer|basic)\s+)?[^\s\"',;]+"
     r"|\bbearer\s+[\w.~+/=-]+"
-    r"|\bsk-[\w-]{16,}",
+    r"|\bsk-[\w-]{16,}"
+    # the password of a database or server URL: postgresql://user:PASSWORD@host/db
+    r"|(?P<userinfo>://[^\s/:@]+:)[^\s/@]+(?=@)",
     re.IGNORECASE,
 )
 # Shorter values are placeholders such as EMPTY or dummy (local vLLM/Ollama), not keys;
@@ -47,12 +49,12 @@ _METRIC_NAME_BAD = re.compile(r"[^\w.\- /]")
 
 
 def scrub(text: str) -> str:
-    """`text` with API keys, bearer tokens and `name: value` credentials replaced by ***."""
+    """`text` with API keys, bearer tokens, URL passwords and `name: value` credentials replaced by ***."""
     for env in SECRET_ENVS:
         secret = os.environ.get(env, "")
         if len(secret) >= _MIN_SECRET_LENGTH:
             text = text.replace(secret, REDACTED)
-    return _SECRET_TEXT.sub(lambda m: (m["name"] or "") + REDACTED, text)
+    return _SECRET_TEXT.sub(lambda m: (m["name"] or m["userinfo"] or "") + REDACTED, text)
 
 
 def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
