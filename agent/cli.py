@@ -6,6 +6,7 @@ them, so `rectune --help` and the data commands start fast.
 
 from __future__ import annotations
 
+import enum
 import json
 import os
 from pathlib import Path
@@ -13,7 +14,12 @@ from typing import Optional
 
 import typer
 
-from models.errors import RectuneError
+from models.errors import ConfigError, RectuneError
+from models.formats import FORMAT_NAMES
+
+# MLflow reports usage to its makers on import unless told not to; a tuner run on research
+# data, often offline, should not phone home (set MLFLOW_DISABLE_TELEMETRY=false to allow it).
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
 app = typer.Typer(help="rectune: an LLM-in-the-loop tuner for recommender pipelines.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect and download datasets.", no_args_is_help=True)
@@ -27,19 +33,45 @@ def fail(error: RectuneError) -> None:
     raise typer.Exit(code=2)
 
 
+@app.callback()
+def one_line_warnings() -> None:
+    """rectune's own warnings (data notes, cache problems) as one `warning:` line on stderr each:
+    Python's default format adds a file:line and a source line a user has no use for."""
+    import warnings
+
+    from models.errors import RectuneWarning
+
+    default = warnings.showwarning
+
+    def show(message, category, filename, lineno, file=None, line=None):
+        if issubclass(category, RectuneWarning):
+            typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+        else:
+            default(message, category, filename, lineno, file, line)
+
+    warnings.showwarning = show
+    warnings.simplefilter("always", RectuneWarning)
+
+
+# An Enum, not Literal: typer ≥ 0.12 (our floor) renders Enum members as choices.
+DataFormat = enum.Enum("DataFormat", {name: name for name in FORMAT_NAMES}, type=str)
+
+
 @data_app.command("info")
 def data_info(
-    name: str = typer.Argument(..., help="A registered dataset name (see `rectune data list`)."),
+    name: str = typer.Argument(..., help="A registered dataset name (see `rectune data list`), or with --format a file or directory."),
     data_dir: Optional[Path] = DataDirOption,
     split: Optional[str] = typer.Option(None, help="given | random[:0.8,0.1,0.1] | leave-last-out (default: the dataset's own)."),
     seed: int = typer.Option(42, help="Seed of the random split."),
+    format: Optional[DataFormat] = typer.Option(None, "--format", help="Read NAME as a path in this format instead of a registered name."),
 ) -> None:
-    """Load a dataset and print its size, split and features as JSON."""
+    """Load a dataset and print its size, split and features as JSON (data-quality warnings go to stderr)."""
     from models.loaders import load_dataset
     from models.splits import SplitStrategy
 
     try:
-        dataset = load_dataset(name, data_dir, SplitStrategy.parse(split, seed) if split else None)
+        dataset = load_dataset(name, data_dir, SplitStrategy.parse(split, seed) if split else None,
+                               format=format.value if format else None)
     except RectuneError as error:
         fail(error)
     typer.echo(json.dumps(dataset.summary(), indent=2))
@@ -187,21 +219,31 @@ def baseline(
     progress: bool = typer.Option(True, help="Show a progress bar with the best value so far."),
 ) -> None:
     """Tune one pipeline on one group with Optuna (TPE or random search) for a fixed budget; re-running the same command continues to the budget."""
-    from tools.baseline import run_baseline, study_name
+    from tools.baseline import BASELINE_SAMPLERS, run_baseline, study_name
     from tools.ledger import StudyContext, best, storage_url
     from tools.runner import TrialRunner
     from tools.tracking import Tracker
 
     try:
+        if sampler not in BASELINE_SAMPLERS:
+            raise ConfigError(f"--sampler must be one of {BASELINE_SAMPLERS}, but got {sampler!r}")
         context = StudyContext(dataset_name, groups_spec, group, pipeline, objective, seed, budget, sampler, max_latency_ms)
+        # Settings, then the tracking store, then the data: each is refused before anything is written.
+        context.check()
+        tracker = Tracker(tracking_uri)
+        tracker.client  # opens the store now, a server's /health included
         runner = TrialRunner.open(dataset_name, groups_spec, data_dir=data_dir, cache_dir=cache_dir,
                                   max_latency_ms=max_latency_ms, progress=False)
         runner.users(group)  # fail now, not after the first trial, on an unknown group
         url = storage_url(storage)
-        finished = run_baseline(context, runner, url, study or study_name(context), Tracker(tracking_uri), progress)
+        finished = run_baseline(context, runner, url, study or study_name(context), tracker, progress)
     except RectuneError as error:
         fail(error)
     top = best(finished)
+    if top is None:
+        typer.echo(f"study {finished.study_name} in {url}: no trial met --max-latency-ms {max_latency_ms:g}; "
+                   f"raise it or tune for speed (`rectune space` lists what changes latency)")
+        raise typer.Exit(1)
     typer.echo(f"study {finished.study_name} in {url}: best {objective} = {top.value:.4f} (trial {top.number}, {top.user_attrs['tuner']}) "
                f"with {json.dumps(top.user_attrs['params'])}")
 
@@ -229,8 +271,8 @@ def worker(
     typer.echo(f"worker {os.getpid()}: ran {done} trial(s) of {study}")
 
 
-LLMBaseUrlOption = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…); default: DEEPSEEK_API_KEY or OPENAI_API_KEY if set, else the embedded local model.")
-LLMModelOption = typer.Option(None, "--llm-model", help="Model name at that endpoint.")
+LLMBaseUrlOption = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…) (env RECTUNE_LLM_BASE_URL, or llm_base_url in rectune.toml); default: DeepSeek if DEEPSEEK_API_KEY is set, else OpenAI if OPENAI_API_KEY is set, else the embedded local model. Its API key comes from RECTUNE_LLM_API_KEY: DEEPSEEK_API_KEY and OPENAI_API_KEY are only ever sent to api.deepseek.com and api.openai.com.")
+LLMModelOption = typer.Option(None, "--llm-model", help="Model name at that endpoint (env RECTUNE_LLM_MODEL, or llm_model in rectune.toml).")
 CheckpointOption = typer.Option("rectune-sessions.db", "--checkpoint", help="LangGraph checkpoint: a SQLite file, or a postgresql:// URL for a shared deployment.")
 
 
@@ -279,6 +321,7 @@ def tune(
     session: Optional[str] = typer.Option(None, help="Session name (default: dataset-groups-time)."),
     max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops (default 3 × budget)."),
     max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-clock minutes for tuning, counted from the end of model selection (a stopped session's downtime counts too); past it, each remaining group keeps its best trial so far. 0 skips tuning."),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", min=0.0, help="Per-user recommendation latency budget; slower trials are recorded as infeasible in the ledger."),
     may_finish: bool = typer.Option(True, "--may-finish/--full-budget", help="Let the LLM stop a group before its budget (--full-budget: it must use every trial)."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,
@@ -306,7 +349,7 @@ def tune(
             "dataset": dataset_name, "groups": groups_spec, "objective": objective, "budget": budget, "seed": seed,
             "approve": approve, "max_llm_calls": max_llm_calls or 3 * budget, "max_minutes": max_minutes, "may_finish": may_finish, "storage": storage_url(storage),
             "tracking_uri": uri, "data_dir": str(data_dir) if data_dir else None, "cache_dir": str(cache_dir) if cache_dir else None,
-            "llm_base_url": llm_base_url, "llm_model": llm_model,
+            "llm_base_url": llm_base_url, "llm_model": llm_model, "max_latency_ms": max_latency_ms,
         }
         typer.echo(f"session {settings['session']}")
         values = run(settings, ask_terminal if approve == "ask" else None, typer.echo, checkpoint, tracker=Tracker(uri), trace=trace_llm)
@@ -357,6 +400,8 @@ def resume(
     session: str = typer.Argument(..., help="A session name (see `rectune sessions`)."),
     checkpoint: str = CheckpointOption,
     trace_llm: bool = typer.Option(True, help="Trace the LLM calls into the MLflow experiment (mlflow.langchain.autolog)."),
+    llm_base_url: Optional[str] = typer.Option(None, "--llm-base-url", help="Continue on this endpoint instead of the session's own (it moved after a crash); for this run only: the session keeps its settings. Keys as for `rectune tune`."),
+    llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Continue with this model name instead of the session's own (for this run only)."),
 ) -> None:
     """Continue a session after a crash, or answer the approval it is waiting for."""
     from agent.session import load_settings, run
@@ -365,7 +410,8 @@ def resume(
     try:
         settings = load_settings(session, checkpoint)
         values = run(settings, ask_terminal if settings["approve"] == "ask" else None, typer.echo, checkpoint,
-                     resume=True, tracker=Tracker(settings["tracking_uri"]), trace=trace_llm)
+                     resume=True, tracker=Tracker(settings["tracking_uri"]), trace=trace_llm,
+                     llm_base_url=llm_base_url, llm_model=llm_model)
     except RectuneError as error:
         fail(error)
     _finish(values, settings["tracking_uri"])
@@ -384,8 +430,7 @@ def sessions(checkpoint: str = CheckpointOption) -> None:
         typer.echo(f"no sessions in {checkpoint}")
     for item in found:
         trials = ", ".join(f"{g} {n}" for g, n in item["trials"].items()) or "-"
-        state = "waiting for approval" if item["waiting"] else item["phase"]
-        typer.echo(f"{item['session']:<40} {item['dataset'] or '?':<12} {state:<22} trials: {trials}"
+        typer.echo(f"{item['session']:<40} {item['dataset'] or '?':<12} {item['status']:<22} trials: {trials}"
                    + (f"  report: {item['report']}" if item["report"] else ""))
 
 

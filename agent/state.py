@@ -7,7 +7,7 @@ client are not state: they are rebuilt from `settings` by every process.
 
 from __future__ import annotations
 
-from typing import Any, TypedDict
+from typing import Any, NotRequired, TypedDict
 
 
 class Settings(TypedDict):
@@ -32,6 +32,8 @@ class Settings(TypedDict):
     cache_dir: str | None
     llm_base_url: str | None
     llm_model: str | None
+    max_latency_ms: NotRequired[float | None]
+    """Per-user latency budget; slower trials are infeasible (absent in sessions from before it existed)."""
 
 
 class Proposal(TypedDict):
@@ -51,7 +53,9 @@ class State(TypedDict, total=False):
     table: dict[str, dict[str, dict[str, float]]]
     """Model selection: group → pipeline → validation metrics of the default configuration."""
     selection: dict[str, dict[str, Any]]
-    """group → {pipeline, reason, argmax, agrees, llm}: the LLM's pick and the paper's check."""
+    """group → {pipeline, reason, llm, argmax, agrees, f1_argmax, f1_agrees}: the pick (by the LLM, or
+    the fallback when it failed) and the paper's check — the pipelines the objective and F1@TopN
+    would pick, and whether the pick is each."""
     queue: list[str]
     """Groups still to tune."""
     group: str | None

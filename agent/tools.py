@@ -11,16 +11,18 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 
+from agent.prompts import render
 from models.errors import InvalidProposal
 from models.pipeline import PIPELINES
 from tools.space import SearchSpace
 
 _ECHO_LIMIT = 300
 FREE_TOOLS = ("evaluate_group", "get_history")
+_NOT_AN_OBJECT = "its arguments are valid JSON but not an object"
 
 
 def select_tool(groups: list[str]) -> dict:
-    return _function("choose_pipelines", "Choose one pipeline for every user group.", {
+    return _function("choose_pipelines", {
         "choices": {"type": "array", "items": {"type": "object", "properties": {
             "group": {"type": "string", "enum": groups},
             "pipeline": {"type": "string", "enum": list(PIPELINES)},
@@ -36,22 +38,53 @@ def tune_tools(space: SearchSpace, pipeline: str, groups: list[str], free: bool 
                            "description": p.help} for p in space.parameters_for(pipeline)}
     values = {"type": "object", "properties": properties, "additionalProperties": False}
     tools = [
-        _function("propose_change", "Change a few parameters of the current best configuration and run it as a trial.",
-                  {"changes": values, "rationale": {"type": "string"}}, ["changes", "rationale"]),
-        _function("train_model", "Train and evaluate a configuration given in full (missing parameters take defaults).",
-                  {"params": values, "rationale": {"type": "string"}}, ["params", "rationale"]),
-        _function("evaluate_group", "Validation metrics of the current best configuration on another user group (free).",
-                  {"group": {"type": "string", "enum": groups}}, ["group"]),
-        _function("get_history", "The table of all trials of this group so far (free).", {}, []),
-        _function("finish", "Stop tuning this group.", {"reason": {"type": "string"}}, ["reason"]),
+        _function("propose_change", {"changes": values, "rationale": {"type": "string"}}, ["changes", "rationale"]),
+        _function("train_model", {"params": values, "rationale": {"type": "string"}}, ["params", "rationale"]),
+        _function("evaluate_group", {"group": {"type": "string", "enum": groups}}, ["group"]),
+        _function("get_history", {}, []),
+        _function("finish", {"reason": {"type": "string"}}, ["reason"]),
     ]
     left_out = (set() if free else set(FREE_TOOLS)) | (set() if may_finish else {"finish"})
     return [t for t in tools if t["function"]["name"] not in left_out]
 
 
-def _function(name: str, description: str, properties: dict, required: list[str]) -> dict:
+def _function(name: str, properties: dict, required: list[str]) -> dict:
+    description = render(f"tool_{name}").strip()
     return {"type": "function", "function": {"name": name, "description": description, "parameters": {
         "type": "object", "properties": properties, "required": required}}}
+
+
+def unreadable_reply(error):
+    """The reply behind a pydantic ValidationError raised while the client built it, as an AIMessage
+    whose calls are all invalid; None when the error is about something else.
+
+    langchain parses tool-call arguments with json.loads and then insists on a dict, so
+    arguments such as `[1, 2]`, `5` or `"s"` raise instead of becoming an invalid call, and the
+    rest of the reply (the tool names too) is lost with them."""
+    from langchain_core.messages import AIMessage
+
+    problems = error.errors(include_url=False)
+    if not problems or any(tuple(p["loc"][:1]) != ("tool_calls",) or len(p["loc"]) < 2 for p in problems):
+        return None
+    broken = []
+    for problem in problems:
+        args = json.dumps(problem.get("input"), default=str)
+        broken.append({"name": None, "id": None, "type": "invalid_tool_call", "args": args,
+                       "error": f"{_NOT_AN_OBJECT} ({_echo(args)}, in tool call {problem['loc'][1] + 1})"})
+    return AIMessage(content="", invalid_tool_calls=broken)
+
+
+def _broken_call(message) -> str | None:
+    """What to tell the LLM when its client could not read its tool call (None when it could)."""
+    broken = list(getattr(message, "invalid_tool_calls", None) or [])
+    if not broken:
+        return None
+    bad = broken[0]
+    error = bad.get("error") or ""
+    if error.startswith(_NOT_AN_OBJECT):
+        return f"Your reply was not used: {error}. Call the tool again with a JSON object as its arguments."
+    return (f"Your call to {bad.get('name')!r} was not run: its arguments are not valid JSON "
+            f"({_echo(error or bad.get('args'))}). Call the tool again with a JSON object.")
 
 
 @dataclass
@@ -78,11 +111,9 @@ def read_tune_call(message, space: SearchSpace, pipeline: str, best: dict, tried
     """Turn the LLM's reply into a Decision. `tried` maps canonical configurations to trial numbers."""
     names = ["propose_change", "train_model", "evaluate_group", "get_history", "finish"]
     calls = list(getattr(message, "tool_calls", None) or [])
-    broken = list(getattr(message, "invalid_tool_calls", None) or [])
+    broken = _broken_call(message)
     if not calls and broken:
-        bad = broken[0]
-        return Decision("invalid", message=f"Your call to {bad.get('name')!r} was not run: its arguments are not valid JSON "
-                                           f"({_echo(bad.get('error') or bad.get('args'))}). Call the tool again with a JSON object.")
+        return Decision("invalid", message=broken)
     if not calls:
         return Decision("invalid", message=f"You answered with text ({_echo(message.content)!r}) instead of a tool call. "
                                            f"Reply with exactly one call of: {', '.join(names)}.")
@@ -134,6 +165,9 @@ def read_select_call(message, groups: list[str]) -> tuple[dict[str, dict], str]:
     """The LLM's pipeline per group, or ({}, what was wrong)."""
     calls = [c for c in (getattr(message, "tool_calls", None) or []) if c["name"] == "choose_pipelines"]
     if not calls:
+        broken = _broken_call(message)
+        if broken:
+            return {}, broken
         return {}, f"Call choose_pipelines with one choice per group; you answered {_echo(message.content or message.tool_calls)!r}."
     choices = calls[0].get("args", {}).get("choices")
     if not isinstance(choices, list):
@@ -143,11 +177,15 @@ def read_select_call(message, groups: list[str]) -> tuple[dict[str, dict], str]:
         if not isinstance(choice, dict):
             problems.append(f"each choice must be an object, but got {_echo(choice)!r}")
         elif choice.get("group") not in groups:
-            problems.append(f"unknown group {choice.get('group')!r}; groups are {groups}")
-        elif choice.get("pipeline") not in PIPELINES:
-            problems.append(f"unknown pipeline {choice.get('pipeline')!r} for group {choice['group']!r}; pipelines are {list(PIPELINES)}")
+            problems.append(f"unknown group {_echo(choice.get('group'))!r}; groups are {groups}")
+        # A string first: a list or an object is not even hashable, let alone a pipeline.
+        elif not isinstance(choice.get("pipeline"), str) or choice["pipeline"] not in PIPELINES:
+            problems.append(f"unknown pipeline {_echo(choice.get('pipeline'))!r} for group {choice['group']!r}; "
+                            f"pipelines are {list(PIPELINES)}")
+        elif not isinstance(choice.get("reason", ""), str):
+            problems.append(f"the reason for group {choice['group']!r} must be a string, but got {_echo(choice['reason'])!r}")
         else:
-            picked[choice["group"]] = {"pipeline": choice["pipeline"], "reason": str(choice.get("reason", ""))}
+            picked[choice["group"]] = {"pipeline": choice["pipeline"], "reason": choice.get("reason", "")}
     missing = [g for g in groups if g not in picked]
     if missing:
         problems.append(f"no choice for group(s) {missing}")

@@ -2,6 +2,7 @@
 
 Resolution order, first hit wins: explicit argument (the CLI flag) → environment variable
 → `rectune.toml` in the working directory → `~/.config/rectune/config.toml` → default.
+The same order picks the agent's LLM endpoint and model (`llm_base_url`, `llm_model`).
 """
 
 from __future__ import annotations
@@ -17,10 +18,12 @@ DATA_DIR_ENV = "RECTUNE_DATA_DIR"
 CACHE_DIR_ENV = "RECTUNE_CACHE_DIR"
 # MLflow's own variable comes first: users of MLflow already export it.
 TRACKING_URI_ENVS = ("MLFLOW_TRACKING_URI", "RECTUNE_TRACKING_URI")
+LLM_BASE_URL_ENV = "RECTUNE_LLM_BASE_URL"
+LLM_MODEL_ENV = "RECTUNE_LLM_MODEL"
 CONFIG_FILES = (Path("rectune.toml"), Path.home() / ".config" / "rectune" / "config.toml")
 
 
-def _from_config_files(key: str) -> str | None:
+def _from_config_files(key: str, kind: str = "path") -> str | None:
     for path in CONFIG_FILES:
         if not path.is_file():
             continue
@@ -31,16 +34,20 @@ def _from_config_files(key: str) -> str | None:
         if key in values:
             value = values[key]
             if not isinstance(value, str):
-                raise ConfigError(f"{path}: '{key}' must be a string path, but got {value!r}")
+                raise ConfigError(f"{path}: '{key}' must be a string {kind}, but got {value!r}")
             return value
     return None
 
 
+def _first(explicit: str | Path | None, envs: tuple[str, ...], key: str, kind: str = "path") -> str | Path | None:
+    """The first setting given: the explicit value, then each environment variable, then the config files."""
+    candidates = (explicit, *(os.environ.get(env) for env in envs), _from_config_files(key, kind))
+    return next((c for c in candidates if c), None)
+
+
 def _resolve(explicit: str | Path | None, env: str, key: str, default: Path) -> Path:
-    for candidate in (explicit, os.environ.get(env), _from_config_files(key)):
-        if candidate:
-            return Path(candidate).expanduser()
-    return default
+    found = _first(explicit, (env,), key)
+    return Path(found).expanduser() if found else default
 
 
 def data_dir(explicit: str | Path | None = None) -> Path:
@@ -59,8 +66,7 @@ def tracking_uri(explicit: str | None = None) -> str:
     Made absolute here because MLflow otherwise resolves a relative default against
     whatever directory the process happens to run in.
     """
-    candidates = (explicit, *(os.environ.get(env) for env in TRACKING_URI_ENVS), _from_config_files("tracking_uri"))
-    uri = next((c for c in candidates if c), f"sqlite:///{Path.cwd() / 'mlflow.db'}")
+    uri = _first(explicit, TRACKING_URI_ENVS, "tracking_uri") or f"sqlite:///{Path.cwd() / 'mlflow.db'}"
     scheme = urlsplit(uri).scheme
     # A one-letter scheme is a Windows drive (C:\runs), i.e. a plain path as well.
     if scheme in ("", "file") or len(scheme) == 1:
@@ -69,3 +75,13 @@ def tracking_uri(explicit: str | None = None) -> str:
             f"use a database such as 'sqlite:///{Path(uri.removeprefix('file://')).expanduser()}.db' or an http(s) server"
         )
     return uri
+
+
+def llm_base_url(explicit: str | None = None) -> str | None:
+    """The agent's OpenAI-compatible endpoint; None: DeepSeek/OpenAI by key, else the embedded model."""
+    return _first(explicit, (LLM_BASE_URL_ENV,), "llm_base_url", "URL")
+
+
+def llm_model(explicit: str | None = None) -> str | None:
+    """The model name at the endpoint; None: the endpoint's default (see agent/llm.py)."""
+    return _first(explicit, (LLM_MODEL_ENV,), "llm_model", "model name")

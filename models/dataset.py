@@ -8,6 +8,7 @@ them; item feature vectors are attached by `models.features`.
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -16,7 +17,7 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from models.errors import DataError
+from models.errors import DataError, RectuneWarning
 from models.splits import SPLIT_NAMES, TEST, TRAIN, VAL, SplitStrategy
 
 
@@ -33,13 +34,15 @@ class ItemFeatures:
 
 @dataclass(frozen=True)
 class LoadReport:
-    """What happened while loading: files, row counts, dropped duplicates, split used."""
+    """What happened while loading: files, row counts, dropped rows, split used."""
 
     sources: tuple[str, ...]
     rows_read: int
     duplicates_dropped: int
     split: str
     notes: tuple[str, ...] = ()
+    blank_ids_dropped: int = 0
+    """Rows whose user or item id is blank: they name no one, so they are dropped like duplicates."""
 
 
 @dataclass
@@ -95,9 +98,28 @@ class Dataset:
             "interactions_per_user": {"min": int(per_user.min()), "median": float(np.median(per_user)), "max": int(per_user.max())},
             "split": self.report.split,
             "duplicates_dropped": self.report.duplicates_dropped,
+            "blank_ids_dropped": self.report.blank_ids_dropped,
             "item_features": self.item_features.source if self.item_features else None,
             "user_attributes": list(self.user_attributes.columns) if self.user_attributes is not None else [],
+            "notes": list(self.report.notes),
         }
+
+
+def _unique_index(index: pd.Index, what: str, source: str | Path) -> None:
+    if index.has_duplicates:
+        repeated = index[index.duplicated()].unique()
+        raise DataError(source, f"{len(repeated)} {what} id(s) have more than one row, e.g. {repeated[:1].tolist()[0]!r}")
+
+
+def _coverage_note(ids: np.ndarray, described: pd.Index, what: str, kind: str, source: str | Path | None) -> list[str]:
+    """A note (also issued as a warning) counting `ids` that have no row in `source`."""
+    missing = ~pd.Index(ids).isin(described)
+    if not missing.any():
+        return []
+    note = (f"{int(missing.sum())} of {len(ids)} {what} have no row in {source or f'the {kind}'} "
+            f"(e.g. {ids[missing][:1].tolist()[0]!r}); they are kept without {kind}")
+    warnings.warn(note, RectuneWarning, stacklevel=4)
+    return [note]
 
 
 def build_dataset(
@@ -112,6 +134,8 @@ def build_dataset(
     item_order: np.ndarray | None = None,
     extra_sources: tuple[str, ...] = (),
     notes: tuple[str, ...] = (),
+    attributes_source: str | Path | None = None,
+    content_source: str | Path | None = None,
 ) -> Dataset:
     """Turn an interaction frame into a `Dataset`.
 
@@ -119,6 +143,10 @@ def build_dataset(
     user_attributes / item_text / item_categories: indexed by raw id.
     item_order: raw item ids in index order, when the source fixes item indices (MMRec's
     feature .npy files are aligned with its integer item ids).
+    attributes_source / content_source: the files user_attributes and item_text /
+    item_categories came from, named in errors and in the note (and warning) that counts
+    users without attributes and items without content.
+    Rows with a blank (empty or missing) user or item id are dropped and counted.
     """
     for column in ("user", "item"):
         if column not in interactions:
@@ -126,11 +154,23 @@ def build_dataset(
     if interactions.empty:
         raise DataError(source, "no interactions (the file has a header but no rows)")
     rows_read = len(interactions)
-    frame = interactions
+    blank = np.zeros(rows_read, dtype=bool)
+    for column in ("user", "item"):
+        values = interactions[column]
+        blank |= values.isna().to_numpy()
+        if not pd.api.types.is_numeric_dtype(values.dtype):
+            blank |= values.astype(str).str.strip().eq("").to_numpy(dtype=bool, na_value=True)
+    frame = interactions[~blank]
+    if frame.empty:
+        raise DataError(source, f"no interactions: all {rows_read} rows have a blank user or item id")
+    for column in ("user", "item"):
+        if pd.api.types.is_integer_dtype(frame[column].dtype):
+            # Loaders keep blank integer ids as <NA> (nullable Int64) until they are dropped here.
+            frame = frame.assign(**{column: frame[column].astype("int64")})
     if "timestamp" in frame:
         frame = frame.sort_values("timestamp", kind="stable")
     frame = frame.drop_duplicates(["user", "item"], keep="first").sort_index(kind="stable")
-    duplicates = rows_read - len(frame)
+    duplicates = rows_read - int(blank.sum()) - len(frame)
 
     labels = split.assign(frame, source)
     user_ids, user_index = np.unique(frame["user"].to_numpy(), return_inverse=True)
@@ -149,15 +189,23 @@ def build_dataset(
         ones = np.ones(int(rows.sum()), dtype=np.float32)
         return sp.csr_matrix((ones, (user_index[rows], item_index[rows])), shape=(len(user_ids), len(item_ids)))
 
+    notes = list(notes)
     users_attr = None
     if user_attributes is not None:
+        _unique_index(user_attributes.index, "user", attributes_source or source)
         users_attr = user_attributes.reindex(user_ids).reset_index(drop=True)
+        notes += _coverage_note(user_ids, user_attributes.index, "users", "attributes", attributes_source)
     text = None
     if item_text is not None:
+        _unique_index(item_text.index, "item", content_source or source)
         text = [str(t) if isinstance(t, str) else "" for t in item_text.reindex(item_ids)]
     categories = None
     if item_categories is not None:
+        _unique_index(item_categories.index, "item", content_source or source)
         categories = [tuple(c) if isinstance(c, (list, tuple)) else () for c in item_categories.reindex(item_ids)]
+    if item_text is not None or item_categories is not None:
+        described = (item_text if item_text is not None else item_categories).index
+        notes += _coverage_note(item_ids, described, "items", "text or categories", content_source)
 
     return Dataset(
         name=name,
@@ -166,7 +214,7 @@ def build_dataset(
         train=matrix(TRAIN),
         val=matrix(VAL),
         test=matrix(TEST),
-        report=LoadReport((str(source), *extra_sources), rows_read, duplicates, split.describe(), notes),
+        report=LoadReport((str(source), *extra_sources), rows_read, duplicates, split.describe(), tuple(notes), int(blank.sum())),
         user_attributes=users_attr,
         item_text=text,
         item_categories=categories,

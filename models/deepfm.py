@@ -71,6 +71,12 @@ def category_matrix(dataset: Dataset) -> np.ndarray | None:
     return matrix / np.maximum(matrix.sum(axis=1, keepdims=True), 1.0)
 
 
+def fm_second_order(vectors: torch.Tensor) -> torch.Tensor:
+    """Σ_{i<j} ⟨v_i, v_j⟩ over the fields of each row (batch × fields × dim → batch), in
+    the O(k·n) form ½(‖Σv‖² − Σ‖v‖²)."""
+    return 0.5 * (vectors.sum(dim=1).pow(2) - vectors.pow(2).sum(dim=1)).sum(dim=-1)
+
+
 class DeepFMNet(nn.Module):
     user_fields = ("user", "activity", "group")
     item_fields = ("item", "popularity")
@@ -131,15 +137,13 @@ class DeepFMNet(nn.Module):
         item_vectors, item_first = self.item_side(item, popularity)
         fields = torch.cat([user_vectors, item_vectors, pair.unsqueeze(-1) * self.pair_embed], dim=1)
         first = self.bias + user_first + item_first + pair @ self.pair_first
-        second = 0.5 * (fields.sum(dim=1).pow(2) - fields.pow(2).sum(dim=1)).sum(dim=-1)
-        return first + second + self.deep(self.layers[0](fields.flatten(1)))
+        return first + fm_second_order(fields) + self.deep(self.layers[0](fields.flatten(1)))
 
     def user_parts(self, user, activity, group):
         vectors, first = self.user_side(user, activity, group)
         width = vectors.shape[1] * vectors.shape[2]
         hidden = vectors.flatten(1) @ self.layers[0].weight[:, :width].T + self.layers[0].bias
-        user_sum = vectors.sum(1)
-        return user_sum, 0.5 * (user_sum.pow(2).sum(-1) - vectors.pow(2).sum((1, 2))), first, hidden
+        return vectors.sum(1), fm_second_order(vectors), first, hidden
 
     def item_parts(self, item, popularity):
         """Per item: [first-layer part (h) | Σe·e_pair (P) | Σe (d) | own FM + first order (1)]."""
@@ -148,7 +152,7 @@ class DeepFMNet(nn.Module):
         width = vectors.shape[1] * vectors.shape[2]
         hidden = vectors.flatten(1) @ self.layers[0].weight[:, offset:offset + width].T
         item_sum = vectors.sum(1)
-        own = 0.5 * (item_sum.pow(2).sum(-1) - vectors.pow(2).sum((1, 2))) + first
+        own = fm_second_order(vectors) + first
         return torch.cat([hidden, item_sum @ self.pair_embed.T, item_sum, own.unsqueeze(1)], dim=1).contiguous()
 
     def score_candidates(self, user_parts, item_table, items, pair):

@@ -13,6 +13,11 @@ class RectuneError(Exception):
     """Base class for every error rectune raises on purpose."""
 
 
+class RectuneWarning(RuntimeWarning):
+    """Something about the data or the cache a user should know, which does not stop the work;
+    the command line shows it as one `warning:` line."""
+
+
 class DataError(RectuneError):
     """A data file is missing, unreadable or malformed."""
 

@@ -24,7 +24,7 @@ from scipy.sparse.linalg import svds
 
 from models.config import cache_dir as resolve_cache_dir
 from models.dataset import Dataset, ItemFeatures
-from models.errors import RectuneError
+from models.errors import RectuneError, RectuneWarning
 
 ENCODER_NAME = "all-MiniLM-L6-v2"
 TEXT_DIM = 384
@@ -111,7 +111,7 @@ def collaborative_features(train: sp.csr_matrix, dim: int = 64, seed: int = 0) -
     rank = min(matrix.shape)
     k = min(dim, rank)
     if k < dim:
-        warnings.warn(f"collaborative features clamped from {dim} to {k} dims: the train matrix is {matrix.shape[0]}×{matrix.shape[1]}", RuntimeWarning, stacklevel=2)
+        warnings.warn(f"collaborative features clamped from {dim} to {k} dims: the train matrix is {matrix.shape[0]}×{matrix.shape[1]}", RectuneWarning, stacklevel=2)
     if matrix.nnz == 0:
         return np.zeros((matrix.shape[1], k), dtype=np.float32)  # ARPACK fails on a zero matrix
     if k < rank:
@@ -172,7 +172,7 @@ def _cached(path: Path, shape: tuple[int, int], compute: Callable[[], np.ndarray
             Path(handle.name).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        warnings.warn(f"{path}: cannot cache item features ({exc}); they will be recomputed next time", RuntimeWarning, stacklevel=3)
+        warnings.warn(f"{path}: cannot cache item features ({exc}); they will be recomputed next time", RectuneWarning, stacklevel=3)
     return matrix
 
 

@@ -10,6 +10,11 @@ Specs (`rectune ... --groups SPEC`):
 - `age` — MovieLens age bands: children < 18, young 18–34, middle-aged 35–54, elderly ≥ 55;
 - `gender`, `occupation`, `attr:COLUMN` — a categorical user attribute;
 - `file:PATH` — a csv with columns `user_id,group` (users missing from it form `unassigned`).
+
+For attribute groups, users with no value (rated users without a row in MovieLens'
+u.user; the loader counts and warns about them) form an explicit `unknown` group, which
+is reported like any other: dropping them would silently shrink the evaluated users, and
+refusing would make one missing row block every attribute report.
 """
 
 from __future__ import annotations
@@ -30,6 +35,7 @@ ACTIVITY_LABELS = {
     5: ("cold", "light", "medium", "active", "heavy"),
 }
 AGE_BANDS = (("children", 0, 18), ("young", 18, 35), ("middle-aged", 35, 55), ("elderly", 55, 10**9))
+UNKNOWN = "unknown"
 
 
 @dataclass(frozen=True)
@@ -100,21 +106,34 @@ def activity_groups(dataset: Dataset, quantiles: int = 4, spec: str = "activity"
     return _from_values(spec, per_user, list(names), descriptions)
 
 
-def _attribute(dataset: Dataset, column: str, spec: str) -> np.ndarray:
+def _attribute_column(dataset: Dataset, column: str, spec: str) -> pd.Series:
     if dataset.user_attributes is None or column not in dataset.user_attributes:
         available = [] if dataset.user_attributes is None else list(dataset.user_attributes.columns)
         raise GroupError(f"{spec!r} needs the user attribute {column!r}, but dataset {dataset.name!r} has {available or 'no user attributes'}")
-    values = dataset.user_attributes[column]
-    return values.fillna("unknown").astype(str).to_numpy() if values.dtype == object or values.isna().any() else values.to_numpy()
+    return dataset.user_attributes[column]
+
+
+def _attribute(dataset: Dataset, column: str, spec: str) -> np.ndarray:
+    values = _attribute_column(dataset, column, spec)
+    return values.astype(object).fillna(UNKNOWN).astype(str).to_numpy() if values.dtype == object or values.isna().any() else values.to_numpy()
 
 
 def age_groups(dataset: Dataset, spec: str = "age") -> UserGroups:
-    ages = _attribute(dataset, "age", spec).astype(float)
-    labels = np.empty(len(ages), dtype=object)
+    """The four AGE_BANDS, plus `unknown` for users with no age when there are any."""
+    raw = _attribute_column(dataset, "age", spec)
+    ages = pd.to_numeric(raw, errors="coerce").to_numpy(dtype=float)
+    known = raw.notna().to_numpy()
+    invalid = known & ~(ages >= 0)
+    if invalid.any():
+        first = int(np.flatnonzero(invalid)[0])
+        raise GroupError(f"{spec!r} needs non-negative numeric ages, but {int(invalid.sum())} user(s) have other values, "
+                         f"e.g. user {dataset.user_ids[first]!r} has age {raw.iloc[first]!r}")
+    labels = np.full(len(ages), UNKNOWN, dtype=object)
     for name, low, high in AGE_BANDS:
         labels[(ages >= low) & (ages < high)] = name
-    return _from_values(spec, labels, [b[0] for b in AGE_BANDS],
-                        {name: f"age {low}–{high - 1}" if high < 10**9 else f"age ≥ {low}" for name, low, high in AGE_BANDS})
+    order = [b[0] for b in AGE_BANDS] + ([UNKNOWN] if (~known).any() else [])
+    descriptions = {name: f"age {low}–{high - 1}" if high < 10**9 else f"age ≥ {low}" for name, low, high in AGE_BANDS}
+    return _from_values(spec, labels, order, {**descriptions, UNKNOWN: "no age on record (no row in the user attributes file)"})
 
 
 def file_groups(dataset: Dataset, path: Path, spec: str) -> UserGroups:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import gzip
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +20,11 @@ import pandas as pd
 from models.config import data_dir as resolve_data_dir
 from models.dataset import Dataset, ItemFeatures, build_dataset
 from models.errors import ConfigError, DataError
+from models.formats import LOADER_FUNCTIONS
 from models.splits import SplitStrategy
+
+# pandas' tokenizer error for a row with too many fields.
+_FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
 
 MOVIELENS_GENRES = (
     "unknown", "Action", "Adventure", "Animation", "Children's", "Comedy", "Crime",
@@ -39,16 +44,40 @@ def _check_file(path: Path) -> None:
         raise DataError(path, "file is empty")
 
 
-def read_table(path: Path, required: tuple[str, ...], sep: str = "\t", **kwargs) -> pd.DataFrame:
-    """Read a delimited file with a header; strip RecBole `name:type` suffixes; check columns."""
+def read_table(path: Path, required: tuple[str, ...], sep: str = "\t", names: list[str] | None = None, **kwargs) -> pd.DataFrame:
+    """Read a delimited file whose first line is the header (or, with `names`, a file
+    without one); strip RecBole `name:type` suffixes; check columns and field counts."""
     _check_file(path)
+    what = f"{'tab' if sep == chr(9) else repr(sep)}-separated table"
     try:
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False, **kwargs)
-    except (pd.errors.ParserError, UnicodeDecodeError, EOFError, OSError, gzip.BadGzipFile) as exc:
-        raise DataError(path, f"cannot be parsed as a {'tab' if sep == chr(9) else repr(sep)}-separated table: {exc}") from exc
+        # header=None: with a header row, pandas takes extra fields on the first data row
+        # for an index and shifts every column left (a 5-field row under a 3-field header
+        # had its 5th field read as the split label); read as plain rows, any line with
+        # extra fields is a tokenizer error that names the line.
+        frame = pd.read_csv(path, sep=sep, header=None, dtype=str, keep_default_na=False, **kwargs)
+    except pd.errors.ParserError as exc:
+        counts = _FIELD_COUNT.search(str(exc))
+        if counts:
+            expected, line, saw = counts.groups()
+            raise DataError(path, f"line {line} has {saw} fields, but the {'header' if names is None else 'first line'} has {expected}") from exc
+        raise DataError(path, f"cannot be parsed as a {what}: {exc}") from exc
+    except (UnicodeDecodeError, EOFError, OSError, gzip.BadGzipFile) as exc:
+        raise DataError(path, f"cannot be parsed as a {what}: {exc}") from exc
     except pd.errors.EmptyDataError as exc:
         raise DataError(path, "file is empty") from exc
-    frame.columns = [str(c).split(":")[0].strip() for c in frame.columns]
+    if names is None:
+        columns = [str(c).split(":")[0].strip() for c in frame.iloc[0]]
+        frame = frame.iloc[1:].reset_index(drop=True)
+        repeated = sorted({c for c in columns if columns.count(c) > 1})
+        if repeated:
+            raise DataError(path, f"the header repeats column(s) {repeated}")
+    else:
+        if frame.shape[1] > len(names):
+            raise DataError(path, f"line 1 has {frame.shape[1]} fields, but expected {len(names)} ({', '.join(names)})")
+        # Short rows keep their missing fields as '' (the column checks then name them).
+        frame = frame.reindex(columns=range(len(names)), fill_value="")
+        columns = list(names)
+    frame.columns = columns
     missing = [c for c in required if c not in frame.columns]
     if missing:
         raise DataError(path, f"missing column(s) {missing}; found columns {list(frame.columns)}")
@@ -89,12 +118,26 @@ def read_jsonl(path: Path, fields: tuple[str, ...], required: tuple[str, ...]) -
     return frame
 
 
-def _numeric(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
+def _numeric(frame: pd.DataFrame, column: str, path: Path, blank_ok: bool = False) -> pd.Series:
+    """The column as numbers; with `blank_ok`, blank cells become NaN instead of an error."""
     values = pd.to_numeric(frame[column], errors="coerce")
-    if values.isna().any():
-        row = int(np.flatnonzero(values.isna().to_numpy())[0])
+    bad = values.isna()
+    if blank_ok:
+        bad &= frame[column].astype(str).str.strip().ne("")
+    if bad.any():
+        row = int(np.flatnonzero(bad.to_numpy())[0])
         raise DataError(path, f"column {column!r} has a non-numeric value {frame[column].iloc[row]!r} (data row {row + 1})")
     return values
+
+
+def _integer_ids(frame: pd.DataFrame, column: str, path: Path) -> pd.Series:
+    """Integer ids; blank ones stay missing so that `build_dataset` drops and counts them."""
+    values = _numeric(frame, column, path, blank_ok=True)
+    fractional = values.notna() & (values != np.floor(values))
+    if fractional.any():
+        row = int(np.flatnonzero(fractional.to_numpy())[0])
+        raise DataError(path, f"column {column!r} has a non-integer id {frame[column].iloc[row]!r} (data row {row + 1})")
+    return values.astype("Int64")
 
 
 def kcore(frame: pd.DataFrame, k: int) -> pd.DataFrame:
@@ -111,6 +154,15 @@ def kcore(frame: pd.DataFrame, k: int) -> pd.DataFrame:
         frame = frame[keep]
 
 
+def _directory_of(path: Path, names: tuple[str, ...]) -> Path:
+    """The directory a loader reads: `path` itself, or the directory of one of its files."""
+    if path.is_file():
+        if path.name in names:
+            return path.parent
+        raise DataError(path, f"is a file; expected a directory holding {' or '.join(names)}, or one of those files")
+    return path
+
+
 def _find(directory: Path, *names: str) -> Path | None:
     for name in names:
         if (directory / name).is_file():
@@ -125,15 +177,20 @@ def _l2_normalise(block: np.ndarray) -> np.ndarray:
 
 # --------------------------------------------------------------------------- loaders
 
+_BABY_FILES = ("interactions.tsv.gz", "interactions.tsv", "reviews_Baby_5.json.gz", "reviews_Baby_5.json")
+_MOVIELENS_FILES = ("ml-100k.inter.gz", "ml-100k.inter", "u.data")
+
+
 def load_amazon_baby(directory: Path, split: SplitStrategy | None = None) -> Dataset:
     """Amazon Baby 5-core: our shared `interactions.tsv.gz` (raw ids and the LATTICE split)
     or, as `rectune data pull baby` fetches it, the 2014 `reviews_Baby_5.json.gz`."""
-    tsv = _find(directory, "interactions.tsv.gz", "interactions.tsv")
+    directory = _directory_of(directory, _BABY_FILES)
+    tsv = _find(directory, *_BABY_FILES[:2])
     if tsv is not None:
         frame = read_table(tsv, ("reviewerID", "asin", "split"))
         interactions = frame.rename(columns={"reviewerID": "user", "asin": "item"})[["user", "item", "split"]]
         return build_dataset("baby", interactions, source=tsv, split=split or SplitStrategy("given"))
-    reviews = _find(directory, "reviews_Baby_5.json.gz", "reviews_Baby_5.json")
+    reviews = _find(directory, *_BABY_FILES[2:])
     if reviews is None:
         raise DataError(directory, "no interactions.tsv.gz or reviews_Baby_5.json.gz here (try `rectune data pull baby`)")
     return load_amazon_2014(reviews, split, name="baby")
@@ -189,6 +246,7 @@ def load_amazon_2023(path: Path, split: SplitStrategy | None = None, meta: Path 
         "beauty-2023" if "beauty" in path.name.lower() else path.stem.split(".")[0],
         interactions, source=path, split=split or SplitStrategy("random"),
         item_text=item_text, item_categories=item_categories, extra_sources=extra, notes=notes,
+        content_source=str(meta) if meta is not None else None,
     )
 
 
@@ -213,7 +271,11 @@ def _amazon_2023_meta(path: Path) -> tuple[pd.Series, pd.Series]:
 def load_movielens(directory: Path, split: SplitStrategy | None = None, min_rating: float | None = None) -> Dataset:
     """MovieLens-100K: RecBole atomic files (`ml-100k.inter[.gz]`, `.item`, `.user`) or the
     original GroupLens files (`u.data`, `u.item`, `u.user`, possibly inside `ml-100k/`).
-    Every rating counts as an interaction unless `min_rating` is given."""
+    `directory` may also be one of those files (its directory is read).
+    Every rating counts as an interaction unless `min_rating` is given. Rated users without
+    a row in the user file and rated items without a row in the item file are kept (with
+    missing attributes / no text), counted in the dataset's notes and warned about."""
+    directory = _directory_of(directory, _MOVIELENS_FILES)
     if (directory / "ml-100k").is_dir() and not _find(directory, "ml-100k.inter", "ml-100k.inter.gz", "u.data"):
         directory = directory / "ml-100k"
     atomic = _find(directory, "ml-100k.inter.gz", "ml-100k.inter")
@@ -228,10 +290,10 @@ def load_movielens(directory: Path, split: SplitStrategy | None = None, min_rati
         data = _find(directory, "u.data")
         if data is None:
             raise DataError(directory, "no ml-100k.inter[.gz] or u.data here (try `rectune data pull ml-100k`)")
-        ratings = read_table(data, (), header=None, names=["user_id", "item_id", "rating", "timestamp"])
-        items = read_table(directory / "u.item", (), sep="|", header=None, encoding="latin-1",
+        ratings = read_table(data, (), names=["user_id", "item_id", "rating", "timestamp"])
+        items = read_table(directory / "u.item", (), sep="|", encoding="latin-1",
                            names=["item_id", "movie_title", "release_date", "video_release", "url", *MOVIELENS_GENRES])
-        users = read_table(directory / "u.user", (), sep="|", header=None, names=["user_id", "age", "gender", "occupation", "zip_code"])
+        users = read_table(directory / "u.user", (), sep="|", names=["user_id", "age", "gender", "occupation", "zip_code"])
         flags = items[list(MOVIELENS_GENRES)] == "1"
         genres = flags.apply(lambda row: [g for g, on in row.items() if on], axis=1)
         titles = items["movie_title"]
@@ -239,8 +301,8 @@ def load_movielens(directory: Path, split: SplitStrategy | None = None, min_rati
         atomic = data
     rating = _numeric(ratings, "rating", atomic)
     interactions = pd.DataFrame({
-        "user": _numeric(ratings, "user_id", atomic).astype("int64"),
-        "item": _numeric(ratings, "item_id", atomic).astype("int64"),
+        "user": _integer_ids(ratings, "user_id", atomic),
+        "item": _integer_ids(ratings, "item_id", atomic),
         "timestamp": _numeric(ratings, "timestamp", atomic).astype("int64"),
     })
     if min_rating is not None:
@@ -254,7 +316,8 @@ def load_movielens(directory: Path, split: SplitStrategy | None = None, min_rati
         "occupation": users["occupation"].to_numpy(),
     }, index=_numeric(users, "user_id", Path(sources[1])).astype("int64"))
     return build_dataset("ml-100k", interactions, source=atomic, split=split or SplitStrategy("random"),
-                         user_attributes=attributes, item_text=text, item_categories=genres, extra_sources=sources)
+                         user_attributes=attributes, item_text=text, item_categories=genres, extra_sources=sources,
+                         attributes_source=sources[1], content_source=sources[0])
 
 
 def load_mmrec(path: Path, split: SplitStrategy | None = None) -> Dataset:
@@ -268,8 +331,8 @@ def load_mmrec(path: Path, split: SplitStrategy | None = None) -> Dataset:
         path = inters[0]
     frame = read_table(path, ("userID", "itemID"))
     interactions = pd.DataFrame({
-        "user": _numeric(frame, "userID", path).astype("int64"),
-        "item": _numeric(frame, "itemID", path).astype("int64"),
+        "user": _integer_ids(frame, "userID", path),
+        "item": _integer_ids(frame, "itemID", path),
     })
     if "timestamp" in frame:
         interactions["timestamp"] = _numeric(frame, "timestamp", path)
@@ -280,11 +343,18 @@ def load_mmrec(path: Path, split: SplitStrategy | None = None) -> Dataset:
         feature_path = path.parent / name
         if feature_path.is_file():
             try:
-                block = np.load(feature_path).astype(np.float32)
+                # An overflow becomes inf, which the finiteness check below reports.
+                with np.errstate(over="ignore", invalid="ignore"):
+                    block = np.load(feature_path).astype(np.float32)
             except (ValueError, OSError) as exc:
                 raise DataError(feature_path, f"is not a readable .npy array: {exc}") from exc
             if block.ndim != 2:
                 raise DataError(feature_path, f"must be a 2-d array (items × dims), but has shape {block.shape}")
+            # A NaN would silently turn every similarity and score it touches into NaN.
+            invalid = ~np.isfinite(block)
+            if invalid.any():
+                rows = int(invalid.any(axis=1).sum())
+                raise DataError(feature_path, f"has {int(invalid.sum())} NaN or infinite value(s) (as float32) in {rows} of {block.shape[0]} rows")
             blocks.append(_l2_normalise(block))
             names.append(name.removesuffix(".npy"))
     item_order = None
@@ -321,13 +391,7 @@ DATASETS: dict[str, DatasetSource] = {
     )
 }
 
-FORMATS: dict[str, Callable[..., Dataset]] = {
-    "baby": load_amazon_baby,
-    "amazon2014": load_amazon_2014,
-    "amazon2023": load_amazon_2023,
-    "movielens": load_movielens,
-    "mmrec": load_mmrec,
-}
+FORMATS: dict[str, Callable[..., Dataset]] = {name: globals()[function] for name, function in LOADER_FUNCTIONS.items()}
 
 
 def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None, split: SplitStrategy | None = None,
@@ -342,7 +406,8 @@ def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None, s
         return source.loader(directory, split)
     path = Path(name_or_path)
     if format is None:
-        raise ConfigError(f"unknown dataset {name!r}: use one of {sorted(DATASETS)} or give a path with a format ({sorted(FORMATS)})")
+        raise ConfigError(f"unknown dataset {name!r}: use one of {sorted(DATASETS)} or give a path with a format "
+                          f"(--format on the command line): {sorted(FORMATS)}")
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
     if not path.exists():

@@ -40,7 +40,9 @@ def user_attribute_codes(dataset: Dataset, context: FitContext) -> np.ndarray:
     columns = []
     if dataset.user_attributes is not None:
         for name in dataset.user_attributes.columns:
-            columns.append(pd.factorize(dataset.user_attributes[name].astype(str), sort=True)[0])
+            # Users without attributes (no row in the user file) share one code of their own;
+            # pandas' default code for them, -1, is no valid embedding index.
+            columns.append(pd.factorize(dataset.user_attributes[name].astype(str), sort=True, use_na_sentinel=False)[0])
     if context.group_codes is not None:
         columns.append(np.asarray(context.group_codes))
     if not columns:

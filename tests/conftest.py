@@ -52,6 +52,13 @@ def baby_format_dir(tmp_path):
 
 
 @pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory):
+    """One feature and model cache for agent sessions on the baby-format fixture: each session
+    after the first skips retraining the default pipelines."""
+    return str(tmp_path_factory.mktemp("shared-cache"))
+
+
+@pytest.fixture(scope="session")
 def planted(tmp_path_factory):
     frame = planted_interactions()
     dataset = build_dataset("planted", frame, source="planted", split=SplitStrategy("random", seed=3))

@@ -1,8 +1,9 @@
 """A scripted OpenAI-compatible chat server on 127.0.0.1, for deterministic agent tests.
 
 The real langchain-openai client talks to it over HTTP. Each request is answered by the
-next scripted reply: a tool call, several calls, arguments that are not JSON, plain text
-or an HTTP error. Every request body is kept for the test to inspect.
+next scripted reply: a tool call, several calls, arguments that are not JSON, plain text,
+an HTTP error, or a function of the request that returns one of these. Every request body
+and its headers are kept for the test to inspect.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ class ScriptedLLM:
     def __init__(self, replies: list[dict], on_request=None):
         self.replies = list(replies)
         self.requests: list[dict] = []
+        self.headers: list[dict] = []
         self.on_request = on_request
         self._lock = threading.Lock()
         owner = self
@@ -48,8 +50,11 @@ class ScriptedLLM:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 with owner._lock:
                     owner.requests.append(body)
+                    owner.headers.append(dict(self.headers))
                     index = len(owner.requests)
                     reply = owner.replies.pop(0) if owner.replies else call("finish", reason="script exhausted")
+                if callable(reply):  # a reply that depends on what was asked
+                    reply = reply(body)
                 if owner.on_request:
                     owner.on_request(index, body)
                 if "status" in reply:

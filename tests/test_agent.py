@@ -1,6 +1,8 @@
 """The agent end to end: the real ChatOpenAI client over HTTP against a scripted server on
 127.0.0.1, the real trial runner, Optuna ledger (SQLite), MLflow (SQLite) and SqliteSaver."""
 
+from pathlib import Path
+
 import optuna
 import pytest
 from mlflow import MlflowClient
@@ -31,6 +33,37 @@ def settings(tmp_path, data_dir, base_url, approve="ask", budget=3, groups="acti
 
 def complete(storage: str, study: str) -> list:
     return [t for t in optuna.load_study(study_name=study, storage=storage).get_trials() if t.state == TrialState.COMPLETE]
+
+
+def children(client, run_id: str, **tags) -> list:
+    """The nested runs of a parent run that carry every tag in `tags`."""
+    experiment = client.get_run(run_id).info.experiment_id
+    found = client.search_runs([experiment], f"tags.mlflow.parentRunId = '{run_id}'", max_results=1000)
+    return [r for r in found if all(r.data.tags.get(k) == v for k, v in tags.items())]
+
+
+def assert_paper_check(values: dict, client, tmp_path) -> None:
+    """The argmax of the objective and of F1@TopN, recomputed from the selection table, against
+    what the session recorded in its state, selection.md, its report and its MLflow parent run."""
+    run_id = values["mlflow_run_id"]
+    selection_md = Path(client.download_artifacts(run_id, "selection.md", str(tmp_path))).read_text()
+    report = Path(values["report"]).read_text()
+    tags = client.get_run(run_id).data.tags
+    for group, pipelines in values["table"].items():
+        f1 = {p: next(v for name, v in metrics.items() if name.startswith("f1@")) for p, metrics in pipelines.items()}
+        objective_argmax = max(pipelines, key=lambda p: pipelines[p]["objective"])
+        f1_argmax = max(f1, key=f1.get)
+        choice = values["selection"][group]
+        agrees, f1_agrees = choice["pipeline"] == objective_argmax, choice["pipeline"] == f1_argmax
+        assert (choice["argmax"], choice["agrees"], choice["f1_argmax"], choice["f1_agrees"]) == \
+            (objective_argmax, agrees, f1_argmax, f1_agrees)
+        row = (f"| {group} | {choice['pipeline']} | {'LLM' if choice['llm'] else 'fallback'} | {objective_argmax} | "
+               f"{'yes' if agrees else 'no'} | {f1_argmax} | {'yes' if f1_agrees else 'no'} |")
+        assert row in selection_md and row in report, row
+        assert {name: tags[f"select/{group}/{name}"] for name in ("pipeline", "objective_argmax", "agrees_objective",
+                                                                 "f1_argmax", "agrees_f1", "chosen_by")} == {
+            "pipeline": choice["pipeline"], "objective_argmax": objective_argmax, "agrees_objective": str(agrees),
+            "f1_argmax": f1_argmax, "agrees_f1": str(f1_agrees), "chosen_by": "llm" if choice["llm"] else "fallback"}
 
 
 def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_dir):
@@ -81,11 +114,14 @@ def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_di
     assert "Test split: default vs tuned" in report and "| cold | heuristic | ndcg@20 |" in report
     client = MlflowClient(config["tracking_uri"])
     parent = client.get_run(values["mlflow_run_id"])
-    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
-    assert sorted(r.data.tags["tuner"] for r in children) == ["default", "default", "llm", "llm", "llm"]
+    nested = children(client, parent.info.run_id)
+    trials = [r for r in nested if "phase" not in r.data.tags]  # the ledger's trials; select runs carry a phase
+    assert sorted(r.data.tags["tuner"] for r in trials) == ["default", "default", "llm", "llm", "llm"]
+    assert len(nested) == len(trials) + 2 * 4  # and every pipeline's default on each group
     artifacts = {a.path for a in client.list_artifacts(parent.info.run_id)}
     assert {"report.md", "selection.md"} <= artifacts
-    llm_child = next(r for r in children if r.data.tags["tuner"] == "llm" and r.data.params.get("neighbors") == "20")
+    assert_paper_check(values, client, tmp_path)
+    llm_child = next(r for r in trials if r.data.tags["tuner"] == "llm" and r.data.params.get("neighbors") == "20")
     assert client.download_artifacts(llm_child.info.run_id, "rationale.md", str(tmp_path)) and \
         (tmp_path / "rationale.md").read_text() == "denser similarity graph"
     assert list_sessions(str(tmp_path / "sessions.db"))[0]["phase"] == "done"
@@ -105,6 +141,10 @@ def test_malformed_replies_are_answered_not_crashed(tmp_path, baby_format_dir):
         call("propose_change", changes="neighbors=20", rationale="string instead of object"),
         call("propose_change", changes={"neighbors": 20}),
         call("evaluate_group", group="martians"),
+        raw("propose_change", "[1, 2]"),  # valid JSON, but not an object: the client itself refuses these
+        raw("evaluate_group", '"all"'),
+        {"calls": [("get_history", "{}"), ("finish", "5")]},
+        raw("finish", "true"),
         calls(("propose_change", {"changes": {"neighbors": 25}, "rationale": "ok"}), ("finish", {"reason": "also"})),
         call("finish", reason="done"),
     ]
@@ -125,7 +165,11 @@ def test_malformed_replies_are_answered_not_crashed(tmp_path, baby_format_dir):
         10: "changes must be a non-empty object",
         11: "rationale must be a non-empty string",
         12: "evaluate_group needs a group among ['all']",
-        13: "only the first (propose_change) was used",
+        13: "its arguments are valid JSON but not an object ([1, 2], in tool call 1)",
+        14: 'its arguments are valid JSON but not an object ("all", in tool call 1)',
+        15: "its arguments are valid JSON but not an object (5, in tool call 2)",
+        16: "its arguments are valid JSON but not an object (true, in tool call 1)",
+        17: "only the first (propose_change) was used",
     }
     for index, message in expectations.items():
         assert message in llm.prompt(index), (index, llm.prompt(index)[-600:])
@@ -135,7 +179,8 @@ def test_malformed_replies_are_answered_not_crashed(tmp_path, baby_format_dir):
     assert llm.requests[4]["temperature"] == pytest.approx(0.6)
     trials = complete(config["storage"], "s1-all")
     assert [t.user_attrs["tuner"] for t in trials] == ["default", "llm"] and trials[1].params["neighbors"] == 25
-    assert values["invalid_calls"]["all"] == 9
+    assert values["invalid_calls"]["all"] == 13
+    assert llm.requests[15]["temperature"] == 1.0  # capped
 
 
 def test_a_full_budget_session_refuses_finish_and_uses_every_trial(tmp_path, baby_format_dir):
@@ -154,6 +199,136 @@ def test_a_full_budget_session_refuses_finish_and_uses_every_trial(tmp_path, bab
     assert "finish is not available" in llm.prompt(3)
     assert values["finished"]["all"] == "budget"
     assert len(complete(config["storage"], "s1-all")) == 3
+
+
+def test_select_falls_back_after_three_refusals_then_tools_run_within_the_call_budget(tmp_path, baby_format_dir):
+    other = {"group": "heavy", "pipeline": "heuristic", "reason": "fine"}
+    bad_picks = [
+        raw("choose_pipelines", '[{"group": "cold", "pipeline": "heuristic"}]'),  # JSON, but not an object
+        call("choose_pipelines", choices=[{"group": "cold", "pipeline": ["heuristic"], "reason": "a list"}, other]),
+        call("choose_pipelines", choices=[{"group": "cold", "pipeline": {"name": "heuristic"}, "reason": "an object"}, other]),
+    ]
+    tune = [call("evaluate_group", group="heavy"), call("train_model", params={"top_n": 30}, rationale="longer lists"),
+            text("Let me think."), text("Still thinking.")]
+    with ScriptedLLM(bad_picks + tune) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", budget=2), "max_llm_calls": 2}
+        values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"),
+                     tracker=Tracker(config["tracking_uri"]), report_dir=tmp_path / "reports")
+
+    assert "its arguments are valid JSON but not an object" in llm.prompt(2)
+    assert "unknown pipeline \"['heuristic']\" for group 'cold'" in llm.prompt(3)
+    table, selection = values["table"], values["selection"]
+    for group, choice in selection.items():
+        assert not choice["llm"] and choice["pipeline"] == max(table[group], key=lambda p: table[group][p]["objective"])
+        assert "the LLM failed (unknown pipeline \"{'name': 'heuristic'}\"" in choice["reason"]
+    client = MlflowClient(config["tracking_uri"])
+    assert_paper_check(values, client, tmp_path)
+
+    # evaluate_group: cold's current best (its default) on heavy, which model selection measured too.
+    cold_pipeline = selection["cold"]["pipeline"]
+    expected = ", ".join(f"{name}={value}" for name, value in table["heavy"][cold_pipeline].items() if name != "objective")
+    assert f"The current best on group heavy: {expected}. Now propose a change or finish." in llm.prompt(5)
+    [look] = children(client, values["mlflow_run_id"], phase="evaluate_group")
+    assert (look.data.tags["group"], look.data.tags["best_of"], look.data.tags["tuner"]) == ("heavy", "cold", "default")
+    assert look.data.metrics["val/heavy/ndcg_at_20"] == pytest.approx(table["heavy"][cold_pipeline]["ndcg@20"], abs=1e-5)
+    # train_model: a configuration in full, missing parameters at their defaults.
+    cold = complete(config["storage"], "s1-cold")
+    assert [t.user_attrs["tuner"] for t in cold] == ["default", "llm"]
+    assert cold[1].user_attrs["params"] == {**cold[0].user_attrs["params"], "top_n": 30}
+    assert cold[1].user_attrs["rationale"] == "longer lists"
+    # heavy's two calls were text: its LLM-call budget stops it with the default alone.
+    assert values["finished"] == {"cold": "budget", "heavy": "llm-call budget"}
+    assert values["llm_calls"] == {"select": 3, "cold": 2, "heavy": 2} and len(llm.requests) == 7
+    assert len(complete(config["storage"], "s1-heavy")) == 1
+
+
+def test_select_runs_are_nested_mlflow_runs_logged_once_across_a_crash(tmp_path, baby_format_dir, monkeypatch):
+    from models.pipeline import PIPELINES
+    from tools.runner import TrialRunner
+    from tools.space import SearchSpace
+
+    original, seen = TrialRunner.run, []
+
+    def dies_on_the_third_run(self, spec, *args, **kwargs):
+        seen.append(spec.pipeline)
+        if len(seen) == 3:
+            raise RuntimeError("killed during model selection")
+        return original(self, spec, *args, **kwargs)
+
+    monkeypatch.setattr(TrialRunner, "run", dies_on_the_third_run)
+    with ScriptedLLM([call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}])]) as llm:
+        config = settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=1)
+        options = {"echo": lambda line: None, "checkpoint": str(tmp_path / "sessions.db"),
+                   "tracker": Tracker(config["tracking_uri"]), "report_dir": tmp_path / "r"}
+        with pytest.raises(RuntimeError, match="killed during model selection"):
+            run(config, None, **options)
+        values = run(config, None, resume=True, **options)
+
+    assert values["phase"] == "done"
+    runs = children(MlflowClient(config["tracking_uri"]), values["mlflow_run_id"], phase="select")
+    # The two runs logged before the crash were found again, not logged twice.
+    assert sorted(r.data.tags["pipeline"] for r in runs) == sorted(PIPELINES)
+    space = SearchSpace.load()
+    for selected in runs:
+        pipeline = selected.data.tags["pipeline"]
+        assert (selected.info.run_name, selected.data.tags["tuner"], selected.data.tags["group"]) == (f"select-all-{pipeline}", "default", "all")
+        assert {name: selected.data.params[name] for name in space.defaults(pipeline)} == {
+            name: str(value) for name, value in space.defaults(pipeline).items()}
+        assert selected.data.metrics["objective"] == pytest.approx(values["table"]["all"][pipeline]["objective"], abs=1e-5)
+
+
+def test_approval_asks_again_after_a_bad_edit_or_an_unknown_answer(tmp_path, baby_format_dir):
+    answers = iter([{"action": "edit", "changes": {"neighbors": 5000}}, {"action": "maybe"}, {"action": "edit", "changes": {}},
+                    {"action": "edit", "changes": {"neighbors": 30}}])
+    shown = []
+
+    def answer(payload):
+        shown.append(payload)
+        return next(answers)
+
+    script = [call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}]),
+              call("propose_change", changes={"neighbors": 20}, rationale="denser")]
+    with ScriptedLLM(script) as llm:
+        config = settings(tmp_path, baby_format_dir, llm.base_url, approve="ask", groups="all", budget=2)
+        run(config, answer, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+
+    errors = [payload["error"] for payload in shown]
+    assert errors[0] == "" and "the edit was refused" in errors[1] and "neighbors=5000 is out of range [10, 500]" in errors[1]
+    assert errors[2] == "answer with approve, edit or reject, not {'action': 'maybe'}"
+    assert errors[3] == "an edit needs at least one NAME=VALUE"
+    assert all(payload["changes"] == {"neighbors": 20} for payload in shown)  # the same proposal, asked again
+    assert len(llm.requests) == 2  # asking the person again costs no LLM call
+    assert [t.params["neighbors"] for t in complete(config["storage"], "s1-all")] == [50, 30]
+
+
+def test_the_terminal_reads_approve_edit_and_reject(monkeypatch, capsys):
+    from agent.cli import ask_terminal
+
+    payload = {"group": "all", "pipeline": "heuristic", "trial": "2/3", "best": {"trial": 0, "objective": 0.1},
+               "diff": {"neighbors": [50, 20]}, "rationale": "denser", "error": ""}
+
+    def typed(*lines):
+        replies = iter(lines)
+
+        def read(prompt=""):
+            try:
+                return next(replies)
+            except StopIteration:
+                raise EOFError from None
+
+        monkeypatch.setattr("builtins.input", read)
+
+    typed("e neighbors=30 k=100")
+    assert ask_terminal(payload) == {"action": "edit", "changes": {"neighbors": 30, "k": 100}}
+    typed("r  keep k small ")
+    assert ask_terminal(payload) == {"action": "reject", "comment": "keep k small"}
+    typed("e neighbors", "maybe", "a")
+    assert ask_terminal(payload) == {"action": "approve"}
+    out = capsys.readouterr().out
+    assert "neighbors: 50 → 20" in out and "expected KEY=VALUE, but got 'neighbors'" in out
+    assert "answer a, e NAME=VALUE ..., or r COMMENT" in out
+    typed()
+    assert ask_terminal(payload) is None  # end of input: the session waits at this approval
 
 
 def cli(tmp_path, data_dir, base_url, *args, postgres: str | None = None):
@@ -237,6 +412,11 @@ def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir, backend, 
     # mlflow.langchain.autolog traces each graph run, its LLM calls as CHAT_MODEL spans; the
     # resumed run made the last proposal call.
     assert any(span.span_type == "CHAT_MODEL" for trace in traces for span in trace.data.spans)
+    # MLflow holds each finished trial of the ledger once, the killed one not at all.
+    experiment = client.get_experiment_by_name("baby").experiment_id
+    logged = [int(r.data.tags["trial_number"]) for r in client.search_runs([experiment], "tags.optuna_study = 'k1-all'")
+              if "trial_number" in r.data.tags]
+    assert sorted(logged) == sorted(t.number for t in trials if t.state == TrialState.COMPLETE)
 
 
 def test_sigkill_at_an_approval_then_resume(tmp_path, baby_format_dir):
@@ -357,6 +537,13 @@ def test_paired_statistics_respect_seeds_and_small_samples():
     assert clustered[0] < differences.mean() < clustered[1]
 
 
+def test_prompts_readme_lists_every_prompt_file():
+    folder = Path(__file__).resolve().parents[1] / "prompts"
+    readme = (folder / "README.md").read_text()
+    unlisted = [path.name for path in folder.glob("*.md") if path.name != "README.md" and f"`{path.name}`" not in readme]
+    assert not unlisted
+
+
 def test_langgraph_json_points_at_a_graph_factory(baby_format_dir, tmp_path):
     import importlib
     import json
@@ -392,3 +579,14 @@ def test_a_bad_objective_is_refused_before_the_llm_is_called(tmp_path, baby_form
         with pytest.raises(ConfigError, match="at least 1"):
             run(config, None, echo=lines.append, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
     assert llm.requests == [] and not any(line.startswith("LLM:") for line in lines)
+
+
+def test_the_best_trial_is_the_best_that_met_the_latency_budget():
+    from agent.graph import best_record
+
+    fast = {"trial": 0, "objective": 0.03, "feasible": True}
+    slow = {"trial": 1, "objective": 0.05, "feasible": False}
+    older = {"trial": 2, "objective": 0.04}  # recorded before feasibility was kept: feasible
+    assert best_record([fast, slow]) is fast
+    assert best_record([fast, slow, older]) is older
+    assert best_record([slow]) is slow  # none met it: still the best there is

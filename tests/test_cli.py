@@ -47,3 +47,32 @@ def test_evaluate_missing_dataset_names_the_directory(tmp_path):
     result = runner.invoke(app, ["evaluate", "--data-dir", str(tmp_path), "--no-progress"])
     assert result.exit_code == 2
     assert "amazon-baby" in result.output and "rectune data pull baby" in result.output
+
+
+def test_data_info_reads_a_path_in_a_given_format(tmp_path):
+    from fixture_data import write_mmrec
+
+    path, _, _ = write_mmrec(tmp_path / "mmrec")
+    result = runner.invoke(app, ["data", "info", str(path), "--format", "mmrec"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert (summary["name"], summary["users"], summary["items"], summary["item_features"]) == ("baby", 3, 6, "npy:text_feat+image_feat")
+    # Without --format a path is not a registered name; the error names the option.
+    plain = runner.invoke(app, ["data", "info", str(path)])
+    assert plain.exit_code == 2 and "give a path with a format (--format on the command line)" in plain.stderr
+    unknown = runner.invoke(app, ["data", "info", str(path), "--format", "xml"], env={"COLUMNS": "200"})
+    assert unknown.exit_code == 2
+    assert "'xml' is not one of 'amazon2014', 'amazon2023', 'baby', 'mmrec', 'movielens'" in unknown.output
+
+
+def test_data_info_prints_data_warnings_one_line_each(tmp_path):
+    from fixture_data import write_movielens_original
+
+    directory = write_movielens_original(tmp_path / "ml")
+    lines = (directory / "u.user").read_text().splitlines(keepends=True)
+    (directory / "u.user").write_text("".join(lines[:-1]))
+    result = runner.invoke(app, ["data", "info", str(directory / "u.data"), "--format", "movielens"])
+    assert result.exit_code == 0, result.output
+    warning = f"1 of 4 users have no row in {directory / 'u.user'} (e.g. 4); they are kept without attributes"
+    assert result.stderr == f"warning: {warning}\n"
+    assert json.loads(result.stdout)["notes"] == [warning]

@@ -63,3 +63,42 @@ def test_file_groups_mark_missing_users_unassigned(tmp_path):
     groups = make_groups(dataset_with(["a", "b"], [1, 1]), f"file:{path}")
     assert groups.sizes() == {"north": 1, "unassigned": 1}
     assert groups.members("north").tolist() == [0]
+
+
+def test_categorical_attribute_groups_name_every_value():
+    attributes = pd.DataFrame({
+        "gender": ["F", "M", "F", "M", "F"],
+        "occupation": ["writer", "artist", "writer", "doctor", "artist"],
+        "region": ["north", "south", "south", "south", "east"],
+    }, index=list("abcde"))
+    dataset = dataset_with(list("abcde"), [1] * 5, attributes)
+    gender = make_groups(dataset, "gender")
+    assert gender.labels == ("F", "M") and gender.sizes() == {"F": 3, "M": 2}
+    assert gender.members("F").tolist() == [0, 2, 4]
+    occupation = make_groups(dataset, "occupation")
+    assert occupation.sizes() == {"artist": 2, "doctor": 1, "writer": 2}
+    assert occupation.members("doctor").tolist() == [3]
+    region = make_groups(dataset, "attr:region")
+    assert region.spec == "attr:region" and region.sizes() == {"east": 1, "north": 1, "south": 3}
+    with pytest.raises(GroupError, match=r"needs the user attribute 'zip'.*\['gender', 'occupation', 'region'\]"):
+        make_groups(dataset, "attr:zip")
+
+
+def test_users_without_attributes_form_an_unknown_group():
+    # User "d" rated items but has no attribute row (a rater missing from u.user).
+    attributes = pd.DataFrame({"age": [10, 20, 40, 60, 30], "gender": ["F", "M", "F", "M", "M"]}, index=list("abcef"))
+    with pytest.warns(RuntimeWarning, match="1 of 6 users have no row"):
+        dataset = dataset_with(list("abcdef"), [1] * 6, attributes)
+    age = make_groups(dataset, "age")
+    assert age.sizes() == {"children": 1, "young": 2, "middle-aged": 1, "elderly": 1, "unknown": 1}
+    assert age.members("unknown").tolist() == [3]
+    assert "no age on record" in age.descriptions["unknown"]
+    assert make_groups(dataset, "gender").sizes() == {"F": 2, "M": 3, "unknown": 1}
+    # With every age known there is no unknown band.
+    assert "unknown" not in make_groups(dataset_with(list("abcef"), [1] * 5, attributes), "age").labels
+
+
+def test_age_groups_refuse_ages_that_are_not_numbers():
+    attributes = pd.DataFrame({"age": ["10", "twenty", "40", "-5"]}, index=list("abcd"))
+    with pytest.raises(GroupError, match=r"non-negative numeric ages, but 2 user\(s\) have other values, e.g. user 'b' has age 'twenty'"):
+        make_groups(dataset_with(list("abcd"), [1] * 4, attributes), "age")

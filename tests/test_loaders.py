@@ -12,13 +12,14 @@ from typer.testing import CliRunner
 
 from agent.cli import app
 from fixture_data import (
-    BABY_ROWS, CORE_USERS, ITEMS_2023, MOVIELENS_USERS, amazon_2014_records, amazon_2023_meta, amazon_2023_reviews,
+    BABY_HEADER, BABY_ROWS, CORE_USERS, ITEMS_2023, MOVIELENS_USERS, amazon_2014_records, amazon_2023_meta, amazon_2023_reviews,
     movie, movielens_ratings, write_amazon_2023_csv, write_baby_tsv, write_gz, write_jsonl, write_mmrec,
     write_movielens_atomic, write_movielens_original,
 )
 from models import config
 from models.dataset import build_dataset
-from models.errors import ConfigError, DataError
+from models.errors import ConfigError, DataError, GroupError
+from models.groups import make_groups
 from models.loaders import load_amazon_2014, load_amazon_2023, load_amazon_baby, load_dataset, load_mmrec, load_movielens
 from models.splits import TEST, TRAIN, VAL, SplitStrategy
 
@@ -146,8 +147,10 @@ def test_amazon_2023_csv_applies_5core_on_distinct_pairs(tmp_path):
 
 def test_amazon_2023_jsonl_gz_with_meta(tmp_path):
     write_jsonl(tmp_path / "All_Beauty.jsonl.gz", amazon_2023_reviews())
-    write_jsonl(tmp_path / "meta_All_Beauty.jsonl", amazon_2023_meta())
-    dataset = load_amazon_2023(tmp_path, SplitStrategy("leave-last-out"))
+    meta = write_jsonl(tmp_path / "meta_All_Beauty.jsonl", amazon_2023_meta())
+    with pytest.warns(RuntimeWarning, match=f"3 of 5 items have no row in {meta}"):
+        dataset = load_amazon_2023(tmp_path, SplitStrategy("leave-last-out"))
+    assert dataset.summary()["notes"][-1] == f"3 of 5 items have no row in {meta} (e.g. 'B0ITEM3'); they are kept without text or categories"
     assert dataset.report.sources == (str(tmp_path / "All_Beauty.jsonl.gz"), str(tmp_path / "meta_All_Beauty.jsonl"))
     assert dataset.item_text == ["Rose Oil. Cold pressed. For skin.", "Comb", "", "", ""]
     assert dataset.item_categories == [("Beauty", "Oils"), ("All Beauty",), (), (), ()]
@@ -184,6 +187,39 @@ def test_movielens_original_files(tmp_path):
     # As unzipped from GroupLens: the files sit in an ml-100k/ sub-directory.
     nested = write_movielens_original(tmp_path / "zipped" / "ml-100k").parent
     check_movielens(load_movielens(nested), " (1995)")
+
+
+@pytest.mark.parametrize("layout", ["original", "atomic"])
+def test_movielens_users_and_items_without_a_row_are_counted(tmp_path, layout):
+    # The ratings name user 4 and item 20; the user and item files no longer do.
+    if layout == "original":
+        directory = write_movielens_original(tmp_path)
+        user_file, item_file = directory / "u.user", directory / "u.item"
+    else:
+        directory = write_movielens_atomic(tmp_path)
+        user_file, item_file = directory / "ml-100k.user", directory / "ml-100k.item"
+    for path in (user_file, item_file):
+        lines = path.read_bytes().splitlines(keepends=True)
+        path.write_bytes(b"".join(lines[:-1]))
+    with pytest.warns(RuntimeWarning) as caught:
+        dataset = load_movielens(directory)
+    notes = [f"1 of 4 users have no row in {user_file} (e.g. 4); they are kept without attributes",
+             f"1 of 20 items have no row in {item_file} (e.g. 20); they are kept without text or categories"]
+    assert [str(w.message) for w in caught] == notes
+    assert dataset.summary()["notes"] == notes and dataset.n_users == 4 and dataset.n_items == 20
+    assert dataset.user_attributes.iloc[3].isna().all() and dataset.item_text[19] == "" and dataset.item_categories[19] == ()
+    # Attribute groups give them an explicit unknown group. Without user 4 no one is a child
+    # or elderly, so the age bands are refused by name (not a crash on the missing age).
+    assert make_groups(dataset, "gender").sizes() == {"F": 1, "M": 2, "unknown": 1}
+    with pytest.raises(GroupError, match=r"\['children', 'elderly'\] of 'age' have no users; sizes: .*'unknown': 1"):
+        make_groups(dataset, "age")
+
+
+def test_movielens_repeated_user_row_is_refused(tmp_path):
+    directory = write_movielens_original(tmp_path)
+    with (directory / "u.user").open("a") as handle:
+        handle.write("2|30|M|writer|10001\n")
+    assert_data_error(lambda: load_movielens(directory), directory / "u.user", "1 user id(s) have more than one row, e.g. 2")
 
 
 def test_movielens_min_rating_keeps_only_high_ratings(tmp_path):
@@ -324,6 +360,59 @@ def test_nothing_survives_the_5core(tmp_path):
     assert_data_error(lambda: load_amazon_2023(path), path, "no user and item is left after the 5-core filter")
 
 
+def test_non_finite_npy_features_are_refused(tmp_path):
+    _, text, _ = write_mmrec(tmp_path)
+    text[0, 1], text[3, 2], text[3, 3] = np.nan, np.inf, -np.inf
+    np.save(tmp_path / "text_feat.npy", text)
+    assert_data_error(lambda: load_mmrec(tmp_path), tmp_path / "text_feat.npy", "has 3 NaN or infinite value(s) (as float32) in 2 of 6 rows")
+    # Finite in float64, infinite once read as float32.
+    write_mmrec(tmp_path)
+    np.save(tmp_path / "image_feat.npy", np.full((6, 3), 1e300))
+    assert_data_error(lambda: load_mmrec(tmp_path), tmp_path / "image_feat.npy", "has 18 NaN or infinite value(s) (as float32) in 6 of 6 rows")
+
+
+def test_blank_ids_are_dropped_and_counted_like_duplicates(tmp_path):
+    write_baby_tsv(tmp_path, [*BABY_ROWS, ("", "B001", "train"), ("A1AA", " ", "test"), ("  ", "", "val")])
+    dataset = load_amazon_baby(tmp_path)
+    summary = dataset.summary()
+    assert (summary["users"], summary["items"], summary["interactions"]) == (3, 5, 12)
+    assert (summary["blank_ids_dropped"], summary["duplicates_dropped"], dataset.report.rows_read) == (3, 1, 16)
+    # Integer ids (MMRec, MovieLens) take the same path.
+    path = tmp_path / "toy.inter"
+    path.write_text("userID\titemID\tx_label\n0\t1\t0\n\t2\t0\n0\t\t1\n1\t1\t2\n0\t1\t0\n")
+    dataset = load_mmrec(path)
+    assert dataset.user_ids.dtype == np.int64 and dataset.user_ids.tolist() == [0, 1] and dataset.item_ids.tolist() == [1]
+    assert (dataset.report.blank_ids_dropped, dataset.report.duplicates_dropped) == (2, 1)
+    path.write_text("userID\titemID\tx_label\n\t1\t0\n0\t \t0\n")
+    assert_data_error(lambda: load_mmrec(path), path, "no interactions: all 2 rows have a blank user or item id")
+    path.write_text("userID\titemID\tx_label\n0\t1\t0\n1.5\t1\t0\n")
+    assert_data_error(lambda: load_mmrec(path), path, "column 'userID' has a non-integer id '1.5' (data row 2)")
+
+
+def test_rows_with_extra_fields_name_the_line(tmp_path):
+    header = "\t".join(BABY_HEADER)
+    path = write_gz(tmp_path / "interactions.tsv.gz", f"{header}\nA1\tB1\t0\t0\t0\t0\ttrain\tx\ty\nA1\tB2\t0\t1\t0\t1\ttest\n")
+    assert_data_error(lambda: load_amazon_baby(tmp_path), path, "line 2 has 9 fields, but the header has 7")
+    write_gz(path, f"{header}\nA1\tB1\t0\t0\t0\t0\ttrain\nA1\tB2\t0\t1\t0\t1\ttest\textra\n")
+    assert_data_error(lambda: load_amazon_baby(tmp_path), path, "line 3 has 8 fields, but the header has 7")
+    write_gz(path, "reviewerID\tasin\tasin\tsplit\nA1\tB1\tB1\ttrain\n")
+    assert_data_error(lambda: load_amazon_baby(tmp_path), path, "the header repeats column(s) ['asin']")
+    data = write_movielens_original(tmp_path / "ml") / "u.data"
+    data.write_text("1\t1\t5\t881250949\t7\n1\t2\t5\t881250950\t7\n")
+    assert_data_error(lambda: load_movielens(data.parent), data, "line 1 has 5 fields, but expected 4 (user_id, item_id, rating, timestamp)")
+    data.write_text("1\t1\t5\t881250949\n1\t2\t5\t881250950\t7\n")
+    assert_data_error(lambda: load_movielens(data.parent), data, "line 2 has 5 fields, but the first line has 4")
+
+
+def test_loaders_accept_a_file_of_their_directory(tmp_path):
+    directory = write_movielens_original(tmp_path / "original")
+    for path in (directory / "u.data", write_movielens_atomic(tmp_path / "atomic") / "ml-100k.inter.gz"):
+        check_movielens(load_dataset(path, format="movielens"), " (1995)" if path.name == "u.data" else "")
+    assert load_dataset(write_baby_tsv(tmp_path / "baby"), format="baby").n_users == 3
+    assert_data_error(lambda: load_dataset(directory / "u.item", format="movielens"), directory / "u.item",
+                      "is a file; expected a directory holding ml-100k.inter.gz or ml-100k.inter or u.data, or one of those files")
+
+
 def test_build_dataset_checks_columns():
     with pytest.raises(DataError, match="mem: missing column 'item'"):
         build_dataset("x", pd.DataFrame({"user": [1]}), source="mem", split=SplitStrategy())
@@ -364,7 +453,8 @@ def test_load_dataset_by_name_from_data_dir(isolated_config, monkeypatch):
     assert load_dataset("ml-100k").n_users == 4
     with pytest.raises(DataError, match=r"dataset 'baby' is not in the data directory .*rectune data pull baby"):
         load_dataset("baby")
-    with pytest.raises(ConfigError, match=r"unknown dataset 'nope': use one of \['baby', 'beauty-2023', 'ml-100k'\]"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'nope': use one of \['baby', 'beauty-2023', 'ml-100k'\] or give a path "
+                                          r"with a format \(--format on the command line\)"):
         load_dataset("nope")
     with pytest.raises(ConfigError, match="unknown format 'xml'"):
         load_dataset("anything", format="xml")

@@ -1,13 +1,23 @@
-"""The pipeline contract, checked once over all four pipelines on the planted dataset."""
+"""The pipeline contract, checked once over all four pipelines on the planted dataset, and
+the models' own formulas and optional inputs (user attributes, item categories)."""
 
 import numpy as np
+import pandas as pd
 import pytest
 import torch
 
+from conftest import planted_interactions
+from models.base import FitContext
+from models.dataset import ItemFeatures, build_dataset
+from models.deepfm import DeepFMNet, fm_second_order
 from models.errors import ConfigError
+from models.features import attach_item_features
 from models.groups import make_groups
-from models.pipeline import PIPELINES, Pipeline, PipelineConfig
+from models.heuristic import HeuristicRecall
+from models.pipeline import PIPELINES, Pipeline, PipelineConfig, fit_recall
 from models.metrics import in_rows
+from models.splits import SplitStrategy
+from models.two_tower import TwoTowerNet
 
 TINY = {"epochs": 3, "ranker_epochs": 2, "embedding_dim": 16, "k": 60, "top_n": 10, "batch_size": 128, "negative_pool": 30}
 
@@ -48,20 +58,24 @@ def test_same_seed_same_metrics_other_seed_other_model(planted):
     assert first != other
 
 
+def plain_scores(ranker, users: np.ndarray, candidates) -> np.ndarray:
+    """The DeepFM ranker's scores from its plain forward, row by row (the reference for its fast path)."""
+    k = candidates.items.shape[1]
+    u = np.repeat(users, k)
+    items = candidates.items.ravel()
+    with torch.inference_mode():
+        return ranker.net(
+            torch.from_numpy(u), torch.from_numpy(ranker.activity[u]), torch.from_numpy(ranker.group[u]),
+            torch.from_numpy(items), torch.from_numpy(ranker.popularity[items]),
+            torch.from_numpy(ranker.pair_features(candidates.scores.ravel(), np.tile(np.arange(k), len(users)))),
+        ).numpy().reshape(candidates.items.shape)
+
+
 def test_deepfm_fast_scoring_equals_plain_forward(fitted, planted):
     ranker = fitted["heuristic+deepfm"].ranker
     users = np.arange(0, planted.n_users, 7)
     candidates = fitted["heuristic+deepfm"].recall.candidates(users, 25, planted.train)
-    fast = ranker.scores(users, candidates)
-    u = np.repeat(users, 25)
-    items = candidates.items.ravel()
-    with torch.inference_mode():
-        plain = ranker.net(
-            torch.from_numpy(u), torch.from_numpy(ranker.activity[u]), torch.from_numpy(ranker.group[u]),
-            torch.from_numpy(items), torch.from_numpy(ranker.popularity[items]),
-            torch.from_numpy(ranker.pair_features(candidates.scores.ravel(), np.tile(np.arange(25), len(users)))),
-        ).numpy().reshape(fast.shape)
-    np.testing.assert_allclose(fast, plain, rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(ranker.scores(users, candidates), plain_scores(ranker, users, candidates), rtol=1e-4, atol=1e-4)
 
 
 def test_k_and_top_n_change_serving_only():
@@ -97,3 +111,157 @@ def test_in_rows_matches_a_plain_lookup():
     expected = np.array([[item in rows[r] for item in items[r]] for r in range(50)])
     assert expected.any() and not expected.all()
     np.testing.assert_array_equal(in_rows(matrix, items, block=7), expected)
+
+
+# --------------------------------------------------------------------------- optional inputs
+
+OCCUPATIONS = ("artist", "doctor", "engineer", "student", "writer")
+
+
+@pytest.fixture(scope="module")
+def movielens_like(tmp_path_factory):
+    """The planted interactions with MovieLens-style user attributes (age, gender,
+    occupation; the last user has no attribute row, like a rater missing from u.user)
+    and item categories (each item's taste cluster plus a second, cross-cutting genre)."""
+    frame = planted_interactions(n_users=120, n_items=80)
+    users = sorted(frame["user"].unique())
+    attributes = pd.DataFrame({
+        "age": [15 + (7 * k) % 50 for k in range(len(users) - 1)],
+        "gender": ["FM"[k % 2] for k in range(len(users) - 1)],
+        "occupation": [OCCUPATIONS[k % len(OCCUPATIONS)] for k in range(len(users) - 1)],
+    }, index=users[:-1])
+    items = sorted(frame["item"].unique())
+    categories = pd.Series([(f"cluster{int(i[1:]) // 20}", f"genre{int(i[1:]) % 3}") for i in items], index=items)
+    with pytest.warns(RuntimeWarning, match="1 of 120 users have no row in u.user"):
+        dataset = build_dataset("ml-like", frame, source="mem", split=SplitStrategy("random", seed=3),
+                                user_attributes=attributes, item_categories=categories, attributes_source="u.user")
+    return attach_item_features(dataset, cache_dir=tmp_path_factory.mktemp("cache"), collaborative_dim=16)
+
+
+def record_initial_parameters(monkeypatch, cls, prefixes: tuple[str, ...]) -> list[dict]:
+    """Patch `cls.__init__` to keep a copy of the named parameters of every instance as built."""
+    created: list[dict] = []
+    original = cls.__init__
+
+    def init(self, *args, **kwargs):
+        original(self, *args, **kwargs)
+        created.append({name: value.detach().clone() for name, value in self.named_parameters() if name.startswith(prefixes)})
+
+    monkeypatch.setattr(cls, "__init__", init)
+    return created
+
+
+def test_two_tower_user_tower_learns_from_user_attributes(movielens_like, monkeypatch):
+    initial = record_initial_parameters(monkeypatch, TwoTowerNet, ("attributes.",))
+    recall = fit_recall(PipelineConfig.from_dict({"pipeline": "two_tower", **TINY}), movielens_like)
+    net = recall.net
+    # age, gender, occupation; the user without attributes has a code of its own in each.
+    assert [table.num_embeddings for table in net.attributes] == [50 + 1, 2 + 1, len(OCCUPATIONS) + 1]
+    assert recall.attributes.min() >= 0
+    assert recall.attributes[-1].tolist() == [50, 2, len(OCCUPATIONS)]  # the missing row's codes sort last
+    for j, table in enumerate(net.attributes):
+        before, after = initial[0][f"attributes.{j}.weight"], table.weight.detach().cpu()
+        for code in np.unique(recall.attributes[:, j]):
+            assert not torch.allclose(before[code], after[code]), f"attribute {j} code {code} received no update"
+    users = np.arange(20)
+    vectors = recall.user_vectors(users, movielens_like.train)
+    recall.attributes = recall.attributes.copy()
+    recall.attributes[:, 1] = 1 - np.minimum(recall.attributes[:, 1], 1)  # swap F and M
+    swapped = recall.user_vectors(users, movielens_like.train)
+    assert np.abs(vectors - swapped).max(axis=1).min() > 1e-4, "user vectors ignore gender"
+
+
+def test_deepfm_ranker_learns_from_item_categories(movielens_like, monkeypatch):
+    initial = record_initial_parameters(monkeypatch, DeepFMNet, ("category_",))
+    pipeline = Pipeline(PipelineConfig.from_dict({"pipeline": "heuristic+deepfm", **TINY})).fit(movielens_like)
+    ranker = pipeline.ranker
+    # 4 clusters and 3 genres; each item's row averages its two categories.
+    assert ranker.net.categories.shape == (movielens_like.n_items, 7)
+    np.testing.assert_allclose(ranker.net.categories.sum(dim=1).cpu().numpy(), 1.0)
+    assert ranker.net.n_item_fields == 4  # item, popularity, categories, content
+    for name in ("category_embed.weight", "category_first.weight"):
+        changed = ~torch.isclose(initial[0][name], dict(ranker.net.named_parameters())[name].detach().cpu()).all(dim=0)
+        assert changed.all(), f"{name}: categories {np.flatnonzero(~changed.numpy()).tolist()} received no update"
+    users = np.arange(0, movielens_like.n_users, 5)
+    candidates = pipeline.recall.candidates(users, 25, movielens_like.train)
+    scores = ranker.scores(users, candidates)
+    np.testing.assert_allclose(scores, plain_scores(ranker, users, candidates), rtol=1e-4, atol=1e-4)
+    ranker.net.categories = ranker.net.categories.roll(1, dims=1)  # relabel every item's categories
+    assert np.abs(ranker.scores(users, candidates) - scores).max() > 1e-4, "scores ignore the category field"
+
+
+# --------------------------------------------------------------------------- formulas
+
+def keep_top_positive(similarity: np.ndarray, neighbors: int) -> np.ndarray:
+    """Each row's `neighbors` largest positive off-diagonal entries; the rest zero."""
+    similarity = similarity.copy()
+    np.fill_diagonal(similarity, 0.0)
+    kept = np.zeros_like(similarity)
+    for row, values in enumerate(similarity):
+        top = np.argsort(-values)[:neighbors]
+        top = top[values[top] > 0]
+        kept[row, top] = values[top]
+    return kept
+
+
+@pytest.mark.parametrize("embedding_dim, neighbors", [(3, 3), (2, 1)])
+def test_heuristic_scores_follow_the_documented_formula(embedding_dim, neighbors):
+    history = {"u0": ["i0", "i1"], "u1": ["i1", "i2"], "u2": ["i0", "i2", "i3"], "u3": ["i0", "i1", "i3"]}
+    frame = pd.DataFrame([(u, i, "train") for u, items in history.items() for i in items], columns=["user", "item", "split"])
+    features = np.array([[1.0, 0.2, 0.4], [0.9, 0.5, -0.1], [-0.3, 1.0, 0.7], [0.1, -0.8, 0.3]])
+    dataset = build_dataset("tiny", frame, source="mem", split=SplitStrategy("given"))
+    dataset = dataset.with_features(ItemFeatures(features.astype(np.float32), "test"))
+    cf_weight, popularity_weight = 0.3, 0.5
+    recall = HeuristicRecall(embedding_dim, neighbors, cf_weight, popularity_weight)
+    recall.fit(dataset, FitContext())
+
+    # The module docstring's recipe, written out densely.
+    centred = features - features.mean(axis=0)
+    reduced = centred @ np.linalg.svd(centred)[2][:embedding_dim].T  # PCA; a no-op rotation at full width
+    unit = reduced / np.linalg.norm(reduced, axis=1, keepdims=True)
+    content = keep_top_positive(unit @ unit.T, neighbors)
+    train = dataset.train.toarray()
+    counts = train.sum(axis=0)
+    collaborative = keep_top_positive((train.T @ train) / np.sqrt(np.outer(counts, counts)), neighbors)
+    expected = train @ ((1 - cf_weight) * content + cf_weight * collaborative) + popularity_weight * counts / counts.max()
+
+    users = np.arange(dataset.n_users)
+    candidates = recall.candidates(users, dataset.n_items, dataset.train)
+    for user in users:
+        unseen = np.flatnonzero(train[user] == 0)
+        listed = candidates.items[user][candidates.items[user] >= 0]
+        assert sorted(listed.tolist()) == unseen.tolist()
+        np.testing.assert_allclose(candidates.scores[user][: len(listed)], expected[user, listed], rtol=1e-5)
+        assert (np.diff(candidates.scores[user][: len(listed)]) <= 0).all()
+
+
+def test_fm_second_order_equals_the_pairwise_sum():
+    generator = torch.Generator().manual_seed(0)
+    vectors = torch.randn(5, 6, 4, generator=generator, dtype=torch.float64)
+    pairwise = sum((vectors[:, i] * vectors[:, j]).sum(-1) for i in range(6) for j in range(i + 1, 6))
+    torch.testing.assert_close(fm_second_order(vectors), pairwise)
+
+    # The whole network with first order and MLP zeroed is its FM term over all nine fields.
+    rng = np.random.default_rng(0)
+    sizes = {"user": 7, "item": 9, "activity": 3, "popularity": 16, "group": 2}
+    categories = rng.random((9, 5)).astype(np.float32)
+    content = rng.normal(size=(9, 6)).astype(np.float32)
+    torch.manual_seed(0)
+    net = DeepFMNet(sizes, 4, (8,), 0.0, categories, content, n_pair_fields=2).eval()
+    with torch.no_grad():
+        for parameter in (*net.first.parameters(), net.category_first.weight, net.content_first.weight, net.pair_first,
+                          net.bias, *net.output.parameters()):
+            parameter.zero_()
+        for table in net.embed.values():
+            table.weight.normal_()  # the 0.01 init would make the check trivially small
+    n = 11
+    user, item = torch.from_numpy(rng.integers(0, 7, n)), torch.from_numpy(rng.integers(0, 9, n))
+    activity, group = torch.from_numpy(rng.integers(0, 3, n)), torch.from_numpy(rng.integers(0, 2, n))
+    popularity, pair = torch.from_numpy(rng.integers(0, 16, n)), torch.from_numpy(rng.normal(size=(n, 2)).astype(np.float32))
+    with torch.no_grad():
+        fields = [net.embed["user"](user), net.embed["activity"](activity), net.embed["group"](group),
+                  net.embed["item"](item), net.embed["popularity"](popularity),
+                  net.category_embed(net.categories[item]), net.content_embed(net.content[item]),
+                  pair[:, :1] * net.pair_embed[0], pair[:, 1:] * net.pair_embed[1]]
+        expected = sum((fields[i] * fields[j]).sum(-1) for i in range(9) for j in range(i + 1, 9))
+        torch.testing.assert_close(net(user, activity, group, item, popularity, pair), expected, rtol=1e-5, atol=1e-5)

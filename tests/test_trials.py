@@ -84,6 +84,20 @@ def test_trial_result_holds_the_group_objective_and_metrics(runner):
     assert everyone.objective == everyone.metrics["overall"]["ndcg@20"]
 
 
+def test_run_trial_is_one_reproducible_trial(planted):
+    from tools.runner import run_trial
+
+    groups = make_groups(planted, "activity:2")
+    params = spec({}).params
+    first = run_trial(planted, groups, "cold", "two_tower+deepfm", params, seed=0)
+    again = run_trial(planted, groups, "cold", "two_tower+deepfm", params, seed=0)
+    other = run_trial(planted, groups, "cold", "two_tower+deepfm", params, seed=1)
+    assert first.cache == again.cache == "none"  # each call trains from scratch
+    assert first.objective == first.metrics["cold"]["ndcg@20"]
+    assert first.metrics == again.metrics, "the same seed must give the same metrics"
+    assert other.metrics != first.metrics
+
+
 def test_latency_budget_marks_trials_infeasible(planted):
     runner = TrialRunner(planted, make_groups(planted, "all"), max_latency_ms=1e-9)
     assert not runner.run(spec({}, group="all", pipeline="heuristic")).feasible
@@ -127,6 +141,19 @@ def test_disk_cache_evicts_oldest_beyond_its_budget(tmp_path):
         cache.get_or_fit(f"key{i}", lambda: np.zeros(200))  # ~1.8 KB each on disk
         os.utime(tmp_path / f"key{i}.pt", (i, i))
     assert not (tmp_path / "key0.pt").exists() and (tmp_path / "key2.pt").exists()
+
+
+def test_disk_budget_comes_from_the_environment(tmp_path, monkeypatch):
+    monkeypatch.setenv("RECTUNE_CACHE_MAX_GB", str(3000 / 2**30))
+    cache = ModelCache(tmp_path)
+    for i in range(3):
+        cache.get_or_fit(f"key{i}", lambda: np.zeros(200))
+        os.utime(tmp_path / f"key{i}.pt", (i, i))
+    assert not (tmp_path / "key0.pt").exists() and (tmp_path / "key2.pt").exists()
+    for bad in ("0", "-1", "lots"):
+        monkeypatch.setenv("RECTUNE_CACHE_MAX_GB", bad)
+        with pytest.raises(ConfigError, match=f"RECTUNE_CACHE_MAX_GB='{bad}': expected a size in GB above 0"):
+            ModelCache(tmp_path)
 
 
 def test_two_processes_fit_a_stage_once(tmp_path):
@@ -295,3 +322,72 @@ def test_worker_on_a_missing_study_says_so(tmp_path):
 
     result = CliRunner().invoke(app, ["worker", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'o.db'}"])
     assert result.exit_code == 2 and "no study 'nope'" in result.output
+
+
+def test_a_trial_told_to_the_ledger_but_not_logged_reaches_mlflow_on_resume(runner, tmp_path, monkeypatch):
+    from tools.tracking import TrackingSession
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    log_trial = TrackingSession.log_trial
+
+    def dies_after_the_ledger(self, result, trial_number, *args, **kwargs):
+        if trial_number == 1:  # the process "dies" after study.tell, before the MLflow run
+            raise KeyboardInterrupt
+        return log_trial(self, result, trial_number, *args, **kwargs)
+
+    monkeypatch.setattr(TrackingSession, "log_trial", dies_after_the_ledger)
+    with pytest.raises(KeyboardInterrupt):
+        run_baseline(heuristic_context(budget=3), runner, storage, "s", tracker, progress=False)
+    monkeypatch.setattr(TrackingSession, "log_trial", log_trial)
+    study = run_baseline(heuristic_context(budget=3), runner, storage, "s", tracker, progress=False)
+
+    trials = study.get_trials()
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
+    client = MlflowClient(tracker.tracking_uri)
+    children = [r for r in client.search_runs([client.get_experiment_by_name("planted").experiment_id])
+                if "mlflow.parentRunId" in r.data.tags]
+    assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2]
+    late = next(c for c in children if c.data.tags["trial_number"] == "1")
+    assert late.data.metrics["objective"] == pytest.approx(trials[1].value)
+    assert late.data.tags["tuner"] == "tpe" and late.data.params["k"] == str(trials[1].user_attrs["params"]["k"])
+
+
+@pytest.mark.parametrize("option, message", [
+    (["--sampler", "llm"], "--sampler must be one of ('tpe', 'random'), but got 'llm'"),
+    (["--objective", "auc@20"], "unknown objective metric 'auc'"),
+    (["--pipeline", "nope"], "pipeline must be one of"),
+    (["--max-latency-ms", "0"], "max_latency_ms must be above 0"),
+    (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking server http://127.0.0.1:9"),
+    (["--group", "nope"], "unknown group 'nope'"),
+])
+def test_baseline_command_refuses_bad_settings_before_writing_a_study(baby_format_dir, tmp_path, option, message):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    ledger = tmp_path / "optuna.db"
+    arguments = ["baseline", "--dataset", "baby", "--groups", "activity:2", "--group", "all", "--pipeline", "heuristic",
+                 "--budget", "2", "--storage", f"sqlite:///{ledger}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+                 "--data-dir", str(baby_format_dir), "--cache-dir", str(tmp_path / "cache"), "--no-progress", *option]
+    result = CliRunner().invoke(app, arguments)
+    assert result.exit_code == 2 and message in result.output, result.output
+    # A study written with bad settings would hold a failed trial 0 and refuse the corrected command.
+    assert not ledger.exists()
+
+
+def test_baseline_command_says_when_no_trial_met_the_latency_budget(baby_format_dir, tmp_path):
+    from typer.testing import CliRunner
+
+    from agent.cli import app
+
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    result = CliRunner().invoke(app, [
+        "baseline", "--dataset", "baby", "--groups", "activity:2", "--group", "all", "--pipeline", "heuristic", "--budget", "2",
+        "--max-latency-ms", "1e-9", "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--data-dir", str(baby_format_dir), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    assert result.exit_code == 1 and "no trial met --max-latency-ms 1e-09" in result.output, result.output
+    trials = optuna.load_study(study_name="baby-activity:2-all-heuristic-tpe-seed0", storage=storage).get_trials()
+    assert len(trials) == 2 and not any(t.user_attrs["feasible"] for t in trials)
+    # TPE learns the budget from each trial's constraint: above 0 is infeasible.
+    assert all(t.constraints["latency_ms_per_user"] > 0 for t in trials)

@@ -5,9 +5,12 @@ from __future__ import annotations
 import os
 from dataclasses import asdict
 
-from tools.ledger import (TPE_ARGUMENTS, StudyContext, best, context_of, enqueue, in_flight, open_study,
+from models.errors import ConfigError
+from tools.ledger import (TPE_ARGUMENTS, StudyContext, best, context_of, enqueue, in_flight, log_unlogged, open_study,
                           reclaim_orphans, run_next, spent)
 from tools.runner import TrialRunner
+
+BASELINE_SAMPLERS = ("tpe", "random")
 
 
 def study_name(context: StudyContext) -> str:
@@ -39,6 +42,9 @@ def run_baseline(context: StudyContext, runner: TrialRunner, storage: str, name:
 
     from tqdm import tqdm
 
+    if context.sampler not in BASELINE_SAMPLERS:
+        raise ConfigError(f"the baseline samples with {' or '.join(BASELINE_SAMPLERS)}, but got {context.sampler!r} "
+                          "(an `llm` study is filled by the agent's proposals)")
     study = open_study(storage, name or study_name(context), context)
     reclaim_orphans(study)
     if not study.get_trials(deepcopy=False):
@@ -46,6 +52,7 @@ def run_baseline(context: StudyContext, runner: TrialRunner, storage: str, name:
     with (_session(tracker, study, context, context.sampler) if tracker else nullcontext()) as session:
         if session is not None:
             study.set_user_attr("mlflow_run_id", session.run_id)
+        log_unlogged(study, session)
         with tqdm(total=context.budget, initial=min(spent(study), context.budget), disable=not progress,
                   desc=f"{context.sampler} {context.group}", unit="trial") as bar:
             while spent(study) < context.budget:
@@ -76,6 +83,7 @@ def work(storage: str, name: str, data_dir=None, cache_dir=None, tracker=None, s
     with (_session(tracker, study, context, "worker") if tracker else nullcontext()) as session:
         if session is not None and "mlflow_run_id" not in study.user_attrs:
             study.set_user_attr("mlflow_run_id", session.run_id)
+        log_unlogged(study, session)
         while max_trials is None or done < max_trials:
             from optuna.trial import TrialState
 

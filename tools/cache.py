@@ -23,6 +23,7 @@ from typing import Any
 import numpy as np
 
 from models.dataset import Dataset
+from models.errors import ConfigError
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
@@ -54,13 +55,33 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-class ModelCache:
-    """get_or_fit(key, fit) → (value, was_cached). `directory=None` keeps it in memory only."""
+DISK_BUDGET_ENV = "RECTUNE_CACHE_MAX_GB"
 
-    def __init__(self, directory: str | Path | None = None, max_in_memory: int = 6, max_disk_bytes: int = 4 * 2**30):
+
+def disk_budget_bytes() -> int:
+    """The model cache's disk budget: RECTUNE_CACHE_MAX_GB, else 4 GB (a fitted stage on Baby takes up to ~40 MB)."""
+    raw = os.environ.get(DISK_BUDGET_ENV)
+    if raw is None:
+        return 4 * 2**30
+    try:
+        gigabytes = float(raw)
+    except ValueError:
+        gigabytes = float("nan")
+    if not gigabytes > 0:
+        raise ConfigError(f"{DISK_BUDGET_ENV}={raw!r}: expected a size in GB above 0, e.g. 4 or 0.5")
+    return int(gigabytes * 2**30)
+
+
+class ModelCache:
+    """get_or_fit(key, fit) → (value, was_cached). `directory=None` keeps it in memory only.
+
+    Bounded twice: at most `max_in_memory` fitted stages in this process (least recently used
+    go first) and `max_disk_bytes` on disk (oldest files go first), default RECTUNE_CACHE_MAX_GB."""
+
+    def __init__(self, directory: str | Path | None = None, max_in_memory: int = 6, max_disk_bytes: int | None = None):
         self.directory = Path(directory) if directory is not None else None
         self.max_in_memory = max_in_memory
-        self.max_disk_bytes = max_disk_bytes
+        self.max_disk_bytes = disk_budget_bytes() if max_disk_bytes is None else max_disk_bytes
         self._memory: OrderedDict[str, Any] = OrderedDict()
         self.fits = 0
         """How many values this process had to compute (the rest came from a cache)."""

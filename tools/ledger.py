@@ -45,6 +45,19 @@ class StudyContext:
     sampler: str = "tpe"
     max_latency_ms: float | None = None
 
+    def check(self) -> None:
+        """Refuse settings no trial could run with before a study is written: a study made with
+        them would keep its failed trial 0 and refuse the corrected settings later."""
+        from models.pipeline import PipelineConfig
+        from tools.runner import resolve_objective
+
+        if self.sampler not in SAMPLERS:
+            raise ConfigError(f"sampler must be one of {SAMPLERS}, but got {self.sampler!r}")
+        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
+            raise ConfigError(f"max_latency_ms must be above 0, but got {self.max_latency_ms!r}")
+        # Trial 0 is the pipeline's default configuration: the objective must work there.
+        resolve_objective(self.objective, PipelineConfig.from_dict({"pipeline": self.pipeline}))
+
     def spec(self, params: dict) -> TrialSpec:
         return TrialSpec(self.dataset, self.groups, self.group, self.pipeline, dict(params), self.seed, self.objective)
 
@@ -59,11 +72,8 @@ def make_sampler(context: StudyContext, offset: int = 0):
     import optuna
 
     if context.sampler == "tpe":
-        constraints = None
-        if context.max_latency_ms is not None:
-            # ≤ 0 is feasible: TPE then prefers configurations that meet the latency budget.
-            constraints = lambda trial: [trial.user_attrs.get("latency_ms_per_user", 0.0) - context.max_latency_ms]  # noqa: E731
-        return optuna.samplers.TPESampler(seed=context.seed + offset, constraints_func=constraints, **TPE_ARGUMENTS)
+        # A latency budget reaches TPE as each trial's constraint (see run_next), not a sampler argument.
+        return optuna.samplers.TPESampler(seed=context.seed + offset, **TPE_ARGUMENTS)
     if context.sampler in ("random", "llm"):
         return optuna.samplers.RandomSampler(seed=context.seed + offset)
     raise ConfigError(f"sampler must be one of {SAMPLERS}, but got {context.sampler!r}")
@@ -78,6 +88,7 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
     if name not in summaries:
         if context is None:
             raise ConfigError(f"no study {name!r} in {storage}; studies there: {sorted(summaries) or 'none'}")
+        context.check()
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(context, offset))
         study.set_user_attr("rectune", asdict(context))
         return study
@@ -242,9 +253,38 @@ def run_next(study, runner, space: SearchSpace, session=None, report_test: bool 
         raise
     for name, value in {"tuner": tuner, "params": params, "latency_ms_per_user": result.latency_ms_per_user,
                         "train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds, "cache": result.cache,
-                        "feasible": result.feasible, "metrics": result.metrics}.items():
+                        "feasible": result.feasible, "metrics": result.metrics, "test_metrics": result.test_metrics,
+                        "metric": result.metric}.items():
         trial.set_user_attr(name, value)
+    if context.max_latency_ms is not None:
+        # ≤ 0 is feasible: TPE then prefers configurations that meet the latency budget.
+        trial.set_constraint("latency_ms_per_user", result.latency_ms_per_user - context.max_latency_ms)
     study.tell(trial, result.objective)
     if session is not None:
         session.log_trial(result, trial.number, tuner, study.study_name, rationale=trial.user_attrs.get("rationale"))
     return result
+
+
+def result_of(trial, context: StudyContext) -> TrialResult:
+    """A finished trial's result as `run_next` recorded it in the ledger."""
+    attrs = trial.user_attrs
+    return TrialResult(context.spec(attrs["params"]), trial.value, attrs["metrics"], attrs["latency_ms_per_user"],
+                       attrs["train_seconds"], attrs["eval_seconds"], attrs["cache"], attrs["feasible"],
+                       attrs.get("test_metrics"), attrs.get("metric", ""))
+
+
+def log_unlogged(study, session) -> int:
+    """Record in MLflow the finished trials it lacks — a process that died between telling the
+    ledger and logging the run leaves one — so MLflow shows every trial of the ledger once.
+    Returns how many were logged."""
+    from optuna.trial import TrialState
+
+    if session is None:
+        return 0
+    context = context_of(study)
+    logged = session.logged_trials(study.study_name)
+    missing = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number not in logged]
+    for trial in missing:
+        session.log_trial(result_of(trial, context), trial.number, trial.user_attrs["tuner"], study.study_name,
+                          rationale=trial.user_attrs.get("rationale"))
+    return len(missing)

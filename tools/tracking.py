@@ -115,9 +115,11 @@ class TrackingSession:
     experiment_id: str
 
     def log_trial(
-        self, result: TrialResult, trial_number: int, tuner: str, study: str, rationale: str | None = None
+        self, result: TrialResult, trial_number: int | None, tuner: str, study: str | None, rationale: str | None = None,
+        extra_tags: Mapping[str, Any] | None = None, run_name: str | None = None,
     ) -> str:
-        """Record one finished trial as a nested run; returns its run id."""
+        """Record one finished trial as a nested run; returns its run id. A run outside the ledger
+        (no trial number, no study) is named by `run_name` and told apart by `extra_tags`."""
         spec = result.spec
         tags = {
             "tuner": tuner,
@@ -128,6 +130,7 @@ class TrackingSession:
             "optuna_study": study,
             "cache": result.cache,
             "feasible": result.feasible,
+            **(extra_tags or {}),
         }
         metrics = {
             "objective": result.objective,
@@ -143,8 +146,8 @@ class TrackingSession:
         run = self.client.create_run(
             self.experiment_id,
             start_time=start,
-            run_name=f"trial-{trial_number}",
-            tags={"mlflow.parentRunId": self.run_id, **_strings(tags)},
+            run_name=run_name or f"trial-{trial_number}",
+            tags={"mlflow.parentRunId": self.run_id, **_strings({k: v for k, v in tags.items() if v is not None})},
         )
         run_id = run.info.run_id
         params = {**spec.params, "pipeline": spec.pipeline, "seed": spec.seed, "objective": spec.objective}
@@ -158,11 +161,21 @@ class TrackingSession:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
+    def logged_trials(self, study: str) -> set[int]:
+        """Numbers of the trials of `study` already recorded in this experiment, under any parent
+        run (a worker may log trials of a study that another process's run started)."""
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.optuna_study = '{study}'", max_results=50000)
+        # The study's parent run carries the study tag too, without a trial number.
+        return {int(run.data.tags["trial_number"]) for run in runs if "trial_number" in run.data.tags}
+
     def log_session_artifact(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, scrub(text), name)
 
     def log_session_metrics(self, metrics: Mapping[str, float], step: int = 0) -> None:
         _log(self.client, self.run_id, metrics=metrics, step=step)
+
+    def log_session_tags(self, tags: Mapping[str, Any]) -> None:
+        _log(self.client, self.run_id, tags=tags)
 
 
 def _log(
@@ -184,6 +197,28 @@ def _log(
     )
 
 
+def _reach_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail in one line, at once, when an http(s) tracking server does not answer: MLflow's
+    own client retries a dead server for minutes before its traceback."""
+    import urllib.error
+    import urllib.request
+
+    from tools.loopback import DIRECT, is_loopback
+
+    if urlsplit(uri).scheme not in ("http", "https"):
+        return
+    opener = DIRECT if is_loopback(uri) else urllib.request.build_opener()
+    try:
+        with opener.open(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError:
+        return  # it answered; MLflow reports what the answer means
+    except OSError as error:
+        reason = getattr(error, "reason", error)
+        raise ConfigError(f"cannot reach the MLflow tracking server {scrub(uri)}: {reason}; start it (`rectune ui` serves "
+                          "the local store) or give another --tracking-uri") from error
+
+
 class Tracker:
     """Opens sessions in one MLflow tracking store (URI: flag → env → rectune.toml → ./mlflow.db)."""
 
@@ -199,6 +234,7 @@ class Tracker:
 
             database = sqlite_path(self.tracking_uri)
             if database is None:
+                _reach_server(self.tracking_uri)
                 self._client = MlflowClient(tracking_uri=self.tracking_uri)
                 return self._client
             # Two processes creating a new sqlite store at once race in its schema migration
