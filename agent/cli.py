@@ -17,10 +17,6 @@ import typer
 from models.errors import ConfigError, RectuneError
 from models.formats import FORMAT_NAMES
 
-# MLflow reports usage to its makers on import unless told not to; a tuner run on research
-# data, often offline, should not phone home (set MLFLOW_DISABLE_TELEMETRY=false to allow it).
-os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-
 app = typer.Typer(help="rectune: an LLM-in-the-loop tuner for recommender pipelines.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect and download datasets.", no_args_is_help=True)
 app.add_typer(data_app, name="data")
@@ -28,16 +24,31 @@ app.add_typer(data_app, name="data")
 DataDirOption = typer.Option(None, "--data-dir", help="Directory with one sub-directory per dataset (env RECTUNE_DATA_DIR, or data_dir in rectune.toml; default ./data).")
 
 
+def say(line: str) -> None:
+    """typer.echo for lines that may quote a storage, tracking or endpoint URL: its password is scrubbed."""
+    from tools.tracking import scrub
+
+    typer.echo(scrub(line))
+
+
 def fail(error: RectuneError) -> None:
-    typer.secho(f"error: {error}", fg=typer.colors.RED, err=True)
+    from tools.tracking import scrub
+
+    # Messages may quote a storage or endpoint URL, and its password must not reach the terminal.
+    typer.secho(f"error: {scrub(str(error))}", fg=typer.colors.RED, err=True)
     raise typer.Exit(code=2)
 
 
 @app.callback()
-def one_line_warnings() -> None:
-    """rectune's own warnings (data notes, cache problems) as one `warning:` line on stderr each:
-    Python's default format adds a file:line and a source line a user has no use for."""
+def command_line_defaults() -> None:
+    """Before any command: rectune's own warnings (data notes, cache problems) as one
+    `warning:` line on stderr each — Python's default format adds a file:line and a source
+    line a user has no use for — and MLflow's usage telemetry off."""
     import warnings
+
+    # MLflow reports usage to its makers on import unless told not to; a tuner run on research
+    # data, often offline, should not phone home (MLFLOW_DISABLE_TELEMETRY=false allows it).
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
     from models.errors import RectuneWarning
 
@@ -50,7 +61,7 @@ def one_line_warnings() -> None:
             default(message, category, filename, lineno, file, line)
 
     warnings.showwarning = show
-    warnings.simplefilter("always", RectuneWarning)
+    warnings.simplefilter("default", RectuneWarning)  # once per message and place, as Python does
 
 
 # An Enum, not Literal: typer ≥ 0.12 (our floor) renders Enum members as choices.
@@ -228,7 +239,7 @@ def baseline(
         if sampler not in BASELINE_SAMPLERS:
             raise ConfigError(f"--sampler must be one of {BASELINE_SAMPLERS}, but got {sampler!r}")
         context = StudyContext(dataset_name, groups_spec, group, pipeline, objective, seed, budget, sampler, max_latency_ms)
-        # Settings, then the tracking store, then the data: each is refused before anything is written.
+        # Settings first, then the tracking store, then the data: no study is written before all pass.
         context.check()
         tracker = Tracker(tracking_uri)
         tracker.client  # opens the store now, a server's /health included
@@ -241,11 +252,12 @@ def baseline(
         fail(error)
     top = best(finished)
     if top is None:
-        typer.echo(f"study {finished.study_name} in {url}: no trial met --max-latency-ms {max_latency_ms:g}; "
-                   f"raise it or tune for speed (`rectune space` lists what changes latency)")
+        why = (f"no trial met --max-latency-ms {max_latency_ms:g}; raise it or tune for speed (`rectune space` lists what "
+               "changes latency)") if max_latency_ms is not None else "no trial finished; the failed trials' errors are in the study"
+        say(f"study {finished.study_name} in {url}: {why}")
         raise typer.Exit(1)
-    typer.echo(f"study {finished.study_name} in {url}: best {objective} = {top.value:.4f} (trial {top.number}, {top.user_attrs['tuner']}) "
-               f"with {json.dumps(top.user_attrs['params'])}")
+    say(f"study {finished.study_name} in {url}: best {objective} = {top.value:.4f} (trial {top.number}, {top.user_attrs['tuner']}) "
+        f"with {json.dumps(top.user_attrs['params'])}")
 
 
 @app.command("worker")
@@ -321,7 +333,7 @@ def tune(
     session: Optional[str] = typer.Option(None, help="Session name (default: dataset-groups-time)."),
     max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops (default 3 × budget)."),
     max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-clock minutes for tuning, counted from the end of model selection (a stopped session's downtime counts too); past it, each remaining group keeps its best trial so far. 0 skips tuning."),
-    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", min=0.0, help="Per-user recommendation latency budget; slower trials are recorded as infeasible in the ledger."),
+    max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Per-user recommendation latency budget; slower trials are recorded as infeasible in the ledger."),
     may_finish: bool = typer.Option(True, "--may-finish/--full-budget", help="Let the LLM stop a group before its budget (--full-budget: it must use every trial)."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,
@@ -352,7 +364,7 @@ def tune(
             "llm_base_url": llm_base_url, "llm_model": llm_model, "max_latency_ms": max_latency_ms,
         }
         typer.echo(f"session {settings['session']}")
-        values = run(settings, ask_terminal if approve == "ask" else None, typer.echo, checkpoint, tracker=Tracker(uri), trace=trace_llm)
+        values = run(settings, ask_terminal if approve == "ask" else None, say, checkpoint, tracker=Tracker(uri), trace=trace_llm)
     except RectuneError as error:
         fail(error)
     _finish(values, uri)
@@ -389,7 +401,7 @@ def compare_command(
                           tuple(range(seeds)), objective, reach, storage_url(storage), uri, checkpoint,
                           str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None, llm_base_url, llm_model,
                           agent_may_finish)
-        path = compare(spec, typer.echo, report_dir, Tracker(uri), trace=True)
+        path = compare(spec, say, report_dir, Tracker(uri), trace=True)
     except RectuneError as error:
         fail(error)
     typer.echo(f"report: {path}\nMLflow: {uri}")
@@ -409,7 +421,7 @@ def resume(
 
     try:
         settings = load_settings(session, checkpoint)
-        values = run(settings, ask_terminal if settings["approve"] == "ask" else None, typer.echo, checkpoint,
+        values = run(settings, ask_terminal if settings["approve"] == "ask" else None, say, checkpoint,
                      resume=True, tracker=Tracker(settings["tracking_uri"]), trace=trace_llm,
                      llm_base_url=llm_base_url, llm_model=llm_model)
     except RectuneError as error:
@@ -427,11 +439,14 @@ def sessions(checkpoint: str = CheckpointOption) -> None:
     except RectuneError as error:
         fail(error)
     if not found:
-        typer.echo(f"no sessions in {checkpoint}")
+        say(f"no sessions in {checkpoint}")
+        return
+    # Columns as wide as their longest entry: statuses run from "done" to a sentence.
+    widths = {key: max(len(str(item[key] or "?")) for item in found) for key in ("session", "dataset", "status")}
     for item in found:
         trials = ", ".join(f"{g} {n}" for g, n in item["trials"].items()) or "-"
-        typer.echo(f"{item['session']:<40} {item['dataset'] or '?':<12} {item['status']:<22} trials: {trials}"
-                   + (f"  report: {item['report']}" if item["report"] else ""))
+        typer.echo(f"{item['session']:<{widths['session']}}  {item['dataset'] or '?':<{widths['dataset']}}  "
+                   f"{item['status']:<{widths['status']}}  trials: {trials}" + (f"  report: {item['report']}" if item["report"] else ""))
 
 
 @app.command("ui")
@@ -452,7 +467,7 @@ def ui(
     try:
         uri = resolve_tracking_uri(tracking_uri)
         with ui_server(uri, port) as server:
-            typer.echo(f"MLflow UI for {uri}: {server.url}  (log {server.log_path}; Ctrl-C stops it)")
+            say(f"MLflow UI for {uri}: {server.url}  (log {server.log_path}; Ctrl-C stops it)")
             pages = experiment_pages(uri, server.url)
             for name, url in pages:
                 typer.echo(f"  {name}: {url}")

@@ -29,7 +29,7 @@ from models.pipeline import PIPELINES
 from tools.ledger import StudyContext, enqueue, log_unlogged, open_study, reclaim_orphans, run_next
 from tools.runner import TrialRunner
 from tools.space import SearchSpace
-from tools.tracking import metric_name
+from tools.tracking import filter_value, metric_name
 from tools.trial import TrialSpec
 
 SELECT_ATTEMPTS = 3
@@ -173,7 +173,7 @@ def build_graph(deps: Deps, checkpointer=None):
         a node re-run after a crash finds the run it logged by its key."""
         session = deps.session
         if session is None or session.client.search_runs(
-                [session.experiment_id], f"tags.mlflow.parentRunId = '{session.run_id}' AND tags.run_key = '{key}'", max_results=1):
+                [session.experiment_id], f"tags.mlflow.parentRunId = '{session.run_id}' AND tags.run_key = {filter_value(key)}", max_results=1):
             return
         session.log_trial(result, None, tuner, None, extra_tags={"run_key": key, **tags}, run_name=key)
 
@@ -261,6 +261,8 @@ def build_graph(deps: Deps, checkpointer=None):
         messages = [
             SystemMessage(render("tune_system", pipeline=pipeline, group=group, dataset=settings["dataset"],
                                  objective=settings["objective"], budget=settings["budget"], space=space.describe(pipeline),
+                                 latency=_fragment("tune_latency", max_latency_ms=f"{settings['max_latency_ms']:g}")
+                                 if settings.get("max_latency_ms") is not None else "",
                                  finish=render("tune_finish" if may_finish else "tune_full_budget", budget=settings["budget"]))),
             HumanMessage(render("tune_turn", group=group, used=len(history), budget=settings["budget"],
                                 history=history_table(history, defaults, settings["objective"]), best_trial=best["trial"],

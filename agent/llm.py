@@ -19,7 +19,7 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from models.config import llm_base_url, llm_model
+from models.config import llm_base_url, llm_base_url_from_working_directory, llm_model
 from models.errors import ConfigError
 
 DEEPSEEK_BASE_URL = "https://api.deepseek.com/v1"
@@ -55,6 +55,9 @@ class LLMSettings:
         text = f"{self.model} at {where}"
         if self.key_env:
             return f"{text} (key from {self.key_env})"
+        if CUSTOM_KEY_ENV in self.withheld:
+            return (f"{text} without an API key ({CUSTOM_KEY_ENV} is not sent to an endpoint named by ./rectune.toml, "
+                    "which may come with a cloned repository; give it with --llm-base-url or RECTUNE_LLM_BASE_URL)")
         if self.withheld:
             return (f"{text} without an API key ({', '.join(self.withheld)} only goes to its provider; "
                     f"set {CUSTOM_KEY_ENV} for this endpoint)")
@@ -78,14 +81,17 @@ def _checked_url(url: str) -> str:
 
 def resolve_llm(base_url: str | None = None, model: str | None = None, timeout_s: float = 120.0,
                 max_retries: int = 4) -> LLMSettings:
+    untrusted = llm_base_url_from_working_directory(base_url)
     base_url, model = llm_base_url(base_url), llm_model(model)
     options = {"timeout_s": timeout_s, "max_retries": max_retries}
     exported = [env for env in PROVIDER_KEYS if os.environ.get(env)]
+    if base_url == "embedded":  # forces the local model even while a provider key is exported
+        return LLMSettings("embedded", model or EMBEDDED_MODEL, None, **options)
     if base_url:
         url = _checked_url(base_url)
-        candidates = [CUSTOM_KEY_ENV] if os.environ.get(CUSTOM_KEY_ENV) else []
-        key_env = next((env for env in candidates + exported if key_allowed(env, url)), None)
-        withheld = tuple(env for env in exported if env != key_env and not key_allowed(env, url))
+        custom = [CUSTOM_KEY_ENV] if os.environ.get(CUSTOM_KEY_ENV) else []
+        key_env = next((env for env in ([] if untrusted else custom) + exported if key_allowed(env, url)), None)
+        withheld = tuple(env for env in custom + exported if env != key_env and (untrusted or not key_allowed(env, url)))
         default_model = DEFAULT_MODELS.get(urlsplit(url).hostname or "", "default")
         return LLMSettings(url, model or default_model, key_env, withheld=withheld, **options)
     if exported:

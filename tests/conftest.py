@@ -71,11 +71,13 @@ def postgres_server():
 
     Yields the URL of its maintenance database; tests create their own databases."""
     import os
+    import pwd
     import shutil
-    import socket
     import subprocess
     import tempfile
     from pathlib import Path
+
+    from tools.loopback import pick_free_port
 
     programs = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
     pg_ctl = str(programs[-1]) if programs else shutil.which("pg_ctl")
@@ -84,23 +86,31 @@ def postgres_server():
     initdb = str(Path(pg_ctl).with_name("initdb"))
     # PostgreSQL refuses to run as root; the Debian package's `postgres` user owns the cluster
     # then, in a directory of its own (pytest's temporary tree is closed to other users).
+    as_owner = []
+    if os.geteuid() == 0:
+        try:
+            pwd.getpwnam("postgres")
+        except KeyError:
+            pytest.skip("running as root, and there is no `postgres` user to run PostgreSQL as")
+        as_owner = ["runuser", "-u", "postgres", "--"]
     root = Path(tempfile.mkdtemp(prefix="rectune-postgres-"))
-    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
     if as_owner:
         shutil.chown(root, "postgres")
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
     data = root / "data"
 
-    def run(*command: str) -> None:
-        done = subprocess.run([*as_owner, *command], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, f"{command[0]} failed: {done.stdout}{done.stderr}"
+    def run(*command: str) -> subprocess.CompletedProcess:
+        return subprocess.run([*as_owner, *command], capture_output=True, text=True, timeout=120)
 
-    run(initdb, "-D", str(data), "-A", "trust", "-U", "rectune")
-    options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
-    run(pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start")
     try:
+        done = run(initdb, "-D", str(data), "-A", "trust", "-U", "rectune")
+        assert done.returncode == 0, f"initdb failed: {done.stdout}{done.stderr}"
+        for _ in range(3):  # another process may take the free port before the server binds it
+            port = pick_free_port()
+            options = f"-p {port} -k {root} -c listen_addresses=127.0.0.1 -c fsync=off"
+            started = run(pg_ctl, "-D", str(data), "-o", options, "-l", str(root / "server.log"), "-w", "start")
+            if started.returncode == 0:
+                break
+        assert started.returncode == 0, f"pg_ctl start failed: {started.stdout}{started.stderr}"
         yield f"postgresql://rectune@127.0.0.1:{port}/postgres"
     finally:
         run(pg_ctl, "-D", str(data), "-m", "immediate", "stop")

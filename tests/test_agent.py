@@ -201,7 +201,7 @@ def test_a_full_budget_session_refuses_finish_and_uses_every_trial(tmp_path, bab
     assert len(complete(config["storage"], "s1-all")) == 3
 
 
-def test_select_falls_back_after_three_refusals_then_tools_run_within_the_call_budget(tmp_path, baby_format_dir):
+def test_select_falls_back_after_three_refusals_then_tools_run_within_the_call_budget(tmp_path, baby_format_dir, shared_cache):
     other = {"group": "heavy", "pipeline": "heuristic", "reason": "fine"}
     bad_picks = [
         raw("choose_pipelines", '[{"group": "cold", "pipeline": "heuristic"}]'),  # JSON, but not an object
@@ -211,7 +211,8 @@ def test_select_falls_back_after_three_refusals_then_tools_run_within_the_call_b
     tune = [call("evaluate_group", group="heavy"), call("train_model", params={"top_n": 30}, rationale="longer lists"),
             text("Let me think."), text("Still thinking.")]
     with ScriptedLLM(bad_picks + tune) as llm:
-        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", budget=2), "max_llm_calls": 2}
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", budget=2), "max_llm_calls": 2,
+                  "cache_dir": shared_cache}
         values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"),
                      tracker=Tracker(config["tracking_uri"]), report_dir=tmp_path / "reports")
 
@@ -242,7 +243,7 @@ def test_select_falls_back_after_three_refusals_then_tools_run_within_the_call_b
     assert len(complete(config["storage"], "s1-heavy")) == 1
 
 
-def test_select_runs_are_nested_mlflow_runs_logged_once_across_a_crash(tmp_path, baby_format_dir, monkeypatch):
+def test_select_runs_are_nested_mlflow_runs_logged_once_across_a_crash(tmp_path, baby_format_dir, monkeypatch, shared_cache):
     from models.pipeline import PIPELINES
     from tools.runner import TrialRunner
     from tools.space import SearchSpace
@@ -257,7 +258,7 @@ def test_select_runs_are_nested_mlflow_runs_logged_once_across_a_crash(tmp_path,
 
     monkeypatch.setattr(TrialRunner, "run", dies_on_the_third_run)
     with ScriptedLLM([call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}])]) as llm:
-        config = settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=1)
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=1), "cache_dir": shared_cache}
         options = {"echo": lambda line: None, "checkpoint": str(tmp_path / "sessions.db"),
                    "tracker": Tracker(config["tracking_uri"]), "report_dir": tmp_path / "r"}
         with pytest.raises(RuntimeError, match="killed during model selection"):
@@ -277,7 +278,7 @@ def test_select_runs_are_nested_mlflow_runs_logged_once_across_a_crash(tmp_path,
         assert selected.data.metrics["objective"] == pytest.approx(values["table"]["all"][pipeline]["objective"], abs=1e-5)
 
 
-def test_approval_asks_again_after_a_bad_edit_or_an_unknown_answer(tmp_path, baby_format_dir):
+def test_approval_asks_again_after_a_bad_edit_or_an_unknown_answer(tmp_path, baby_format_dir, shared_cache):
     answers = iter([{"action": "edit", "changes": {"neighbors": 5000}}, {"action": "maybe"}, {"action": "edit", "changes": {}},
                     {"action": "edit", "changes": {"neighbors": 30}}])
     shown = []
@@ -289,7 +290,7 @@ def test_approval_asks_again_after_a_bad_edit_or_an_unknown_answer(tmp_path, bab
     script = [call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}]),
               call("propose_change", changes={"neighbors": 20}, rationale="denser")]
     with ScriptedLLM(script) as llm:
-        config = settings(tmp_path, baby_format_dir, llm.base_url, approve="ask", groups="all", budget=2)
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="ask", groups="all", budget=2), "cache_dir": shared_cache}
         run(config, answer, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
 
     errors = [payload["error"] for payload in shown]
@@ -386,16 +387,20 @@ def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir, backend, 
         process = start(cli(tmp_path, baby_format_dir, llm.base_url, "tune", "--approve", "auto", "--session", "k1", postgres=postgres), tmp_path,
                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 240
+        study, running = None, []
         while time.monotonic() < deadline and process.poll() is None:
             try:
-                running = [t for t in optuna.load_study(study_name="k1-all", storage=storage).get_trials()
-                           if t.state == TrialState.RUNNING and t.user_attrs.get("tuner") == "llm"]
-            except (KeyError, Exception):
+                # One study object, so each poll is a query, not a new connection: a trial on the
+                # fixture lasts about a second, shorter than connecting to PostgreSQL every time.
+                study = study or optuna.load_study(study_name="k1-all", storage=storage)
+                running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+                           if t.user_attrs.get("tuner") == "llm"]
+            except Exception:  # the study (or, in a new SQLite file, its tables) may not exist yet
                 running = []
             if running:
                 break
-            time.sleep(0.05)
-        assert running, "no LLM trial was seen running"
+            time.sleep(0.02)
+        assert running, f"no LLM trial was seen running (the session exited with {process.poll()})"
         kill(process)
         listed = subprocess.run(cli(tmp_path, baby_format_dir, llm.base_url, "sessions", postgres=postgres), cwd=tmp_path,
                                 capture_output=True, text=True, timeout=60)
@@ -570,15 +575,20 @@ def test_wall_time_budget_stops_tuning(tmp_path, baby_format_dir):
         run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"))
 
 
-def test_a_bad_objective_is_refused_before_the_llm_is_called(tmp_path, baby_format_dir):
+@pytest.mark.parametrize("bad, message", [({"objective": "ndcg@0"}, "at least 1"),
+                                          ({"max_latency_ms": 0.0}, "--max-latency-ms must be above 0")])
+def test_bad_settings_are_refused_before_the_llm_is_called_or_a_checkpoint_written(tmp_path, baby_format_dir, bad, message):
     from models.errors import ConfigError
 
     lines = []
+    checkpoint = str(tmp_path / "sessions.db")
     with ScriptedLLM([CHOOSE]) as llm:
-        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto"), "objective": "ndcg@0"}
-        with pytest.raises(ConfigError, match="at least 1"):
-            run(config, None, echo=lines.append, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto"), **bad}
+        with pytest.raises(ConfigError, match=message):
+            run(config, None, echo=lines.append, checkpoint=checkpoint, report_dir=tmp_path / "r")
     assert llm.requests == [] and not any(line.startswith("LLM:") for line in lines)
+    # Checkpointed, they would stop every `rectune resume` of the session the same way.
+    assert list_sessions(checkpoint) == []
 
 
 def test_the_best_trial_is_the_best_that_met_the_latency_budget():

@@ -75,6 +75,7 @@ TABLE = {
                                 ("https://api.openai.com@evil.example/v1", "default", None)),
     "no provider key to a local server": ("http://127.0.0.1:8080/v1", None, {"OPENAI_API_KEY", "DEEPSEEK_API_KEY"}, {},
                                           ("http://127.0.0.1:8080/v1", "default", None)),
+    "embedded forced despite a key": ("embedded", None, {"OPENAI_API_KEY"}, {}, ("embedded", EMBEDDED_MODEL, None)),
 }
 
 
@@ -94,6 +95,22 @@ def test_resolution_precedence_and_where_each_key_goes(case, monkeypatch, clean_
     sent = client.openai_api_key.get_secret_value()
     assert sent == (KEYS[key_env] if key_env else "not-needed")
     assert str(client.root_client.base_url).rstrip("/") == url
+
+
+def test_an_endpoint_from_the_working_directory_config_gets_no_key(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr(models.config, "CONFIG_FILES", (Path("rectune.toml"), tmp_path / "user-config.toml"))
+    Path("rectune.toml").write_text(f'llm_base_url = "{CFG}"\n')
+    monkeypatch.setenv("RECTUNE_LLM_API_KEY", KEYS["RECTUNE_LLM_API_KEY"])
+    llm = resolve_llm()
+    assert (llm.base_url, llm.key_env) == (CFG, None)
+    assert "RECTUNE_LLM_API_KEY is not sent to an endpoint named by ./rectune.toml" in llm.describe()
+    assert chat_model(llm).openai_api_key.get_secret_value() == "not-needed"
+    # The same endpoint named by the user (flag, environment or their own config) gets the key.
+    assert resolve_llm(CFG).key_env == "RECTUNE_LLM_API_KEY"
+    Path("rectune.toml").unlink()
+    (tmp_path / "user-config.toml").write_text(f'llm_base_url = "{CFG}"\n')
+    assert resolve_llm().key_env == "RECTUNE_LLM_API_KEY"
 
 
 def test_a_withheld_key_is_named_in_the_llm_line(monkeypatch):
@@ -205,7 +222,10 @@ def test_mlflow_traces_and_stores_hold_no_key(tmp_path, baby_format_dir, monkeyp
     for name, secret in KEYS.items():
         monkeypatch.setenv(name, secret)
     monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
-    monkeypatch.delenv("MLFLOW_MODEL_CATALOG_URI", raising=False)
+    # Absent, so the session's own default is what is tested; set first so that monkeypatch
+    # also undoes that default afterwards (deleting an unset variable records nothing).
+    monkeypatch.setenv("MLFLOW_MODEL_CATALOG_URI", "unset by the test")
+    monkeypatch.delenv("MLFLOW_MODEL_CATALOG_URI")
     monkeypatch.chdir(tmp_path)  # MLflow's default artifact root is relative to the working directory
     outside = []
     resolve = socket.getaddrinfo

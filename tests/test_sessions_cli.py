@@ -65,3 +65,11 @@ def test_tune_max_latency_ms_marks_slower_trials_infeasible(tmp_path, baby_forma
     for trial in trials:
         assert trial.user_attrs["latency_ms_per_user"] > 1e-6 and trial.user_attrs["feasible"] is False
     assert optuna.load_study(study_name="lat-all", storage=storage).user_attrs["rectune"]["max_latency_ms"] == pytest.approx(1e-6)
+    # The LLM is told the budget, and sees which trials broke it.
+    proposal_prompt = llm.prompt(2)
+    assert "Only configurations that recommend within 1e-06 ms per user" in proposal_prompt
+    assert "(over the latency budget)" in proposal_prompt
+
+
+def test_sessions_of_an_empty_store_says_so(tmp_path):
+    assert listed(str(tmp_path / "none.db")).strip() == f"no sessions in {tmp_path / 'none.db'}"

@@ -357,7 +357,7 @@ def test_a_trial_told_to_the_ledger_but_not_logged_reaches_mlflow_on_resume(runn
     (["--sampler", "llm"], "--sampler must be one of ('tpe', 'random'), but got 'llm'"),
     (["--objective", "auc@20"], "unknown objective metric 'auc'"),
     (["--pipeline", "nope"], "pipeline must be one of"),
-    (["--max-latency-ms", "0"], "max_latency_ms must be above 0"),
+    (["--max-latency-ms", "0"], "--max-latency-ms must be above 0 (ms per user), but got 0"),
     (["--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking server http://127.0.0.1:9"),
     (["--group", "nope"], "unknown group 'nope'"),
 ])

@@ -67,7 +67,7 @@ def disk_budget_bytes() -> int:
         gigabytes = float(raw)
     except ValueError:
         gigabytes = float("nan")
-    if not gigabytes > 0:
+    if not 0 < gigabytes < float("inf"):
         raise ConfigError(f"{DISK_BUDGET_ENV}={raw!r}: expected a size in GB above 0, e.g. 4 or 0.5")
     return int(gigabytes * 2**30)
 

@@ -53,8 +53,7 @@ class StudyContext:
 
         if self.sampler not in SAMPLERS:
             raise ConfigError(f"sampler must be one of {SAMPLERS}, but got {self.sampler!r}")
-        if self.max_latency_ms is not None and not self.max_latency_ms > 0:
-            raise ConfigError(f"max_latency_ms must be above 0, but got {self.max_latency_ms!r}")
+        check_latency_budget(self.max_latency_ms)
         # Trial 0 is the pipeline's default configuration: the objective must work there.
         resolve_objective(self.objective, PipelineConfig.from_dict({"pipeline": self.pipeline}))
 
@@ -64,6 +63,11 @@ class StudyContext:
     def matches(self, other: "StudyContext") -> list[str]:
         return [f"{k}={v!r} (study has {getattr(other, k)!r})" for k, v in asdict(self).items()
                 if k != "budget" and getattr(other, k) != v]
+
+
+def check_latency_budget(max_latency_ms: float | None) -> None:
+    if max_latency_ms is not None and not 0 < max_latency_ms < float("inf"):
+        raise ConfigError(f"--max-latency-ms must be above 0 (ms per user), but got {max_latency_ms:g}")
 
 
 def make_sampler(context: StudyContext, offset: int = 0):
@@ -116,10 +120,9 @@ def _reach(storage: str, read):
     try:
         return read(storage)
     except (sqlalchemy.exc.SQLAlchemyError, ImportError, ValueError) as error:
-        from tools.tracking import scrub
+        from tools.tracking import one_line, scrub
 
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(scrub(f"cannot open the trial ledger {storage}: {reason}")) from error
+        raise ConfigError(scrub(f"cannot open the trial ledger {storage}: {one_line(error)}")) from error
 
 
 def context_of(study) -> StudyContext:
@@ -273,6 +276,22 @@ def result_of(trial, context: StudyContext) -> TrialResult:
                        attrs.get("test_metrics"), attrs.get("metric", ""))
 
 
+LOG_GRACE_SECONDS = 60.0
+"""How long after finishing a trial another host's process may still be logging it to MLflow."""
+
+
+def _may_still_log(trial) -> bool:
+    """Whether the process that ran `trial` may be logging it right now: it is alive on this
+    host, or it ran elsewhere and finished moments ago (its liveness cannot be checked)."""
+    from datetime import datetime
+
+    owner = trial.user_attrs.get("owner") or {}
+    if owner.get("host") == socket.gethostname():
+        return owner.get("pid") != os.getpid() and _alive(owner["pid"])
+    finished = trial.datetime_complete
+    return finished is not None and (datetime.now() - finished).total_seconds() < LOG_GRACE_SECONDS
+
+
 def log_unlogged(study, session) -> int:
     """Record in MLflow the finished trials it lacks — a process that died between telling the
     ledger and logging the run leaves one — so MLflow shows every trial of the ledger once.
@@ -283,7 +302,8 @@ def log_unlogged(study, session) -> int:
         return 0
     context = context_of(study)
     logged = session.logged_trials(study.study_name)
-    missing = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.number not in logged]
+    missing = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+               if t.number not in logged and not _may_still_log(t)]
     for trial in missing:
         session.log_trial(result_of(trial, context), trial.number, trial.user_attrs["tuner"], study.study_name,
                           rationale=trial.user_attrs.get("rationale"))

@@ -57,6 +57,21 @@ def scrub(text: str) -> str:
     return _SECRET_TEXT.sub(lambda m: (m["name"] or m["userinfo"] or "") + REDACTED, text)
 
 
+def filter_value(text: str) -> str:
+    """`text` quoted for an MLflow search filter; session, study and group names are the user's."""
+    if "'" not in text:
+        return f"'{text}'"
+    if '"' not in text:
+        return f'"{text}"'
+    raise ConfigError(f"{text!r}: a name used in MLflow searches may hold ' or \" but not both")
+
+
+def one_line(error: BaseException) -> str:
+    """An exception as one scrubbed line: its first line, or its type when it has no message."""
+    text = str(error).strip()
+    return scrub(text.splitlines()[0]) if text else type(error).__name__
+
+
 def redact(mapping: Mapping[str, Any]) -> dict[str, Any]:
     """A copy of `mapping` safe to log: secret-named keys → ***, secrets inside strings → ***."""
     return {
@@ -164,7 +179,8 @@ class TrackingSession:
     def logged_trials(self, study: str) -> set[int]:
         """Numbers of the trials of `study` already recorded in this experiment, under any parent
         run (a worker may log trials of a study that another process's run started)."""
-        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.optuna_study = '{study}'", max_results=50000)
+        runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.optuna_study = {filter_value(study)}",
+                                       max_results=50000)
         # The study's parent run carries the study tag too, without a trial number.
         return {int(run.data.tags["trial_number"]) for run in runs if "trial_number" in run.data.tags}
 
@@ -200,6 +216,7 @@ def _log(
 def _reach_server(uri: str, timeout: float = 10.0) -> None:
     """Fail in one line, at once, when an http(s) tracking server does not answer: MLflow's
     own client retries a dead server for minutes before its traceback."""
+    import socket
     import urllib.error
     import urllib.request
 
@@ -213,8 +230,12 @@ def _reach_server(uri: str, timeout: float = 10.0) -> None:
             return
     except urllib.error.HTTPError:
         return  # it answered; MLflow reports what the answer means
-    except OSError as error:
+    except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
+        # Only a server that is not there is refused here: TLS or URL details this probe does not
+        # share with MLflow's client (custom certificates, credentials in the URL) are MLflow's to judge.
+        if not isinstance(reason, (ConnectionRefusedError, socket.gaierror, TimeoutError)):
+            return
         raise ConfigError(f"cannot reach the MLflow tracking server {scrub(uri)}: {reason}; start it (`rectune ui` serves "
                           "the local store) or give another --tracking-uri") from error
 
