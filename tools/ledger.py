@@ -11,6 +11,7 @@ one process (Optuna pops it in a database transaction).
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
 from dataclasses import asdict, dataclass
@@ -88,10 +89,11 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
     import optuna
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
-    summaries = {s.study_name: s for s in _reach(storage, optuna.get_all_study_summaries)}
+    url, storage = storage, _reach(storage, _rdb)
+    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
     if name not in summaries:
         if context is None:
-            raise ConfigError(f"no study {name!r} in {storage}; studies there: {sorted(summaries) or 'none'}")
+            raise ConfigError(f"no study {name!r} in {url}; studies there: {sorted(summaries) or 'none'}")
         context.check()
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(context, offset))
         study.set_user_attr("rectune", asdict(context))
@@ -100,7 +102,7 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
     if context is not None:
         mismatch = context.matches(stored)
         if mismatch:
-            raise ConfigError(f"study {name!r} in {storage} was created for other settings: " + "; ".join(mismatch))
+            raise ConfigError(f"study {name!r} in {url} was created for other settings: " + "; ".join(mismatch))
         if context.budget != stored.budget:
             stored = StudyContext(**{**asdict(stored), "budget": context.budget})
     # A continued study must not replay the samples of its first process: the seed moves
@@ -110,6 +112,16 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
     if stored.budget != summaries[name].user_attrs["rectune"]["budget"]:
         study.set_user_attr("rectune", asdict(stored))
     return study
+
+
+@functools.lru_cache(maxsize=None)
+def _rdb(url: str):
+    """One Optuna storage (one SQLAlchemy engine and its connection pool) per URL and process:
+    a storage made for every open_study would leave a pool of connections each, which a
+    PostgreSQL server counts against its max_connections until they are garbage-collected."""
+    import optuna
+
+    return optuna.storages.RDBStorage(url)
 
 
 def _reach(storage: str, read):
