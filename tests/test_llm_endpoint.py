@@ -182,9 +182,11 @@ def dead_port() -> int:
         return sock.getsockname()[1]
 
 
-def test_a_dead_endpoint_stops_resumably_and_resume_can_move_it(tmp_path, baby_format_dir, fast_retries, shared_cache):
+def test_a_dead_endpoint_stops_resumably_and_resume_can_move_it(tmp_path, baby_format_dir, fast_retries, shared_cache, monkeypatch):
     from agent.cli import app
     from agent.session import list_sessions, load_settings
+
+    monkeypatch.chdir(tmp_path)  # the session's report goes to ./reports
 
     dead = f"http://127.0.0.1:{dead_port()}/v1"
     checkpoint = str(tmp_path / "sessions.db")

@@ -50,7 +50,8 @@ def test_sessions_tells_an_approval_wait_from_a_trial_cut_short(tmp_path, baby_f
     assert_exactly_the_budget(config["storage"], "s1-all", 3)
 
 
-def test_tune_max_latency_ms_marks_slower_trials_infeasible(tmp_path, baby_format_dir, shared_cache):
+def test_tune_max_latency_ms_marks_slower_trials_infeasible(tmp_path, baby_format_dir, shared_cache, monkeypatch):
+    monkeypatch.chdir(tmp_path)  # the session's report goes to ./reports
     checkpoint, storage = str(tmp_path / "sessions.db"), f"sqlite:///{tmp_path / 'optuna.db'}"
     with ScriptedLLM([CHOOSE_ALL, call("propose_change", changes={"neighbors": 20}, rationale="denser")]) as llm:
         result = CliRunner().invoke(app, [
