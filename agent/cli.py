@@ -283,7 +283,7 @@ def worker(
     typer.echo(f"worker {os.getpid()}: ran {done} trial(s) of {study}")
 
 
-LLMBaseUrlOption = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…) (env RECTUNE_LLM_BASE_URL, or llm_base_url in rectune.toml); default: DeepSeek if DEEPSEEK_API_KEY is set, else OpenAI if OPENAI_API_KEY is set, else the embedded local model. Its API key comes from RECTUNE_LLM_API_KEY: DEEPSEEK_API_KEY and OPENAI_API_KEY are only ever sent to api.deepseek.com and api.openai.com.")
+LLMBaseUrlOption = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…) (env RECTUNE_LLM_BASE_URL, or llm_base_url in rectune.toml); default: DeepSeek if DEEPSEEK_API_KEY is set, else OpenAI if OPENAI_API_KEY is set, else the embedded local model (`embedded` forces it). Its API key comes from RECTUNE_LLM_API_KEY (not sent to an endpoint named by ./rectune.toml, which may come with a cloned repository): DEEPSEEK_API_KEY and OPENAI_API_KEY are only ever sent to api.deepseek.com and api.openai.com.")
 LLMModelOption = typer.Option(None, "--llm-model", help="Model name at that endpoint (env RECTUNE_LLM_MODEL, or llm_model in rectune.toml).")
 CheckpointOption = typer.Option("rectune-sessions.db", "--checkpoint", help="LangGraph checkpoint: a SQLite file, or a postgresql:// URL for a shared deployment.")
 
@@ -319,7 +319,7 @@ def ask_terminal(payload: dict) -> dict | None:
 def _finish(values: dict, tracking_uri: str) -> None:
     if values.get("report"):
         typer.echo(f"report: {values['report']}")
-        typer.echo(f"MLflow: {tracking_uri} (run {values.get('mlflow_run_id')}); browse it with `rectune ui --tracking-uri {tracking_uri}`")
+        say(f"MLflow: {tracking_uri} (run {values.get('mlflow_run_id')}); browse it with `rectune ui --tracking-uri {tracking_uri}`")
 
 
 @app.command("tune")
@@ -404,7 +404,7 @@ def compare_command(
         path = compare(spec, say, report_dir, Tracker(uri), trace=True)
     except RectuneError as error:
         fail(error)
-    typer.echo(f"report: {path}\nMLflow: {uri}")
+    say(f"report: {path}\nMLflow: {uri}")
 
 
 @app.command("resume")

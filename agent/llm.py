@@ -89,7 +89,9 @@ def resolve_llm(base_url: str | None = None, model: str | None = None, timeout_s
         return LLMSettings("embedded", model or EMBEDDED_MODEL, None, **options)
     if base_url:
         url = _checked_url(base_url)
-        custom = [CUSTOM_KEY_ENV] if os.environ.get(CUSTOM_KEY_ENV) else []
+        # From ./rectune.toml the custom key is withheld even when unset, so the LLM line says
+        # why setting it would not help.
+        custom = [CUSTOM_KEY_ENV] if os.environ.get(CUSTOM_KEY_ENV) or untrusted else []
         key_env = next((env for env in ([] if untrusted else custom) + exported if key_allowed(env, url)), None)
         withheld = tuple(env for env in custom + exported if env != key_env and (untrusted or not key_allowed(env, url)))
         default_model = DEFAULT_MODELS.get(urlsplit(url).hostname or "", "default")

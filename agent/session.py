@@ -89,6 +89,7 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
     the session's identity, and the MLflow run refuses to resume with changed params."""
     from models.pipeline import PipelineConfig
     from tools.ledger import check_latency_budget
+    from tools.tracking import filter_value
     from tools.runner import TrialRunner, resolve_objective
 
     config = {"configurable": {"thread_id": settings["session"]}}
@@ -103,6 +104,10 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
         # Sessions checkpointed before the latency budget existed have none.
         runner = TrialRunner.open(settings["dataset"], settings["groups"], data_dir=settings["data_dir"], cache_dir=settings["cache_dir"],
                                   max_latency_ms=settings.get("max_latency_ms"))
+        # The session's MLflow runs are found again by these names: one a search filter cannot
+        # quote would stop the session after its first checkpoint, and every resume with it.
+        for name in (settings["session"], *runner.groups.labels):
+            filter_value(name)
         with llm_client(endpoint, settings["cache_dir"], echo) as llm:
             deps = Deps(runner, runner.space, llm, None, echo, report_dir)
             graph = build_graph(deps, saver)

@@ -384,9 +384,9 @@ def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir, backend, 
     postgres = request.getfixturevalue("postgres_url") if backend == "postgresql" else None
     storage = postgres or f"sqlite:///{tmp_path / 'optuna.db'}"
     with ScriptedLLM(two_tower_script()) as llm:
-        log = open(tmp_path / "tune.log", "w")
-        process = start(cli(tmp_path, baby_format_dir, llm.base_url, "tune", "--approve", "auto", "--session", "k1", postgres=postgres), tmp_path,
-                        stdout=log, stderr=subprocess.STDOUT)
+        with open(tmp_path / "tune.log", "w") as log:  # the child keeps its own copy of the descriptor
+            process = start(cli(tmp_path, baby_format_dir, llm.base_url, "tune", "--approve", "auto", "--session", "k1", postgres=postgres),
+                            tmp_path, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
         # One storage for every poll: each poll is then a query, not a new connection pool (a
         # trial on the fixture lasts about a second; PostgreSQL refuses its 101st connection).
@@ -396,12 +396,11 @@ def test_sigkill_during_a_trial_then_resume(tmp_path, baby_format_dir, backend, 
                 study = study or optuna.load_study(study_name="k1-all", storage=polled)
                 running = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
                            if t.user_attrs.get("tuner") == "llm"]
-            except Exception:  # the study (or, in a new SQLite file, its tables) may not exist yet
+            except Exception:  # the study is not created yet, or SQLite is busy with the session's write
                 running = []
             if running:
                 break
             time.sleep(0.02)
-        log.close()
         assert running, f"no LLM trial was seen running (the session exited with {process.poll()}): {(tmp_path / 'tune.log').read_text()[-3000:]}"
         kill(process)
         listed = subprocess.run(cli(tmp_path, baby_format_dir, llm.base_url, "sessions", postgres=postgres), cwd=tmp_path,

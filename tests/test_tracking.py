@@ -336,3 +336,47 @@ def test_rectune_ui_lists_the_session_and_its_nested_trials_in_chromium(tmp_path
             raise
     assert ui.returncode == 0 and "MLflow UI stopped" in output, output
     assert not port_in_use(int(page_url.split(":")[2].split("/")[0]))
+
+
+def test_filter_values_are_quoted_for_mlflow_searches(tmp_path):
+    from tools.tracking import filter_value
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}")
+    experiment = client.create_experiment("x")
+    for name in ("plain", "it's"):
+        client.create_run(experiment, tags={"optuna_study": name})
+        [found] = client.search_runs([experiment], f"tags.optuna_study = {filter_value(name)}")
+        assert found.data.tags["optuna_study"] == name
+    with pytest.raises(ConfigError, match="may hold ' or \" but not both"):
+        filter_value("""it's "quoted\"""")
+
+
+def test_the_tracking_probe_sends_no_credentials_and_refuses_only_a_dead_server():
+    import http.server
+    import threading
+
+    from tools.loopback import pick_free_port
+    from tools.tracking import _reach_server
+
+    paths = []
+
+    class Health(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            paths.append((self.path, self.headers.get("Authorization")))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Health)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        port = server.server_address[1]
+        _reach_server(f"http://tuner:s3cret@127.0.0.1:{port}/prefix/")
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert paths == [("/prefix/health", None)]
+    with pytest.raises(ConfigError, match=r"cannot reach the MLflow tracking server http://tuner:\*\*\*@127\.0\.0\.1"):
+        _reach_server(f"http://tuner:s3cret@127.0.0.1:{pick_free_port()}")

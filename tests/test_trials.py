@@ -391,3 +391,26 @@ def test_baseline_command_says_when_no_trial_met_the_latency_budget(baby_format_
     assert len(trials) == 2 and not any(t.user_attrs["feasible"] for t in trials)
     # TPE learns the budget from each trial's constraint: above 0 is infeasible.
     assert all(t.constraints["latency_ms_per_user"] > 0 for t in trials)
+
+
+def test_a_trial_is_back_filled_only_when_no_live_process_may_still_log_it():
+    import socket
+    import time
+    from types import SimpleNamespace
+
+    from tools.ledger import LOG_GRACE_SECONDS, _may_still_log
+
+    here, now = socket.gethostname(), time.time()
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
+    try:
+        def trial(host, pid, told_at=now):
+            return SimpleNamespace(user_attrs={"owner": {"host": host, "pid": pid}, "told_at": told_at})
+
+        assert _may_still_log(trial(here, sleeper.pid))  # alive here: it is logging it
+        assert not _may_still_log(trial(here, os.getpid()))  # this process: its own log failed
+        assert _may_still_log(trial("elsewhere", 1))  # another host, just told
+        assert not _may_still_log(trial("elsewhere", 1, now - LOG_GRACE_SECONDS - 1))
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    assert not _may_still_log(trial(here, sleeper.pid))  # dead here

@@ -14,6 +14,7 @@ from __future__ import annotations
 import functools
 import os
 import socket
+import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -90,7 +91,7 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, storage = storage, _reach(storage, _rdb)
-    summaries = {s.study_name: s for s in optuna.get_all_study_summaries(storage)}
+    summaries = {s.study_name: s for s in _reach(url, lambda _: optuna.get_all_study_summaries(storage))}
     if name not in summaries:
         if context is None:
             raise ConfigError(f"no study {name!r} in {url}; studies there: {sorted(summaries) or 'none'}")
@@ -121,7 +122,10 @@ def _rdb(url: str):
     PostgreSQL server counts against its max_connections until they are garbage-collected."""
     import optuna
 
-    return optuna.storages.RDBStorage(url)
+    # The connections live as long as the process: one a server dropped while a session waited
+    # for a person must be replaced, not fail the next query.
+    options = {} if url.startswith("sqlite") else {"engine_kwargs": {"pool_pre_ping": True}}
+    return optuna.storages.RDBStorage(url, **options)
 
 
 def _reach(storage: str, read):
@@ -179,7 +183,6 @@ def reclaim_orphans(study, grace_seconds: float = CLAIM_GRACE_SECONDS) -> int:
     milliseconds) or lost its process between pop and claim: it is watched until it gets
     an owner or has been running for `grace_seconds`.
     """
-    import time
     from datetime import datetime
 
     from optuna.trial import TrialState
@@ -269,7 +272,7 @@ def run_next(study, runner, space: SearchSpace, session=None, report_test: bool 
     for name, value in {"tuner": tuner, "params": params, "latency_ms_per_user": result.latency_ms_per_user,
                         "train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds, "cache": result.cache,
                         "feasible": result.feasible, "metrics": result.metrics, "test_metrics": result.test_metrics,
-                        "metric": result.metric}.items():
+                        "metric": result.metric, "told_at": time.time()}.items():
         trial.set_user_attr(name, value)
     if context.max_latency_ms is not None:
         # ≤ 0 is feasible: TPE then prefers configurations that meet the latency budget.
@@ -295,13 +298,11 @@ LOG_GRACE_SECONDS = 60.0
 def _may_still_log(trial) -> bool:
     """Whether the process that ran `trial` may be logging it right now: it is alive on this
     host, or it ran elsewhere and finished moments ago (its liveness cannot be checked)."""
-    from datetime import datetime
-
     owner = trial.user_attrs.get("owner") or {}
     if owner.get("host") == socket.gethostname():
         return owner.get("pid") != os.getpid() and _alive(owner["pid"])
-    finished = trial.datetime_complete
-    return finished is not None and (datetime.now() - finished).total_seconds() < LOG_GRACE_SECONDS
+    # Epoch seconds, not Optuna's datetime_complete: that is the writing host's local time.
+    return time.time() - trial.user_attrs.get("told_at", 0.0) < LOG_GRACE_SECONDS
 
 
 def log_unlogged(study, session) -> int:

@@ -216,25 +216,30 @@ def _log(
 def _reach_server(uri: str, timeout: float = 10.0) -> None:
     """Fail in one line, at once, when an http(s) tracking server does not answer: MLflow's
     own client retries a dead server for minutes before its traceback."""
-    import socket
+    import ssl
     import urllib.error
     import urllib.request
 
     from tools.loopback import DIRECT, is_loopback
 
-    if urlsplit(uri).scheme not in ("http", "https"):
+    parts = urlsplit(uri)
+    if parts.scheme not in ("http", "https"):
         return
+    # Credentials stay out of the probe (urllib would take user:password@ for the host name).
+    host = f"[{parts.hostname}]" if ":" in (parts.hostname or "") else parts.hostname  # IPv6 keeps its brackets
+    netloc = host if parts.port is None else f"{host}:{parts.port}"
+    probe = f"{parts.scheme}://{netloc}{parts.path.rstrip('/')}/health"
     opener = DIRECT if is_loopback(uri) else urllib.request.build_opener()
     try:
-        with opener.open(uri.rstrip("/") + "/health", timeout=timeout):
+        with opener.open(probe, timeout=timeout):
             return
     except urllib.error.HTTPError:
         return  # it answered; MLflow reports what the answer means
     except (urllib.error.URLError, OSError) as error:
         reason = getattr(error, "reason", error)
-        # Only a server that is not there is refused here: TLS or URL details this probe does not
-        # share with MLflow's client (custom certificates, credentials in the URL) are MLflow's to judge.
-        if not isinstance(reason, (ConnectionRefusedError, socket.gaierror, TimeoutError)):
+        # A TLS failure may be this probe's alone (MLflow's client can be given other
+        # certificates); any other failure is a server MLflow would retry for minutes.
+        if isinstance(reason, ssl.SSLError):
             return
         raise ConfigError(f"cannot reach the MLflow tracking server {scrub(uri)}: {reason}; start it (`rectune ui` serves "
                           "the local store) or give another --tracking-uri") from error
