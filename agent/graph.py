@@ -145,6 +145,7 @@ def selection_table(selection: dict, objective: str) -> str:
 def build_graph(deps: Deps, checkpointer=None):
     runner, space = deps.runner, deps.space
     labels = list(runner.groups.labels)
+    backfilled: set[str] = set()  # studies this process has already reconciled with MLflow
 
     def study_for(settings, group: str, pipeline: str):
         context = StudyContext(settings["dataset"], settings["groups"], group, pipeline, settings["objective"],
@@ -157,7 +158,10 @@ def build_graph(deps: Deps, checkpointer=None):
 
         study = study_for(settings, group, pipeline)
         reclaim_orphans(study)
-        log_unlogged(study, deps.session)
+        # Gaps come only from an earlier process's crash: reconcile once per study and process.
+        if study.study_name not in backfilled:
+            log_unlogged(study, deps.session)
+            backfilled.add(study.study_name)
         mine = [t for t in study.get_trials(deepcopy=False) if t.user_attrs.get("proposal_id") == proposal_id]
         done = [t for t in mine if t.state == TrialState.COMPLETE]
         if not done:

@@ -12,6 +12,7 @@ import pytest
 from typer.testing import CliRunner
 
 import models.config
+from tools.loopback import pick_free_port
 from agent.llm import DEEPSEEK_BASE_URL, EMBEDDED_MODEL, OPENAI_BASE_URL, LLMSettings, chat_model, resolve_llm
 from models.errors import ConfigError
 from scripted_llm import ScriptedLLM, call, status
@@ -176,19 +177,13 @@ def test_a_429_is_retried_transparently(tmp_path, baby_format_dir, fast_retries,
     assert trials[1].params["neighbors"] == 20
 
 
-def dead_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def test_a_dead_endpoint_stops_resumably_and_resume_can_move_it(tmp_path, baby_format_dir, fast_retries, shared_cache, monkeypatch):
     from agent.cli import app
     from agent.session import list_sessions, load_settings
 
     monkeypatch.chdir(tmp_path)  # the session's report goes to ./reports
 
-    dead = f"http://127.0.0.1:{dead_port()}/v1"
+    dead = f"http://127.0.0.1:{pick_free_port()}/v1"
     checkpoint = str(tmp_path / "sessions.db")
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     common = ["--checkpoint", checkpoint, "--no-trace-llm"]

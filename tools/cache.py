@@ -18,16 +18,18 @@ from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import numpy as np
-
-from models.dataset import Dataset
 from models.errors import ConfigError
+
+if TYPE_CHECKING:  # numpy and the dataset (pandas, scipy) stay out of light commands' start-up
+    from models.dataset import Dataset
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
     """What identifies the training data: name, split, sizes, the train matrix, features."""
+    import numpy as np
+
     digest = hashlib.sha256()
     for part in (dataset.train.indptr, dataset.train.indices):
         digest.update(np.ascontiguousarray(part).tobytes())

@@ -91,15 +91,18 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     url, storage = storage, _reach(storage, _rdb)
-    summaries = {s.study_name: s for s in _reach(url, lambda _: optuna.get_all_study_summaries(storage))}
-    if name not in summaries:
+    # One study looked up by name: listing every study's summary reads every trial of the ledger.
+    study_id = _reach(url, lambda _: _study_id(storage, name))
+    if study_id is None:
         if context is None:
-            raise ConfigError(f"no study {name!r} in {url}; studies there: {sorted(summaries) or 'none'}")
+            studies = sorted(s.study_name for s in storage.get_all_studies())
+            raise ConfigError(f"no study {name!r} in {url}; studies there: {studies or 'none'}")
         context.check()
         study = optuna.create_study(storage=storage, study_name=name, direction="maximize", sampler=make_sampler(context, offset))
         study.set_user_attr("rectune", asdict(context))
         return study
-    stored = StudyContext(**summaries[name].user_attrs["rectune"])
+    recorded = storage.get_study_user_attrs(study_id)["rectune"]
+    stored = StudyContext(**recorded)
     if context is not None:
         mismatch = context.matches(stored)
         if mismatch:
@@ -108,11 +111,18 @@ def open_study(storage: str, name: str, context: StudyContext | None = None, off
             stored = StudyContext(**{**asdict(stored), "budget": context.budget})
     # A continued study must not replay the samples of its first process: the seed moves
     # on by the number of trials already there (still reproducible from the same history).
-    n_trials = summaries[name].n_trials
+    n_trials = storage.get_n_trials(study_id)
     study = optuna.load_study(storage=storage, study_name=name, sampler=make_sampler(stored, offset + n_trials))
-    if stored.budget != summaries[name].user_attrs["rectune"]["budget"]:
+    if stored.budget != recorded["budget"]:
         study.set_user_attr("rectune", asdict(stored))
     return study
+
+
+def _study_id(storage, name: str) -> int | None:
+    try:
+        return storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
 
 
 @functools.lru_cache(maxsize=None)
