@@ -14,8 +14,8 @@ from typing import Optional
 
 import typer
 
-from models.errors import ConfigError, RectuneError
-from models.formats import FORMAT_NAMES
+from rectune.models.errors import ConfigError, RectuneError
+from rectune.models.formats import FORMAT_NAMES
 
 app = typer.Typer(help="rectune: an LLM-in-the-loop tuner for recommender pipelines.", no_args_is_help=True)
 data_app = typer.Typer(help="Inspect and download datasets.", no_args_is_help=True)
@@ -24,15 +24,29 @@ app.add_typer(data_app, name="data")
 DataDirOption = typer.Option(None, "--data-dir", help="Directory with one sub-directory per dataset (env RECTUNE_DATA_DIR, or data_dir in rectune.toml; default ./data).")
 
 
+def absolute_dataset_path(value: str) -> str:
+    """A registered name as it is; a path made absolute, so that a study's workers, started
+    from any directory, load the same files."""
+    from rectune.models.loaders import DATASETS
+
+    path = Path(value).expanduser()
+    return value if value in DATASETS or not path.exists() else str(path.resolve())
+
+
+DatasetOption = typer.Option("baby", "--dataset", callback=absolute_dataset_path,
+                             help="A registered dataset name (see `rectune data list`), or the path of any MMRec dataset: a "
+                                  "directory with NAME.inter (split by its x_label) and optional text_feat.npy / image_feat.npy.")
+
+
 def say(line: str) -> None:
     """typer.echo for lines that may quote a storage, tracking or endpoint URL: its password is scrubbed."""
-    from tools.tracking import scrub
+    from rectune.tools.tracking import scrub
 
     typer.echo(scrub(line))
 
 
 def fail(error: RectuneError) -> None:
-    from tools.tracking import scrub
+    from rectune.tools.tracking import scrub
 
     # Messages may quote a storage or endpoint URL, and its password must not reach the terminal.
     typer.secho(f"error: {scrub(str(error))}", fg=typer.colors.RED, err=True)
@@ -50,7 +64,7 @@ def command_line_defaults() -> None:
     # data, often offline, should not phone home (MLFLOW_DISABLE_TELEMETRY=false allows it).
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 
-    from models.errors import RectuneWarning
+    from rectune.models.errors import RectuneWarning
 
     default = warnings.showwarning
 
@@ -77,8 +91,8 @@ def data_info(
     format: Optional[DataFormat] = typer.Option(None, "--format", help="Read NAME as a path in this format instead of a registered name."),
 ) -> None:
     """Load a dataset and print its size, split and features as JSON (data-quality warnings go to stderr)."""
-    from models.loaders import load_dataset
-    from models.splits import SplitStrategy
+    from rectune.models.loaders import load_dataset
+    from rectune.models.splits import SplitStrategy
 
     try:
         dataset = load_dataset(name, data_dir, SplitStrategy.parse(split, seed) if split else None,
@@ -91,8 +105,8 @@ def data_info(
 @data_app.command("list")
 def data_list(data_dir: Optional[Path] = DataDirOption) -> None:
     """List the registered datasets and whether each is present in the data directory."""
-    from models.config import data_dir as resolve
-    from models.loaders import DATASETS
+    from rectune.models.config import data_dir as resolve
+    from rectune.models.loaders import DATASETS
 
     root = resolve(data_dir)
     for source in DATASETS.values():
@@ -110,7 +124,7 @@ def data_pull(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar on stderr."),
 ) -> None:
     """Download a dataset's public source into the data directory, load it to check it, print its summary."""
-    from models.download import pull
+    from rectune.models.download import pull
 
     try:
         result = pull(name, data_dir, base_url=base_url, progress=progress, force=force, timeout=timeout)
@@ -139,7 +153,7 @@ def parse_assignments(assignments: list[str]) -> dict:
 
 @app.command("evaluate")
 def evaluate(
-    dataset_name: str = typer.Option("baby", "--dataset", help="Registered dataset name (see `rectune data list`)."),
+    dataset_name: str = DatasetOption,
     data_dir: Optional[Path] = DataDirOption,
     groups_spec: str = typer.Option("prefix", "--groups", help="User groups: all, prefix[:LETTERS[:MAX]], activity[:Q], age, gender, occupation, attr:COLUMN, file:PATH."),
     pipelines: str = typer.Option("all", help="Comma-separated pipelines (heuristic, heuristic+deepfm, two_tower, two_tower+deepfm) or all."),
@@ -152,10 +166,10 @@ def evaluate(
     """Train the candidate pipelines with default parameters and compare them per user group."""
     from tqdm import tqdm
 
-    from models.features import attach_item_features
-    from models.groups import make_groups
-    from models.loaders import load_dataset
-    from models.pipeline import PIPELINES, Pipeline, PipelineConfig
+    from rectune.models.features import attach_item_features
+    from rectune.models.groups import make_groups, require_held_out
+    from rectune.models.loaders import load_dataset
+    from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig
 
     names = list(PIPELINES) if pipelines == "all" else [p.strip() for p in pipelines.split(",")]
     if split not in ("val", "test"):
@@ -165,11 +179,12 @@ def evaluate(
         configs = [PipelineConfig.from_dict({"pipeline": name, **overrides}) for name in names]
         dataset = attach_item_features(load_dataset(dataset_name, data_dir), progress=progress)
         groups = make_groups(dataset, groups_spec)
+        require_held_out(dataset, groups, (split,))
         typer.echo(f"{dataset.name}: {dataset.n_users} users, {dataset.n_items} items, item features {dataset.item_features.source}; "
                    f"groups {groups_spec}: " + ", ".join(f"{g} {n}" for g, n in groups.sizes().items()))
         results = {}
         for config in tqdm(configs, desc="pipelines", disable=not progress):
-            pipeline = Pipeline(config).fit(dataset, groups)
+            pipeline = Pipeline(config).fit(dataset)
             evaluation = pipeline.evaluate(dataset, split, groups)
             results[config.name] = {"config": config.to_dict(), "fit_seconds": pipeline.fit_seconds,
                                     "overall": evaluation.metrics.overall, "groups": evaluation.metrics.groups}
@@ -197,7 +212,7 @@ def space(
     pipeline: Optional[str] = typer.Option(None, help="Show one pipeline's parameters as the LLM sees them; default: the whole space as a markdown table."),
 ) -> None:
     """Print the search space (tools/search_space.toml): ranges, defaults, what each parameter does."""
-    from tools.space import SearchSpace
+    from rectune.tools.space import SearchSpace
 
     try:
         loaded = SearchSpace.load()
@@ -213,12 +228,12 @@ CacheDirOption = typer.Option(None, "--cache-dir", help="Where features and trai
 
 @app.command("baseline")
 def baseline(
-    dataset_name: str = typer.Option("baby", "--dataset", help="Registered dataset name."),
+    dataset_name: str = DatasetOption,
     groups_spec: str = typer.Option("activity", "--groups", help="User-group spec (see `rectune evaluate --help`)."),
     group: str = typer.Option(..., help="The group whose validation objective is tuned, or `all`."),
     pipeline: str = typer.Option(..., help="heuristic, heuristic+deepfm, two_tower or two_tower+deepfm."),
     budget: int = typer.Option(20, min=1, help="Trials in total, the default configuration (trial 0) included."),
-    sampler: str = typer.Option("tpe", help="tpe or random (arguments pinned, logged to MLflow)."),
+    sampler: str = typer.Option("tpe", help="A registered tuner that proposes on its own: tpe, random (Optuna, arguments pinned, logged to MLflow) or local (one-parameter neighbours of the best trial)."),
     seed: int = typer.Option(0, help="Seed of the sampler and of every model."),
     objective: str = typer.Option("ndcg@20", help="Validation metric to maximise: ndcg@20, recall@50, f1@topn, …"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Per-user recommendation latency budget; slower trials are infeasible."),
@@ -229,15 +244,15 @@ def baseline(
     cache_dir: Optional[Path] = CacheDirOption,
     progress: bool = typer.Option(True, help="Show a progress bar with the best value so far."),
 ) -> None:
-    """Tune one pipeline on one group with Optuna (TPE or random search) for a fixed budget; re-running the same command continues to the budget."""
-    from tools.baseline import BASELINE_SAMPLERS, run_baseline, study_name
-    from tools.ledger import StudyContext, best, storage_url
-    from tools.runner import TrialRunner
-    from tools.tracking import Tracker
+    """Tune one pipeline on one group with a tuner that needs no LLM (TPE, random or local search) for a fixed budget; re-running the same command continues to the budget."""
+    from rectune.tools.baseline import check_sampler, run_baseline, study_name
+    from rectune.tools.ledger import storage_url
+    from rectune.tools.runner import TrialRunner
+    from rectune.tools.study import StudyContext
+    from rectune.tools.tracking import Tracker
 
     try:
-        if sampler not in BASELINE_SAMPLERS:
-            raise ConfigError(f"--sampler must be one of {BASELINE_SAMPLERS}, but got {sampler!r}")
+        check_sampler(sampler)
         context = StudyContext(dataset_name, groups_spec, group, pipeline, objective, seed, budget, sampler, max_latency_ms)
         # Settings first, then the tracking store, then the data: no study is written before all pass.
         context.check()
@@ -250,30 +265,30 @@ def baseline(
         finished = run_baseline(context, runner, url, study or study_name(context), tracker, progress)
     except RectuneError as error:
         fail(error)
-    top = best(finished)
-    if top is None:
+    top = finished.best()
+    if top is None or not top.feasible:
         why = (f"no trial met --max-latency-ms {max_latency_ms:g}; raise it or tune for speed (`rectune space` lists what "
                "changes latency)") if max_latency_ms is not None else "no trial finished; the failed trials' errors are in the study"
-        say(f"study {finished.study_name} in {url}: {why}")
+        say(f"study {finished.name} in {url}: {why}")
         raise typer.Exit(1)
-    say(f"study {finished.study_name} in {url}: best {objective} = {top.value:.4f} (trial {top.number}, {top.user_attrs['tuner']}) "
-        f"with {json.dumps(top.user_attrs['params'])}")
+    say(f"study {finished.name} in {url}: best {objective} = {top.objective:.4f} (trial {top.number}, {top.tuner}) "
+        f"with {json.dumps(top.params)}")
 
 
 @app.command("worker")
 def worker(
     study: str = typer.Option(..., help="Name of an existing study (created by `rectune baseline` or the agent)."),
     storage: Optional[str] = StorageOption,
-    sample: bool = typer.Option(True, help="When the queue is empty, sample new trials with the study's sampler up to its budget."),
+    sample: bool = typer.Option(True, help="When the queue is empty, run the proposals of the study's tuner up to its budget (not for the LLM agent's studies: its proposals come from its session)."),
     max_trials: Optional[int] = typer.Option(None, min=1, help="Stop after this many trials."),
     tracking_uri: Optional[str] = TrackingOption,
     data_dir: Optional[Path] = DataDirOption,
     cache_dir: Optional[Path] = CacheDirOption,
 ) -> None:
     """Execute the queued trials of a study; several workers (on several machines, with a shared PostgreSQL storage) work on one study in parallel."""
-    from tools.baseline import work
-    from tools.ledger import storage_url
-    from tools.tracking import Tracker
+    from rectune.tools.baseline import work
+    from rectune.tools.ledger import storage_url
+    from rectune.tools.tracking import Tracker
 
     try:
         done = work(storage_url(storage), study, data_dir=data_dir, cache_dir=cache_dir, tracker=Tracker(tracking_uri),
@@ -284,7 +299,7 @@ def worker(
 
 
 LLMBaseUrlOption = typer.Option(None, "--llm-base-url", help="Any OpenAI-compatible endpoint (vLLM, Ollama, llama.cpp, DeepSeek…) (env RECTUNE_LLM_BASE_URL, or llm_base_url in rectune.toml); default: DeepSeek if DEEPSEEK_API_KEY is set, else OpenAI if OPENAI_API_KEY is set, else the embedded local model (`embedded` forces it). Its API key comes from RECTUNE_LLM_API_KEY (not sent to an endpoint named by ./rectune.toml, which may come with a cloned repository): DEEPSEEK_API_KEY and OPENAI_API_KEY are only ever sent to api.deepseek.com and api.openai.com.")
-LLMModelOption = typer.Option(None, "--llm-model", help="Model name at that endpoint (env RECTUNE_LLM_MODEL, or llm_model in rectune.toml).")
+LLMModelOption = typer.Option(None, "--llm-model", help="Model name at that endpoint (env RECTUNE_LLM_MODEL, or llm_model in rectune.toml). Each call waits RECTUNE_LLM_TIMEOUT seconds (default 120; 900 for the embedded model), saying so every 30 s; blips are retried for about a minute.")
 CheckpointOption = typer.Option("rectune-sessions.db", "--checkpoint", help="LangGraph checkpoint: a SQLite file, or a postgresql:// URL for a shared deployment.")
 
 
@@ -324,7 +339,7 @@ def _finish(values: dict, tracking_uri: str) -> None:
 
 @app.command("tune")
 def tune(
-    dataset_name: str = typer.Option("baby", "--dataset", help="Registered dataset name."),
+    dataset_name: str = DatasetOption,
     groups_spec: str = typer.Option("activity", "--groups", help="User-group spec (see `rectune evaluate --help`)."),
     budget: int = typer.Option(10, min=2, help="Trials per group, the default configuration (trial 0) included."),
     approve: str = typer.Option("ask", help="ask: a person approves, edits or rejects each proposal; auto: run every valid proposal."),
@@ -345,25 +360,23 @@ def tune(
     trace_llm: bool = typer.Option(True, help="Trace the LLM calls into the MLflow experiment (mlflow.langchain.autolog)."),
 ) -> None:
     """Let the LLM pick a pipeline per user group, then tune each group's pipeline trial by trial."""
-    import time as clock
-
-    from agent.session import run
-    from models.config import tracking_uri as resolve_tracking_uri
-    from tools.ledger import storage_url
-    from tools.tracking import Tracker
+    from rectune.agent.context import Settings
+    from rectune.agent.session import run
+    from rectune.models.config import tracking_uri as resolve_tracking_uri
+    from rectune.models.loaders import dataset_label
+    from rectune.tools.ledger import storage_url
+    from rectune.tools.tracking import Tracker
 
     if approve not in ("ask", "auto"):
         raise typer.BadParameter(f"must be ask or auto, but got {approve!r}", param_hint="--approve")
     try:
         uri = resolve_tracking_uri(tracking_uri)
-        settings = {
-            "session": session or f"{dataset_name}-{groups_spec.replace(':', '')}-{clock.strftime('%Y%m%d-%H%M%S')}",
-            "dataset": dataset_name, "groups": groups_spec, "objective": objective, "budget": budget, "seed": seed,
-            "approve": approve, "max_llm_calls": max_llm_calls or 3 * budget, "max_minutes": max_minutes, "may_finish": may_finish, "storage": storage_url(storage),
-            "tracking_uri": uri, "data_dir": str(data_dir) if data_dir else None, "cache_dir": str(cache_dir) if cache_dir else None,
-            "llm_base_url": llm_base_url, "llm_model": llm_model, "max_latency_ms": max_latency_ms,
-        }
-        typer.echo(f"session {settings['session']}")
+        settings = Settings.named(
+            session, dataset_label(dataset_name), dataset=dataset_name, groups=groups_spec, objective=objective, budget=budget,
+            seed=seed, approve=approve, max_llm_calls=max_llm_calls or 0, max_minutes=max_minutes, may_finish=may_finish,
+            max_latency_ms=max_latency_ms, storage=storage_url(storage), tracking_uri=uri, data_dir=str(data_dir) if data_dir else None,
+            cache_dir=str(cache_dir) if cache_dir else None, llm_base_url=llm_base_url, llm_model=llm_model)
+        typer.echo(f"session {settings.session}")
         values = run(settings, ask_terminal if approve == "ask" else None, say, checkpoint, tracker=Tracker(uri), trace=trace_llm)
     except RectuneError as error:
         fail(error)
@@ -372,7 +385,7 @@ def tune(
 
 @app.command("compare")
 def compare_command(
-    dataset_name: str = typer.Option("baby", "--dataset", help="Registered dataset name."),
+    dataset_name: str = DatasetOption,
     groups_spec: str = typer.Option("activity", "--groups", help="User-group spec."),
     budget: int = typer.Option(10, min=2, help="Trials per group and tuner, the default configuration included."),
     seeds: int = typer.Option(5, min=1, help="Seeds 0..N-1; every tuner runs every seed (paired)."),
@@ -380,6 +393,7 @@ def compare_command(
     reach: float = typer.Option(0.05, help="Report the trials each tuner needs to beat the default by this share."),
     name: Optional[str] = typer.Option(None, help="Name of the comparison (re-use it to continue an interrupted one)."),
     agent_may_finish: bool = typer.Option(False, "--agent-may-finish/--agent-full-budget", help="Let the agent stop a group early; by default it runs every trial, like the baselines."),
+    tuners: str = typer.Option("llm,tpe,random", help="Comma-separated registered tuners, each run on every group and seed: llm, tpe, random, local."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,
     storage: Optional[str] = StorageOption,
@@ -389,18 +403,22 @@ def compare_command(
     checkpoint: str = CheckpointOption,
     report_dir: Path = typer.Option(Path("reports"), help="Where the markdown report and its plots go."),
 ) -> None:
-    """Run the LLM agent, Optuna TPE and random search on the same budget, space, seeds and first trial, and report."""
-    from agent.compare import Comparison, compare
-    from models.config import tracking_uri as resolve_tracking_uri
-    from tools.ledger import storage_url
-    from tools.tracking import Tracker
+    """Run tuners (by default the LLM agent, Optuna TPE and random search) on the same budget, space, seeds and first trial, and report."""
+    from rectune.agent.compare import Comparison, compare
+    from rectune.agent.context import Settings
+    from rectune.models.config import tracking_uri as resolve_tracking_uri
+    from rectune.models.loaders import dataset_label
+    from rectune.tools.ledger import storage_url
+    from rectune.tools.tracking import Tracker
 
     try:
         uri = resolve_tracking_uri(tracking_uri)
-        spec = Comparison(name or f"compare-{dataset_name}-{groups_spec.replace(':', '')}-b{budget}", dataset_name, groups_spec, budget,
-                          tuple(range(seeds)), objective, reach, storage_url(storage), uri, checkpoint,
-                          str(data_dir) if data_dir else None, str(cache_dir) if cache_dir else None, llm_base_url, llm_model,
-                          agent_may_finish)
+        settings = Settings(
+            name or f"compare-{dataset_label(dataset_name)}-{groups_spec.replace(':', '')}-b{budget}", dataset_name, groups_spec,
+            objective, budget, approve="auto", may_finish=agent_may_finish, storage=storage_url(storage), tracking_uri=uri,
+            data_dir=str(data_dir) if data_dir else None, cache_dir=str(cache_dir) if cache_dir else None,
+            llm_base_url=llm_base_url, llm_model=llm_model)
+        spec = Comparison(settings, tuple(range(seeds)), tuple(t.strip() for t in tuners.split(",") if t.strip()), reach, checkpoint)
         path = compare(spec, say, report_dir, Tracker(uri), trace=True)
     except RectuneError as error:
         fail(error)
@@ -416,8 +434,8 @@ def resume(
     llm_model: Optional[str] = typer.Option(None, "--llm-model", help="Continue with this model name instead of the session's own (for this run only)."),
 ) -> None:
     """Continue a session after a crash, or answer the approval it is waiting for."""
-    from agent.session import load_settings, run
-    from tools.tracking import Tracker
+    from rectune.agent.session import load_settings, run
+    from rectune.tools.tracking import Tracker
 
     try:
         settings = load_settings(session, checkpoint)
@@ -432,7 +450,7 @@ def resume(
 @app.command("sessions")
 def sessions(checkpoint: str = CheckpointOption) -> None:
     """List the tuning sessions in a checkpoint store, newest state of each."""
-    from agent.session import list_sessions
+    from rectune.agent.session import list_sessions
 
     try:
         found = list_sessions(checkpoint)
@@ -457,8 +475,8 @@ def ui(
     """Browse sessions and trials in the MLflow UI: starts `mlflow server` on 127.0.0.1 against the tracking store and prints the URL of each experiment's runs; Ctrl-C stops it."""
     import signal
 
-    from models.config import tracking_uri as resolve_tracking_uri
-    from tools.mlflow_ui import experiment_pages, ui_server
+    from rectune.models.config import tracking_uri as resolve_tracking_uri
+    from rectune.tools.mlflow_ui import experiment_pages, ui_server
 
     # A service manager stops with SIGTERM, a closed terminal sends SIGHUP: leave through the
     # same path as Ctrl-C, so the server's process group is stopped rather than orphaned.

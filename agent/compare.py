@@ -1,34 +1,33 @@
-"""Is the LLM worth it? The agent against Optuna TPE and random search, fairly.
+"""Is the LLM worth it? Any list of tuners (`--tuners llm,tpe,random,local`) on equal terms.
 
-Per seed, the agent runs a session (approve=auto) and picks a pipeline per group; TPE and
-random search then tune the same pipeline on the same group with the same search space,
-objective, budget, seed and first trial (the default configuration), through the same
-runner and ledger. Everything is resumable: agent sessions continue from their
-checkpoint, baselines from their study. The report compares best-so-far validation curves,
-test metrics of each tuner's best configuration (paired by seed, bootstrap intervals),
-trials needed to beat the default by a margin, and wall time and tokens.
+Per seed, the LLM agent's model selection (the graph's select and pick steps, checkpointed)
+picks a pipeline per group; every tuner then tunes that pipeline on that group with the
+same search space, objective, budget, seed and first trial (the default configuration),
+through the one study loop (tools.study.run_study) and ledger. Every curve is read from
+the ledger. Everything is resumable: the picks continue from their checkpoint, the
+studies from the ledger. The report compares best-so-far validation curves, test metrics
+of each tuner's best configuration (paired by seed, bootstrap intervals), trials needed to
+beat the default by a margin, and wall time and tokens.
 """
 
 from __future__ import annotations
 
 import itertools
 from collections import Counter
-from dataclasses import dataclass
+from contextlib import ExitStack
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 
-from agent.graph import best_record
-from agent.session import latest_checkpoint, run
-from models.errors import RectuneError
-from models.groups import make_groups
-from tools.baseline import run_baseline
-from tools.ledger import StudyContext
-from tools.plots import best_so_far
-from tools.runner import TrialRunner
-from tools.trial import TrialSpec
+from rectune.agent import proposer as _registers_llm  # noqa: F401 — `llm` is a tuner once this module is loaded
+from rectune.agent.context import Resources, Settings
+from rectune.agent.report import best_record
+from rectune.models.errors import ConfigError, RectuneError
+from rectune.models.groups import make_groups
+from rectune.tools.plots import best_so_far
+from rectune.tools.runner import TrialRunner
 
-TUNERS = ("llm", "tpe", "random")
 BOOTSTRAP_SAMPLES = 5000
 PERMUTATIONS = 1000
 EXACT_SIGN_FLIPS_UP_TO = 16
@@ -36,27 +35,30 @@ EXACT_SIGN_FLIPS_UP_TO = 16
 
 @dataclass(frozen=True)
 class Comparison:
-    name: str
-    dataset: str
-    groups: str
-    budget: int
+    """A comparison: the agent's settings (its session name is the comparison's name) and what varies."""
+
+    settings: Settings
+    """Dataset, groups, objective, budget, stores, LLM; `may_finish` says whether the agent may stop a group early."""
     seeds: tuple[int, ...]
-    objective: str = "ndcg@20"
+    tuners: tuple[str, ...] = ("llm", "tpe", "random")
+    """Registered proposers (tools.proposers), each run on every group and seed."""
     reach: float = 0.05
     """Report the trials each tuner needs to beat the default by this share."""
-    storage: str = "sqlite:///rectune-optuna.db"
-    tracking_uri: str = "sqlite:///mlflow.db"
     checkpoint: str = "rectune-sessions.db"
-    data_dir: str | None = None
-    cache_dir: str | None = None
-    llm_base_url: str | None = None
-    llm_model: str | None = None
-    agent_may_finish: bool = False
-    """False: the agent runs every trial of its budget, as the baselines do (equal trial counts)."""
+    """Where the per-seed picks are checkpointed."""
+
+    @property
+    def name(self) -> str:
+        return self.settings.session
+
+    def seed_settings(self, seed: int) -> Settings:
+        return replace(self.settings, session=f"{self.name}-seed{seed}", seed=seed, approve="auto")
 
 
 @dataclass
 class Run:
+    """One tuner's study of one group and seed, as read from the ledger."""
+
     tuner: str
     group: str
     seed: int
@@ -121,52 +123,126 @@ def distinguishability(values: np.ndarray, codes: np.ndarray, labels: list[str])
 
 
 def trials_to_reach(curve: list[float], share: float) -> int | None:
+    """The first trial whose best-so-far beats the default (trial 0) by `share`, or None."""
     target = curve[0] * (1 + share)
     return next((i for i, value in enumerate(curve) if value >= target), None)
 
 
+def curve_of(history) -> list[float]:
+    """Best objective so far after each trial that counted (a failed trial keeps the best where it was)."""
+    values = [r.objective if r.state == "complete" else float("-inf") for r in history if r.state in ("complete", "failed")]
+    return np.maximum.accumulate(values).tolist() if values else []
+
+
 def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tracker=None, trace: bool = False) -> Path:
-    runner = TrialRunner.open(spec.dataset, spec.groups, data_dir=spec.data_dir, cache_dir=spec.cache_dir)
-    labels = list(runner.groups.labels)
-    runs: list[Run] = []
-    tables = None
-    for seed in spec.seeds:
-        session = f"{spec.name}-llm-seed{seed}"
-        settings = {"session": session, "dataset": spec.dataset, "groups": spec.groups, "objective": spec.objective,
-                    "budget": spec.budget, "seed": seed, "approve": "auto", "max_llm_calls": 3 * spec.budget, "may_finish": spec.agent_may_finish,
-                    "storage": spec.storage, "tracking_uri": spec.tracking_uri, "data_dir": spec.data_dir,
-                    "cache_dir": spec.cache_dir, "llm_base_url": spec.llm_base_url, "llm_model": spec.llm_model}
-        echo(f"[compare] seed {seed}: the LLM agent")
-        saved = latest_checkpoint(session, spec.checkpoint)
-        if saved is not None and saved.checkpoint["channel_values"].get("phase") == "done":
-            values = saved.checkpoint["channel_values"]  # finished: no need to start the LLM again
-        else:
-            values = run(settings, None, echo, spec.checkpoint, resume=saved is not None, tracker=tracker,
-                         report_dir=report_dir, trace=trace)
-        tables = tables or (values["table"], values["selection"])
-        usage = values.get("usage") or {}
-        for group in labels:
-            history = values["history"][group]
-            best = best_record(history)
-            runs.append(Run("llm", group, seed, values["selection"][group]["pipeline"],
-                            np.maximum.accumulate([r["objective"] for r in history]).tolist(), best["params"],
-                            sum(r.get("seconds", 0.0) for r in history),
-                            usage.get("seconds", 0.0) / len(labels), int(usage.get("input_tokens", 0) + usage.get("output_tokens", 0)) // len(labels)))
-            for sampler in ("tpe", "random"):
-                echo(f"[compare] seed {seed}: {sampler} on {group} ({values['selection'][group]['pipeline']})")
-                context = StudyContext(spec.dataset, spec.groups, group, values["selection"][group]["pipeline"], spec.objective,
-                                       seed, spec.budget, sampler)
-                study = run_baseline(context, runner, spec.storage, f"{spec.name}-{sampler}-{group}-seed{seed}", tracker, progress=False)
-                trials = sorted((t for t in study.get_trials() if t.value is not None), key=lambda t: t.number)
-                best_trial = max(trials, key=lambda t: t.value)
-                runs.append(Run(sampler, group, seed, context.pipeline, np.maximum.accumulate([t.value for t in trials]).tolist(),
-                                best_trial.user_attrs["params"],
-                                sum(t.user_attrs["train_seconds"] + t.user_attrs["eval_seconds"] for t in trials)))
+    """Run (or continue) every tuner on every group and seed, then write the report."""
+    from rectune.tools.proposers import PROPOSERS
+
+    unknown = [t for t in spec.tuners if t not in PROPOSERS]
+    if unknown or not spec.tuners:
+        raise ConfigError(f"--tuners must name registered tuners {sorted(PROPOSERS)}, but got {list(spec.tuners)}")
+    settings = spec.settings
+    runner = TrialRunner.open(settings.dataset, settings.groups, data_dir=settings.data_dir, cache_dir=settings.cache_dir,
+                              max_latency_ms=settings.max_latency_ms)
+    runs, tables = [], None
+    with ExitStack() as stack:
+        # The LLM starts when a pick or a study first needs it, and stops with the comparison.
+        found = Resources(runner, _LazyLLM(stack, settings, echo), None, echo, report_dir)
+        for seed in spec.seeds:
+            values = _pick(spec, seed, found)
+            tables = tables or (values["table"], values["selection"])
+            for group in runner.groups.labels:
+                for tuner in spec.tuners:
+                    runs.append(_tune(spec, seed, group, tuner, values, found, tracker))
     for item in runs:
-        result = runner.run(TrialSpec(spec.dataset, spec.groups, item.group, item.pipeline, item.best_params, item.seed, spec.objective),
-                            report_test=True)
+        trial = spec.seed_settings(item.seed).study_context(item.group, item.pipeline).spec(item.best_params)
+        result = runner.run(trial, report_test=True)
         item.test = float(result.test_metrics[item.group][result.metric])
     return _report(spec, runs, tables, runner, report_dir, tracker, echo)
+
+
+class _LazyLLM:
+    """The chat model, started the first time something binds it (a finished comparison never does)."""
+
+    def __init__(self, stack: ExitStack, settings: Settings, echo):
+        self.stack, self.settings, self.echo, self.model = stack, settings, echo, None
+
+    def bind_tools(self, *args, **kwargs):
+        if self.model is None:
+            from rectune.agent.llm import resolve_llm
+            from rectune.agent.session import llm_client
+
+            endpoint = resolve_llm(self.settings.llm_base_url, self.settings.llm_model)
+            self.model = self.stack.enter_context(llm_client(endpoint, self.settings.cache_dir, self.echo))
+        return self.model.bind_tools(*args, **kwargs)
+
+
+def _pick(spec: Comparison, seed: int, found: Resources) -> dict:
+    """The seed's model selection: the graph's select and pick steps, checkpointed (run once)."""
+    from rectune.agent.graph import build_pick_graph
+    from rectune.agent.session import checkpointer
+
+    settings = spec.seed_settings(seed)
+    config = {"configurable": {"thread_id": f"{settings.session}-pick"}}
+    with checkpointer(spec.checkpoint) as saver:
+        graph = build_pick_graph(saver)
+        saved = graph.get_state(config)
+        if saved.values.get("selection") is not None and not saved.next:
+            return saved.values
+        found.echo(f"[compare] seed {seed}: model selection")
+        graph.invoke(None if saved.next else {"settings": settings.to_json()}, config, context=found, durability="sync")
+        return graph.get_state(config).values
+
+
+def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, found: Resources, tracker) -> Run:
+    """One tuner's study of one group and seed, run or continued to its budget; read from the ledger."""
+    from rectune.agent.nodes import evaluator
+    from rectune.tools.baseline import run_baseline
+    from rectune.tools.proposers import make_proposer, unattended
+    from rectune.tools.study import Study
+
+    settings = spec.seed_settings(seed)
+    pipeline = values["selection"][group]["pipeline"]
+    context = settings.study_context(group, pipeline, tuner)
+    name = f"{spec.name}-{tuner}-{group}-seed{seed}"
+    found.echo(f"[compare] seed {seed}: {tuner} on {group} ({pipeline})")
+    if unattended(tuner):
+        study = run_baseline(context, found.runner, settings.storage, name, tracker, progress=False)
+    else:
+        study = Study.open(settings.storage, name, context)
+        stopped = study.optuna.user_attrs.get("finished")
+        if study.spent() < context.budget and not stopped:
+            proposer = make_proposer(tuner, seed=0, llm=found.llm, groups=list(found.runner.groups.labels),
+                                     may_finish=settings.may_finish, call_budget=settings.max_llm_calls,
+                                     evaluate=evaluator(found, settings, group, pipeline), echo=found.echo)
+            _run_attended(study, proposer, found, tracker)
+    history = study.history()
+    best = best_record(history)
+    if best is None:
+        raise RectuneError(f"{tuner} on group {group} (seed {seed}): no trial produced a number "
+                           f"({next((r.error for r in history if r.error), 'no trial ran')}); nothing to compare")
+    meta = [r.meta for r in history if r.tuner == tuner]
+    # The LLM's model selection, split evenly over the groups, counts in its rows.
+    pick = {k: v / len(found.runner.groups.labels) for k, v in (values.get("usage") or {}).items()} if tuner == "llm" else {}
+    return Run(tuner, group, seed, pipeline, curve_of(history), best.params,
+               sum(r.result.train_seconds + r.result.eval_seconds for r in history if r.result is not None),
+               sum(m.get("llm_seconds", 0.0) for m in meta) + pick.get("seconds", 0.0),
+               int(sum(m.get("input_tokens", 0) + m.get("output_tokens", 0) for m in meta)
+                   + pick.get("input_tokens", 0) + pick.get("output_tokens", 0)))
+
+
+def _run_attended(study, proposer, found: Resources, tracker) -> None:
+    """run_study for a tuner that needs more than the study (the LLM); a Finish is kept in the
+    ledger, so a continued comparison does not ask it again."""
+    from rectune.tools.baseline import study_session
+    from rectune.tools.study import run_study
+
+    with study_session(tracker, study, study.context.tuner) as session:
+        if session is not None:
+            study.optuna.set_user_attr("mlflow_run_id", session.run_id)
+        run_study(study, proposer, found.runner, session, progress=False)
+    if proposer.finished:
+        study.optuna.set_user_attr("finished", proposer.finished)
 
 
 def _picks(runs: list[Run], group: str) -> str:
@@ -174,78 +250,101 @@ def _picks(runs: list[Run], group: str) -> str:
     return ", ".join(f"{pipeline} ×{n}" for pipeline, n in counts.most_common())
 
 
-def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, report_dir: Path, tracker, echo) -> Path:
-    report_dir.mkdir(parents=True, exist_ok=True)
-    labels = list(runner.groups.labels)
-    lines = [f"# LLM agent vs Optuna — {spec.name}", "",
-             f"Dataset {spec.dataset}, groups {spec.groups}, objective {spec.objective} on validation (tuning) and test "
-             f"(reporting), budget {spec.budget} trials per group and tuner (trial 0 = the default configuration for every "
-             f"tuner), seeds {list(spec.seeds)}, same search space and runner; the agent "
-             + ("could stop a group before its budget." if spec.agent_may_finish else "had to use its whole budget (no finish tool)."),
-             ""]
-    plots = []
-    lines += ["## Best-so-far validation objective", ""]
+def _curves(spec: Comparison, runs: list[Run], labels: list[str], report_dir: Path) -> tuple[list[str], list[Path]]:
+    budget = spec.settings.budget
+    lines, plots = ["## Best-so-far validation objective", ""], []
     for group in labels:
-        # The agent may finish before its budget: its best then stays where it was.
-        curves = {tuner: [(r.curve + r.curve[-1:] * (spec.budget - len(r.curve)))[:spec.budget]
-                          for r in runs if r.tuner == tuner and r.group == group]
-                  for tuner in TUNERS}
-        path = best_so_far(curves, report_dir / f"{spec.name}-{group}.png", f"{spec.dataset} · group {group}",
-                           f"best validation {spec.objective}")
+        # A tuner may finish before its budget: its best then stays where it was.
+        curves = {tuner: [(r.curve + r.curve[-1:] * (budget - len(r.curve)))[:budget]
+                          for r in runs if r.tuner == tuner and r.group == group] for tuner in spec.tuners}
+        path = best_so_far(curves, report_dir / f"{spec.name}-{group}.png", f"{spec.settings.dataset} · group {group}",
+                           f"best validation {spec.settings.objective}")
         plots.append(path)
         lines.append(f"![{group}]({path.name})")
-    lines += ["", f"## Test {spec.objective} of each tuner's best configuration", "",
-              "| group | tuner | mean over seeds | per seed | trials used | trials to beat default +{:.0%} (median) | trial seconds | LLM seconds | LLM tokens |".format(spec.reach),
-              "|---|---|---|---|---|---|---|---|---|"]
+    return lines, plots
+
+
+def _tests(spec: Comparison, runs: list[Run], labels: list[str]) -> list[str]:
+    lines = ["", f"## Test {spec.settings.objective} of each tuner's best configuration", "",
+             f"| group | tuner | mean over seeds | per seed | trials used | trials to beat default +{spec.reach:.0%} (median) | "
+             "trial seconds | LLM seconds | LLM tokens |", "|---|---|---|---|---|---|---|---|---|"]
     for group in labels:
-        for tuner in TUNERS:
+        for tuner in spec.tuners:
             mine = [r for r in runs if r.tuner == tuner and r.group == group]
-            reach = [trials_to_reach(r.curve, spec.reach) for r in mine]
-            reached = [x for x in reach if x is not None]
-            lines.append(f"| {group} | {tuner} | {np.mean([r.test for r in mine]):.5f} | {', '.join(f'{r.test:.4f}' for r in mine)} | {', '.join(str(len(r.curve)) for r in mine)} | "
+            reached = [x for x in (trials_to_reach(r.curve, spec.reach) for r in mine) if x is not None]
+            lines.append(f"| {group} | {tuner} | {np.mean([r.test for r in mine]):.5f} | {', '.join(f'{r.test:.4f}' for r in mine)} | "
+                         f"{', '.join(str(len(r.curve)) for r in mine)} | "
                          f"{(str(int(np.median(reached))) + f' ({len(reached)}/{len(mine)} seeds)') if reached else 'never'} | "
                          f"{sum(r.trial_seconds for r in mine):.0f} | {sum(r.llm_seconds for r in mine):.0f} | {sum(r.tokens for r in mine)} |")
-    lines += ["", "Seconds and tokens are summed over the seeds; a session's LLM seconds and tokens, model selection "
-              "included, are split evenly over its groups. The agent runs first in each seed, so the models it trains "
-              "(trial 0's included) are in the cache when the baselines need them: compare trial seconds with that in mind."]
-    lines += ["", "## Paired differences on test (LLM − baseline, same group and seed)", "",
-              "95% bootstrap interval over the seeds (for all groups, the seeds are resampled whole) and the exact "
-              "sign-flip p-value.", "",
-              "| baseline | group | mean difference | interval | p | LLM better / tied / worse |", "|---|---|---|---|---|---|"]
-    for baseline in ("tpe", "random"):
+    return lines + ["", "Seconds and tokens are summed over the seeds; the LLM's model selection (its seconds split evenly "
+                    "over the groups) is counted in the llm rows. Tuners run in the order listed, so the models the first "
+                    "trains (trial 0's included) are in the cache when the others need them: compare trial seconds with "
+                    "that in mind."]
+
+
+def _differences(spec: Comparison, runs: list[Run], labels: list[str]) -> list[str]:
+    """The first tuner (the LLM, by default) against each other one, paired by group and seed."""
+    first = spec.tuners[0]
+    lines = ["", f"## Paired differences on test ({first} − other tuner, same group and seed)", "",
+             "95% bootstrap interval over the seeds (for all groups, the seeds are resampled whole) and the exact "
+             "sign-flip p-value.", "",
+             f"| other tuner | group | mean difference | interval | p | {first} better / tied / worse |", "|---|---|---|---|---|---|"]
+    for other in spec.tuners[1:]:
         for group in [*labels, "all groups"]:
-            pairs = [(r.test - b.test, r.seed) for r in runs if r.tuner == "llm" and (group == "all groups" or r.group == group)
-                     for b in runs if b.tuner == baseline and b.group == r.group and b.seed == r.seed]
+            pairs = [(r.test - b.test, r.seed) for r in runs if r.tuner == first and (group == "all groups" or r.group == group)
+                     for b in runs if b.tuner == other and b.group == r.group and b.seed == r.seed]
             differences, seeds = np.array([d for d, _ in pairs]), np.array([seed for _, seed in pairs])
             low, high = bootstrap_interval(differences, clusters=seeds) if len(set(seeds)) > 1 else (float("nan"), float("nan"))
-            lines.append(f"| {baseline} | {group} | {differences.mean():+.5f} | [{low:+.5f}, {high:+.5f}] | {sign_flip_p(differences, seeds):.3f} | "
+            lines.append(f"| {other} | {group} | {differences.mean():+.5f} | [{low:+.5f}, {high:+.5f}] | {sign_flip_p(differences, seeds):.3f} | "
                          f"{int((differences > 1e-12).sum())} / {int((np.abs(differences) <= 1e-12).sum())} / {int((differences < -1e-12).sum())} |")
+    return lines
+
+
+def _selection(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, labels: list[str]) -> list[str]:
+    table, selection = tables
+    columns = next(iter(table.values()))
+    lines = ["", f"## Model selection (RQ1): default configuration per group × pipeline, validation, seed {spec.seeds[0]}", "",
+             "| group | " + " | ".join(columns) + " | LLM picks (over seeds) | argmax |", "|---|" + "---|" * (len(columns) + 2)]
+    for group, pipelines in table.items():
+        lines.append(f"| {group} | " + " | ".join(f"{m['objective']:.5f}" for m in pipelines.values()) +
+                     f" | {_picks(runs, group)} | {selection[group]['argmax']} |")
+    if len(labels) < 2:
+        return lines
+    pipeline = selection[labels[0]]["argmax"]
+    context = spec.seed_settings(spec.seeds[0]).study_context("all", pipeline)
+    users, values = runner.per_user(context.spec({}))
+    lines += ["", f"Are the groups distinguishable? Per-user validation {spec.settings.objective} of {pipeline} (default), "
+              f"mean and 95% bootstrap interval per group, and a permutation test of the between-group variance "
+              f"({PERMUTATIONS} random relabellings of the users):", "",
+              f"- {spec.settings.groups}: " + distinguishability(values, runner.groups.codes[users], labels)]
+    if not spec.settings.groups.startswith("prefix"):
+        try:  # the paper's id-prefix groups, on the same per-user values, for reference
+            prefix = make_groups(runner.dataset, "prefix")
+            lines.append("- prefix (user-id letters): " + distinguishability(values, prefix.codes[users], list(prefix.labels)))
+        except RectuneError as error:
+            lines.append(f"- prefix: not available ({error})")
+    return lines
+
+
+def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, report_dir: Path, tracker, echo) -> Path:
+    report_dir.mkdir(parents=True, exist_ok=True)
+    labels, settings = list(runner.groups.labels), spec.settings
+    curves, plots = _curves(spec, runs, labels, report_dir)
+    lines = [f"# Tuners compared — {spec.name}", "",
+             f"Dataset {settings.dataset}, groups {settings.groups}, objective {settings.objective} on validation (tuning) and "
+             f"test (reporting), budget {settings.budget} trials per group and tuner (trial 0 = the default configuration for "
+             f"every tuner), tuners {', '.join(spec.tuners)}, seeds {list(spec.seeds)}, same search space and runner; the agent "
+             + ("could stop a group before its budget." if settings.may_finish else "had to use its whole budget (no finish tool)."),
+             "", *curves, *_tests(spec, runs, labels), *_differences(spec, runs, labels)]
     if tables:
-        table, selection = tables
-        lines += ["", f"## Model selection (RQ1): default configuration per group × pipeline, validation, seed {spec.seeds[0]}", "",
-                  "| group | " + " | ".join(next(iter(table.values()))) + " | LLM picks (over seeds) | argmax |", "|---|" + "---|" * (len(next(iter(table.values()))) + 2)]
-        for group, pipelines in table.items():
-            lines.append(f"| {group} | " + " | ".join(f"{m['objective']:.5f}" for m in pipelines.values()) +
-                         f" | {_picks(runs, group)} | {selection[group]['argmax']} |")
-    if tables and len(labels) > 1:
-        pipeline = tables[1][labels[0]]["argmax"]
-        users, values = runner.per_user(TrialSpec(spec.dataset, spec.groups, "all", pipeline, {}, spec.seeds[0], spec.objective))
-        lines += ["", f"Are the groups distinguishable? Per-user validation {spec.objective} of {pipeline} (default), "
-                  f"mean and 95% bootstrap interval per group, and a permutation test of the between-group variance "
-                  f"({PERMUTATIONS} random relabellings of the users):", "",
-                  f"- {spec.groups}: " + distinguishability(values, runner.groups.codes[users], labels)]
-        if not spec.groups.startswith("prefix"):
-            try:  # the paper's id-prefix groups, on the same per-user values, for reference
-                prefix = make_groups(runner.dataset, "prefix")
-                lines.append("- prefix (user-id letters): " + distinguishability(values, prefix.codes[users], list(prefix.labels)))
-            except RectuneError as error:
-                lines.append(f"- prefix: not available ({error})")
+        lines += _selection(spec, runs, tables, runner, labels)
     text = "\n".join(lines) + "\n"
     path = report_dir / f"{spec.name}.md"
     path.write_text(text)
     if tracker is not None:
-        with tracker.session(spec.dataset, name=spec.name, tuner="compare", params={"budget": spec.budget, "seeds": list(spec.seeds),
-                                                                                     "objective": spec.objective, "groups": spec.groups}) as session:
+        with tracker.session(settings.dataset, name=spec.name, tuner="compare", params={
+                "budget": settings.budget, "seeds": list(spec.seeds), "objective": settings.objective, "groups": settings.groups,
+                "tuners": list(spec.tuners)}) as session:
             session.log_session_artifact(text, "comparison.md")
             for plot in plots:
                 session.client.log_artifact(session.run_id, str(plot))

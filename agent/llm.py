@@ -11,6 +11,11 @@ rectune at some other endpoint never hands it a key that happens to be exported.
 RECTUNE_LLM_API_KEY is the user's opt-in key for an explicit endpoint (and wins there).
 Keys are read from the environment when the client is built and never stored in the
 session state.
+
+Waiting: a call gives up after RECTUNE_LLM_TIMEOUT seconds (default 120; 900 for the
+embedded model, whose first call on two busy cores can take minutes), says every 30 s
+that it is still waiting, and rides out blips with a long backoff (agent/endpoint.py).
+`invoke` turns what is left into `LLMUnavailable`: one scrubbed line saying what to do.
 """
 
 from __future__ import annotations
@@ -19,8 +24,8 @@ import os
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
-from models.config import llm_base_url, llm_base_url_from_working_directory, llm_model
-from models.errors import ConfigError
+from rectune.models.config import llm_base_url, llm_base_url_from_working_directory, llm_model
+from rectune.models.errors import ConfigError, RectuneError
 
 DEEPSEEK_BASE_URL = "https://api.deepseek.com/v1"
 OPENAI_BASE_URL = "https://api.openai.com/v1"
@@ -29,6 +34,18 @@ PROVIDER_KEYS = {"DEEPSEEK_API_KEY": "api.deepseek.com", "OPENAI_API_KEY": "api.
 """Each provider key → the only host it is sent to."""
 DEFAULT_MODELS = {"api.deepseek.com": "deepseek-chat", "api.openai.com": "gpt-4o-mini"}
 EMBEDDED_MODEL = "qwen2.5-coder-1.5b-instruct"
+TIMEOUT_ENV = "RECTUNE_LLM_TIMEOUT"
+DEFAULT_TIMEOUT_S = 120.0
+# The 1.5B model's first call on two busy cores took over 120 s; a client that gives up
+# early only queues its retry behind the generation it abandoned.
+EMBEDDED_TIMEOUT_S = 900.0
+DEFAULT_RETRIES = 6  # all of endpoint.RETRY_WAITS_S: about a minute of blips
+TEXT_REPLY_LIMIT = 3
+"""Tool-less replies in a row after which an endpoint is taken not to make tool calls."""
+
+
+class LLMUnavailable(RectuneError):
+    """The LLM endpoint failed after its retries, or cannot do the job; the session can be resumed."""
 
 
 @dataclass(frozen=True)
@@ -38,9 +55,12 @@ class LLMSettings:
     model: str
     key_env: str | None
     """Name of the environment variable holding the key (the key itself is never kept)."""
-    timeout_s: float = 120.0
-    max_retries: int = 4
-    """Retries with exponential backoff on 429, 5xx and connection errors (openai client)."""
+    timeout_s: float = DEFAULT_TIMEOUT_S
+    max_retries: int = DEFAULT_RETRIES
+    """Retries of a blip (429, 5xx, a dropped connection, a cut-off reply), waiting the first
+    `max_retries` of endpoint.RETRY_WAITS_S."""
+    progress_every_s: float = 30.0
+    """A line every this many seconds while a call waits."""
     temperature: float = 0.0
     max_tokens: int = 512
     withheld: tuple[str, ...] = ()
@@ -79,12 +99,29 @@ def _checked_url(url: str) -> str:
     return url
 
 
-def resolve_llm(base_url: str | None = None, model: str | None = None, timeout_s: float = 120.0,
-                max_retries: int = 4) -> LLMSettings:
+def _timeout(timeout_s: float | None, embedded: bool) -> float:
+    """`timeout_s`, else RECTUNE_LLM_TIMEOUT, else the default for the kind of endpoint."""
+    if timeout_s is not None:
+        return timeout_s
+    text = os.environ.get(TIMEOUT_ENV, "").strip()
+    if not text:
+        return EMBEDDED_TIMEOUT_S if embedded else DEFAULT_TIMEOUT_S
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1.0
+    if not 0 < value < float("inf"):
+        raise ConfigError(f"{TIMEOUT_ENV}={text!r}: expected the seconds an LLM call may take, a number > 0")
+    return value
+
+
+def resolve_llm(base_url: str | None = None, model: str | None = None, timeout_s: float | None = None,
+                max_retries: int = DEFAULT_RETRIES) -> LLMSettings:
     untrusted = llm_base_url_from_working_directory(base_url)
     base_url, model = llm_base_url(base_url), llm_model(model)
-    options = {"timeout_s": timeout_s, "max_retries": max_retries}
     exported = [env for env in PROVIDER_KEYS if os.environ.get(env)]
+    embedded = base_url == "embedded" or (not base_url and not exported)
+    options = {"timeout_s": _timeout(timeout_s, embedded), "max_retries": max_retries}
     if base_url == "embedded":  # forces the local model even while a provider key is exported
         return LLMSettings("embedded", model or EMBEDDED_MODEL, None, **options)
     if base_url:
@@ -104,11 +141,13 @@ def resolve_llm(base_url: str | None = None, model: str | None = None, timeout_s
     return LLMSettings("embedded", model or EMBEDDED_MODEL, None, **options)
 
 
-def chat_model(settings: LLMSettings, base_url: str | None = None):
-    """A ChatOpenAI client; `base_url` overrides the settings' (the embedded server's port)."""
+def chat_model(settings: LLMSettings, base_url: str | None = None, echo=None):
+    """A ChatOpenAI client; `base_url` overrides the settings' (the embedded server's port);
+    `echo` gets the lines about long waits and retries."""
     from langchain_openai import ChatOpenAI
 
-    from tools.loopback import is_loopback
+    from rectune.agent.endpoint import RETRY_WAITS_S, http_client
+    from rectune.tools.loopback import is_loopback
 
     url = base_url or (None if settings.embedded else settings.base_url)
     if url is None:
@@ -118,13 +157,13 @@ def chat_model(settings: LLMSettings, base_url: str | None = None):
         if not key_allowed(settings.key_env, url):
             raise ConfigError(f"{settings.key_env} is only sent to {PROVIDER_KEYS.get(settings.key_env, 'an explicit endpoint')}, not to {url}")
         key = os.environ.get(settings.key_env, "")
-    clients = {}
+    waits = RETRY_WAITS_S[:settings.max_retries]
+    clients = {"http_client": http_client(url, settings.timeout_s, waits, echo, settings.progress_every_s)}
     if is_loopback(url):
         import httpx
 
         # A local server is never behind the http(s)_proxy the environment may set for the internet.
-        clients = {"http_client": httpx.Client(trust_env=False, timeout=settings.timeout_s),
-                   "http_async_client": httpx.AsyncClient(trust_env=False, timeout=settings.timeout_s)}
+        clients["http_async_client"] = httpx.AsyncClient(trust_env=False, timeout=settings.timeout_s)
     return ChatOpenAI(
         model=settings.model,
         # Always explicit: with None the client would follow OPENAI_BASE_URL / OPENAI_API_BASE
@@ -133,10 +172,67 @@ def chat_model(settings: LLMSettings, base_url: str | None = None):
         # Local servers need no key, but the client insists on one.
         api_key=key or "not-needed",
         timeout=settings.timeout_s,
-        max_retries=settings.max_retries,
+        # Retried in http_client, with a backoff that outlasts a provider's blip.
+        max_retries=0,
         temperature=settings.temperature,
         max_tokens=settings.max_tokens,
         # Local servers speak Chat Completions only; some model names would switch to /v1/responses.
         use_responses_api=False,
         **clients,
     )
+
+
+def bind_decision_tools(model, tools: list[dict]):
+    """`model` asked for exactly one call to `tools`, the way endpoints understand it: by the
+    tool's name when there is one (llama-cpp-python's server makes a call only when
+    tool_choice names it), "required" otherwise (OpenAI, DeepSeek, vLLM, our embedded server).
+    Left to "auto", a stock server answers most tuning turns with text."""
+    return model.bind_tools(tools, tool_choice=tools[0]["function"]["name"] if len(tools) == 1 else "required")
+
+
+def answered_in_text(reply) -> bool:
+    """Whether a reply holds no tool call at all, readable or not."""
+    return not getattr(reply, "tool_calls", None) and not getattr(reply, "invalid_tool_calls", None)
+
+
+def text_replies_stop(count: int) -> LLMUnavailable:
+    """The stop for an endpoint that keeps answering in text: a tuned-nothing report would say it finished."""
+    return LLMUnavailable(
+        f"the LLM endpoint answered {count} turns in a row with text, not the tool call each one required: it does not "
+        "seem to make tool calls (a llama-cpp-python server needs --chat_format chatml-function-calling, vLLM "
+        "--enable-auto-tool-choice); nothing is lost — resume the session on an endpoint that makes them")
+
+
+def invoke(model, messages):
+    """`model.invoke(messages)`; an endpoint's failure becomes `LLMUnavailable`."""
+    import openai
+
+    try:
+        return model.invoke(messages)
+    except openai.OpenAIError as error:
+        raise endpoint_failure(error) from error
+
+
+def endpoint_failure(error: BaseException) -> LLMUnavailable:
+    """An endpoint's failure (an openai error, after the retries) as one scrubbed line saying what to do."""
+    import openai
+
+    from rectune.agent.endpoint import ReplyCutOff
+    from rectune.tools.tracking import one_line, scrub
+
+    what = f"{type(error).__name__}: {one_line(error)}"
+    causes = [error]
+    while causes[-1].__cause__ is not None and len(causes) < 10:  # langchain-openai wraps the openai error
+        causes.append(causes[-1].__cause__)
+    cut_off = next((cause for cause in causes if isinstance(cause, ReplyCutOff)), None)
+    if isinstance(error, (openai.AuthenticationError, openai.PermissionDeniedError)):
+        text = (f"the LLM endpoint refused the request ({what}); check the key ({CUSTOM_KEY_ENV} for an endpoint you "
+                f"name, {' or '.join(PROVIDER_KEYS)} for those providers) and the model name, then resume the session")
+    elif cut_off is not None:
+        text = f"the LLM endpoint's replies were cut off ({one_line(cut_off)}); nothing is lost — resume the session when it answers in full"
+    elif isinstance(error, openai.APITimeoutError):
+        text = (f"the LLM endpoint did not answer in time on any attempt; nothing is lost — for a slow model set "
+                f"{TIMEOUT_ENV} (seconds per call) higher, then resume the session")
+    else:
+        text = f"the LLM endpoint failed after its retries ({what}); nothing is lost — resume the session when it is back"
+    return LLMUnavailable(scrub(text))

@@ -6,7 +6,7 @@ tool instructions with doubled braces. Here, when tools are offered (and tool_ch
 not "none"), decoding is constrained by a grammar built from the tool schemas, so every
 reply is exactly one call to an offered tool with schema-valid arguments.
 
-    python -m agent.llm_server --model PATH --port 8080 [--host 127.0.0.1 --threads 2]
+    python -m rectune.agent.llm_server --model PATH --port 8080 [--host 127.0.0.1 --threads 2]
 """
 
 from __future__ import annotations
@@ -14,11 +14,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import select
+import socket
 import sys
 import threading
 import time
 import traceback
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING, Any, Protocol
@@ -45,6 +48,10 @@ class BadRequest(ValueError):
     """Answered with HTTP 400 and this message."""
 
 
+class ClientGone(Exception):
+    """The client closed its connection (it timed out): the work for it is abandoned."""
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -55,8 +62,10 @@ class Completion:
 
 class Backend(Protocol):
     def complete(self, messages: list[dict], tools: list[dict] | None, schema: dict | None, *, max_tokens: int,
-                 temperature: float, top_p: float, stop: list[str], seed: int | None) -> Completion:
-        """Render, generate; with `schema`, the text must be one JSON instance of it."""
+                 temperature: float, top_p: float, stop: list[str], seed: int | None,
+                 cancelled: Callable[[], bool] = lambda: False) -> Completion:
+        """Render, generate; with `schema`, the text must be one JSON instance of it. Raises
+        ClientGone, as soon as it can, once `cancelled()` is true."""
 
 
 def _text(content: Any, where: str) -> str:
@@ -200,8 +209,9 @@ def _stop(body: dict) -> list[str]:
     return stop
 
 
-def chat_completion(backend: Backend, body: Any) -> dict:
-    """The OpenAI chat.completion object answering `body`; raises BadRequest on invalid input."""
+def chat_completion(backend: Backend, body: Any, cancelled: Callable[[], bool] = lambda: False) -> dict:
+    """The OpenAI chat.completion object answering `body`; raises BadRequest on invalid input,
+    ClientGone when `cancelled()` turns true first."""
     if not isinstance(body, dict):
         raise BadRequest("the request body must be a JSON object")
     if body.get("n") not in (None, 1):
@@ -217,7 +227,7 @@ def chat_completion(backend: Backend, body: Any) -> dict:
     result = backend.complete(
         messages, shown, tool_call_schema(callable_tools) if callable_tools else None,
         max_tokens=_max_tokens(body), temperature=_number(body, "temperature", 0.0, 0.0, 2.0),
-        top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=_stop(body), seed=seed,
+        top_p=_number(body, "top_p", 1.0, 0.0, 1.0), stop=_stop(body), seed=seed, cancelled=cancelled,
     )
     message: dict[str, Any] = {"role": "assistant", "content": result.text.strip()}
     finish_reason = result.finish_reason
@@ -298,7 +308,11 @@ class Handler(BaseHTTPRequestHandler):
             return
         try:
             body = json.loads(self.rfile.read(length))
-            response = chat_completion(self.server.backend, body)
+            response = chat_completion(self.server.backend, body, lambda: peer_closed(self.connection))
+        except ClientGone:
+            # Nobody reads an answer now; a retry of the request is already queued behind this one.
+            self.close_connection = True
+            return
         except BadRequest as error:
             self._send(400, {"error": {"message": str(error), "type": "invalid_request_error"}})
             return
@@ -314,6 +328,16 @@ class Handler(BaseHTTPRequestHandler):
             self._send(200, sse_body(response, include_usage), "text/event-stream")
         else:
             self._send(200, response)
+
+
+def peer_closed(connection: socket.socket) -> bool:
+    """Whether the client has closed its end: readable, yet nothing to read. (While it waits
+    for an answer, a client sends nothing.)"""
+    try:
+        readable, _, _ = select.select([connection], [], [], 0)
+        return bool(readable) and connection.recv(1, socket.MSG_PEEK) == b""
+    except (OSError, ValueError):
+        return True
 
 
 class ChatServer(ThreadingHTTPServer):
@@ -369,19 +393,34 @@ class LlamaBackend:
         self.lock = threading.Lock()
 
     def complete(self, messages: list[dict], tools: list[dict] | None, schema: dict | None, *, max_tokens: int,
-                 temperature: float, top_p: float, stop: list[str], seed: int | None) -> Completion:
+                 temperature: float, top_p: float, stop: list[str], seed: int | None,
+                 cancelled: Callable[[], bool] = lambda: False) -> Completion:
+        from llama_cpp import StoppingCriteriaList
+
         prompt = render_prompt(self.template, messages, tools) + (TOOL_CALL_OPEN if schema else "")
         try:
             grammar = self.grammar_from_schema(json.dumps(schema), verbose=False) if schema else None
         except Exception as error:
             raise BadRequest(f"a tool's parameters schema cannot be turned into a grammar: {error}") from error
-        with self.lock:
+        # Requests queue on the lock; one whose client left stops waiting, and generation stops
+        # at the next token once the client is gone.
+        while not self.lock.acquire(timeout=0.5):
+            if cancelled():
+                raise ClientGone()
+        try:
+            if cancelled():
+                raise ClientGone()
             tokens = self.llm.tokenize(prompt.encode(), add_bos=False, special=True)
             room = self.llm.n_ctx() - len(tokens)
             if room < 1:
                 raise BadRequest(f"the prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}")
             out = self.llm.create_completion(tokens, max_tokens=min(max_tokens, room), temperature=temperature,
-                                             top_p=top_p, stop=STOP + stop, grammar=grammar, seed=seed)
+                                             top_p=top_p, stop=STOP + stop, grammar=grammar, seed=seed,
+                                             stopping_criteria=StoppingCriteriaList([lambda ids, logits: cancelled()]))
+            if cancelled():
+                raise ClientGone()
+        finally:
+            self.lock.release()
         choice, usage = out["choices"][0], out["usage"]
         return Completion(choice["text"], choice["finish_reason"] or "stop", usage["prompt_tokens"], usage["completion_tokens"])
 

@@ -17,9 +17,9 @@ import tempfile
 from pathlib import Path
 from types import TracebackType
 
-from models.config import cache_dir as resolve_cache_dir
-from models.errors import RectuneError
-from tools.loopback import LoopbackProcess, pick_free_port
+from rectune.models.config import cache_dir as resolve_cache_dir
+from rectune.models.errors import RectuneError
+from rectune.tools.loopback import LoopbackProcess, pick_free_port
 
 MODEL_FILE = "qwen2.5-coder-1.5b-instruct-q4_k_m.gguf"
 MODEL_SHA256 = "cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046"
@@ -153,7 +153,7 @@ class EmbeddedServer:
         model = self.model_path or ensure_model(self.cache_dir)
         port = pick_free_port()
         self.server.start(
-            [sys.executable, "-m", "agent.llm_server", "--model", str(model), "--host", "127.0.0.1",
+            [sys.executable, "-m", "rectune.agent.llm_server", "--model", str(model), "--host", "127.0.0.1",
              "--port", str(port), "--threads", str(self.threads), "--ctx", str(self.ctx), "--parent-pid", str(os.getpid())],
             f"http://127.0.0.1:{port}/health", self.startup_timeout_s)
         self.base_url = f"http://127.0.0.1:{port}/v1"

@@ -7,5 +7,5 @@ from string import Template
 
 
 def render(name: str, **values) -> str:
-    text = resources.files("prompts").joinpath(f"{name}.md").read_text(encoding="utf-8")
+    text = resources.files("rectune.prompts").joinpath(f"{name}.md").read_text(encoding="utf-8")
     return Template(text).substitute({k: str(v) for k, v in values.items()})

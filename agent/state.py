@@ -2,52 +2,43 @@
 
 Everything here is plain JSON-able data, so a session survives a crash and continues in
 another process (`rectune resume`). The trial runner, the ledger, MLflow and the LLM
-client are not state: they are rebuilt from `settings` by every process.
+client are not state: they are the runtime context (agent/context.py: Resources).
 """
 
 from __future__ import annotations
 
-from typing import Any, NotRequired, TypedDict
+from typing import Any
+
+# typing_extensions: pydantic builds Studio's input form from these, and on Python 3.11 it
+# cannot read typing.TypedDict.
+from typing_extensions import NotRequired, TypedDict
+
+from rectune.models.errors import ConfigError
+
+class InputState(TypedDict):
+    """What starts a session (Studio's input form): its settings."""
+
+    settings: dict
+    """agent.context.Settings as JSON."""
+    mlflow_run_id: NotRequired[str | None]
+    """The session's MLflow parent run (`rectune tune` opens it; Studio records none)."""
 
 
-class Settings(TypedDict):
-    session: str
-    dataset: str
-    groups: str
-    objective: str
-    budget: int
-    """Trials per group, the default configuration (trial 0) included."""
-    seed: int
-    approve: str
-    """`auto`: run every valid proposal; `ask`: a person approves, edits or rejects it."""
-    max_llm_calls: int
-    """LLM calls per group before the graph stops tuning it (a model that never makes a valid call)."""
-    may_finish: bool
-    """Whether the LLM may stop a group before its budget; a comparison at equal trials says no."""
-    max_minutes: float | None
-    """Wall-time budget of the session from its start; past it every group keeps only what it has."""
-    storage: str
-    tracking_uri: str
-    data_dir: str | None
-    cache_dir: str | None
-    llm_base_url: str | None
-    llm_model: str | None
-    max_latency_ms: NotRequired[float | None]
-    """Per-user latency budget; slower trials are infeasible (absent in sessions from before it existed)."""
+class Pending(TypedDict):
+    """A proposal waiting for approval, then for its trial."""
 
-
-class Proposal(TypedDict):
     id: str
-    tool: str
+    """Stable proposal id: the ledger runs it exactly once."""
     params: dict
     """The full validated configuration to run."""
     changes: dict
     """What differs from the current best."""
     rationale: str
+    meta: dict
+    """The proposer's meta (LLM seconds, tokens, calls)."""
 
 
-class State(TypedDict, total=False):
-    settings: Settings
+class State(InputState, total=False):
     phase: str
     """select → tune → report → done."""
     table: dict[str, dict[str, dict[str, float]]]
@@ -59,23 +50,37 @@ class State(TypedDict, total=False):
     queue: list[str]
     """Groups still to tune."""
     group: str | None
+    """The group being tuned."""
     history: dict[str, list[dict]]
-    """group → trials: number, tuner, params, objective, a few metrics, latency, rationale."""
-    pending: Proposal | None
-    feedback: str
-    """Told to the LLM on its next turn (why a call was refused, a person's comment, a free tool's answer)."""
+    """group → its study's trials, oldest first (TrialRecord.to_json), rejected proposals included."""
+    pending: Pending | None
     approval_error: str
-    refused_in_row: int
-    """Refused calls in a row: each raises the sampling temperature of the next turn."""
-    free_call: bool
-    """The last turn used a free tool: the next one is offered only tools that decide."""
+    """Why a person's last answer was not used (shown when asked again)."""
     llm_calls: dict[str, int]
+    """LLM calls per group (`select`: the pick)."""
     invalid_calls: dict[str, int]
+    """Refused LLM calls per group (`select`: the pick)."""
     finished: dict[str, str]
-    """group → why tuning stopped (finish, budget, llm-calls)."""
+    """group → why tuning stopped (budget, finish: reason, llm-call budget, wall-time budget)."""
     usage: dict[str, float]
     """LLM calls, seconds and tokens over the session (for the wall-time split and the report)."""
     started_at: float
     """When model selection finished (epoch seconds), for the wall-time budget."""
-    mlflow_run_id: str | None
     report: str | None
+    """Path of the written report."""
+
+
+def checked(values: dict, session: str) -> dict:
+    """A checkpointed state this rectune can continue: the one place that knows older layouts.
+
+    Before the study loop (issue 12) a group's trials were kept in another shape (`trial`,
+    `objective`, … instead of TrialRecord's `number`, `state`, `result`); a session still
+    tuning in that shape cannot continue and is refused by name (its trials stay in the
+    ledger). A finished one is only listed, never run again; one stopped before its first
+    trial has nothing in the old shape and continues."""
+    rows = [row for rows in (values.get("history") or {}).values() for row in rows]
+    if values.get("phase") == "done" or all("number" in row and "state" in row for row in rows):
+        return values
+    raise ConfigError(f"session {session!r} was saved by a rectune from before the study loop: its trials are "
+                      f"in an older shape and it cannot be resumed; they are in the ledger studies '{session}-<group>'. "
+                      "Start a new session")

@@ -4,8 +4,9 @@
    (cached models, new candidates and DeepFM ranking) and a TopN-only change (cached
    ranking), each beside its floor — the FLOPs of scoring the candidates at the
    machine's measured matrix-multiply rate.
-2. Optuna TPE vs random search, `--budget` trials × `--seeds` seeds, both starting from the
-   default configuration (trial 0): best-so-far validation objective per trial.
+2. The tuners that need no LLM (`--tuners`, default TPE, random and local search), `--budget`
+   trials × `--seeds` seeds, each starting from the default configuration (trial 0), each
+   through the one study loop: best-so-far validation objective per trial.
 
 Prints a table, writes bench/results/trials_<dataset>.json and a PNG plot.
 
@@ -26,12 +27,12 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).parent))
 from core import deepfm_flops_per_pair, matmul_gflops  # noqa: E402
 
-from tools.baseline import run_baseline  # noqa: E402
-from tools.cache import ModelCache  # noqa: E402
-from tools.ledger import StudyContext  # noqa: E402
-from tools.plots import best_so_far  # noqa: E402
-from tools.runner import TrialRunner  # noqa: E402
-from tools.trial import TrialSpec  # noqa: E402
+from rectune.tools.baseline import run_baseline  # noqa: E402
+from rectune.tools.cache import ModelCache  # noqa: E402
+from rectune.tools.plots import best_so_far  # noqa: E402
+from rectune.tools.runner import TrialRunner  # noqa: E402
+from rectune.tools.study import StudyContext  # noqa: E402
+from rectune.tools.trial import TrialSpec  # noqa: E402
 
 
 def timed(runner: TrialRunner, spec: TrialSpec) -> tuple[float, object]:
@@ -61,6 +62,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--objective", default="ndcg@20")
+    parser.add_argument("--tuners", default="tpe,random,local", help="Registered tuners, comma-separated.")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="rectune-bench-"))
@@ -84,17 +86,18 @@ def main() -> None:
                           "objective": result.objective, "latency_ms_per_user": round(result.latency_ms_per_user, 4)}
         print(f"  {label:<34} {seconds:7.2f}s  (cache {result.cache}; scoring floor {floor:.3f}s)")
 
-    curves: dict[str, list[list[float]]] = {"tpe": [], "random": []}
-    wall: dict[str, list[float]] = {"tpe": [], "random": []}
+    tuners = args.tuners.split(",")
+    curves: dict[str, list[list[float]]] = {tuner: [] for tuner in tuners}
+    wall: dict[str, list[float]] = {tuner: [] for tuner in tuners}
     for seed in range(args.seeds):
-        for sampler in ("tpe", "random"):
-            context = StudyContext(args.dataset, args.groups, args.group, args.tuning_pipeline, args.objective, seed, args.budget, sampler)
+        for tuner in tuners:
+            context = StudyContext(args.dataset, args.groups, args.group, args.tuning_pipeline, args.objective, seed, args.budget, tuner)
             start = time.perf_counter()
-            study = run_baseline(context, runner, f"sqlite:///{work / 'optuna.db'}", f"{sampler}-{seed}", progress=False)
-            wall[sampler].append(time.perf_counter() - start)
-            values = [t.value for t in sorted(study.get_trials(), key=lambda t: t.number) if t.value is not None]
-            curves[sampler].append(np.maximum.accumulate(values).tolist())
-            print(f"  seed {seed} {sampler:<6} best {max(values):.4f} after {len(values)} trials ({wall[sampler][-1]:.0f}s)", flush=True)
+            study = run_baseline(context, runner, f"sqlite:///{work / 'optuna.db'}", f"{tuner}-{seed}", progress=False)
+            wall[tuner].append(time.perf_counter() - start)
+            values = [r.objective for r in study.history() if r.state == "complete"]
+            curves[tuner].append(np.maximum.accumulate(values).tolist())
+            print(f"  seed {seed} {tuner:<6} best {max(values):.4f} after {len(values)} trials ({wall[tuner][-1]:.0f}s)", flush=True)
 
     final = {s: [c[-1] for c in curves[s]] for s in curves}
     summary = {s: {"median_best": float(np.median(final[s])), "best_per_seed": final[s],
@@ -110,11 +113,10 @@ def main() -> None:
     plot = best_so_far(curves, out.with_suffix(".png"), f"{args.dataset}, group {args.group}, pipeline {args.tuning_pipeline}",
                        f"best validation {args.objective} so far")
 
-    print(f"\n{'sampler':<8} {'median best':>12} {'per seed':>30} {'median wall s':>14}")
-    for sampler, row in summary.items():
-        print(f"{sampler:<8} {row['median_best']:>12.4f} {', '.join(f'{v:.4f}' for v in row['best_per_seed']):>30} {row['median_wall_seconds']:>14.0f}")
-    verdict = "≥" if summary["tpe"]["median_best"] >= summary["random"]["median_best"] else "<"
-    print(f"TPE median best {verdict} random median best; wrote {out} and {plot}")
+    print(f"\n{'tuner':<8} {'median best':>12} {'per seed':>30} {'median wall s':>14}")
+    for tuner, row in summary.items():
+        print(f"{tuner:<8} {row['median_best']:>12.4f} {', '.join(f'{v:.4f}' for v in row['best_per_seed']):>30} {row['median_wall_seconds']:>14.0f}")
+    print(f"wrote {out} and {plot}")
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 import scipy.sparse as sp
 
-from models.dataset import Dataset
+from rectune.models.dataset import Dataset
 
 
 @dataclass(frozen=True)
@@ -27,11 +27,10 @@ class Candidates:
 
 @dataclass(frozen=True)
 class FitContext:
-    """What a stage may know besides the training data."""
+    """What a stage may know besides the training data. User groups are not in it: they
+    are a way to read the metrics, and a grouping must not change the model it reads."""
 
     seed: int = 0
-    group_codes: np.ndarray | None = None
-    """User-group index per user (the DeepFM `group` field); None = one group."""
     progress: bool = False
 
 
@@ -57,11 +56,12 @@ class Ranker(ABC):
         """Each user's best `length` candidates after re-ordering, as item indices."""
 
 
-def top_k_unseen(scores: np.ndarray, k: int, seen: sp.csr_matrix) -> Candidates:
-    """Top-k of a dense (users × items) score block, with each row's seen items masked."""
+def top_k_unseen(scores, k: int, seen: sp.csr_matrix) -> Candidates:
+    """Top-k of a dense (users × items) score block (numpy or torch, overwritten), with each
+    row's seen items masked."""
     import torch
 
-    block = torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
+    block = scores if isinstance(scores, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(scores, dtype=np.float32))
     rows = np.repeat(np.arange(seen.shape[0]), np.diff(seen.indptr))
     block[torch.from_numpy(rows), torch.from_numpy(seen.indices.astype(np.int64))] = -np.inf
     k = min(k, block.shape[1])
@@ -71,3 +71,14 @@ def top_k_unseen(scores: np.ndarray, k: int, seen: sp.csr_matrix) -> Candidates:
     items[~np.isfinite(values)] = -1
     return Candidates(items.astype(np.int64), values)
 
+
+
+def top_k_in_blocks(scores: Callable[[np.ndarray], object], users: np.ndarray, k: int, history: sp.csr_matrix,
+                    block: int) -> Candidates:
+    """Top-k unseen items of every user, `block` users at a time: `scores(users)` gives their
+    dense (users × items) scores, so memory stays bounded whatever the number of users."""
+    parts = [top_k_unseen(scores(users[start:start + block]), k, history[users[start:start + block]])
+             for start in range(0, len(users), block)]
+    if not parts:
+        return Candidates(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
+    return Candidates(np.vstack([p.items for p in parts]), np.vstack([p.scores for p in parts]))

@@ -12,7 +12,7 @@ import tomllib
 from pathlib import Path
 from urllib.parse import urlsplit
 
-from models.errors import ConfigError
+from rectune.models.errors import ConfigError
 
 DATA_DIR_ENV = "RECTUNE_DATA_DIR"
 CACHE_DIR_ENV = "RECTUNE_CACHE_DIR"

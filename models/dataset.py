@@ -17,8 +17,8 @@ import numpy as np
 import pandas as pd
 import scipy.sparse as sp
 
-from models.errors import DataError, RectuneWarning
-from models.splits import SPLIT_NAMES, TEST, TRAIN, VAL, SplitStrategy
+from rectune.models.errors import DataError, RectuneWarning
+from rectune.models.splits import SPLIT_NAMES, TEST, TRAIN, VAL, SplitStrategy
 
 
 @dataclass(frozen=True)
@@ -33,6 +33,28 @@ class ItemFeatures:
 
 
 @dataclass(frozen=True)
+class ItemContent:
+    """Item content per modality (`text`, `image`, ...): item × item kNN graphs (CSR, row =
+    an item's neighbours weighted by cosine, no self-loops) and the feature matrices graphs
+    are still to be built from (`models.content.attach_content` builds them)."""
+
+    graphs: dict[str, sp.csr_matrix] = field(default_factory=dict)
+    features: dict[str, np.ndarray] = field(default_factory=dict)
+    sources: dict[str, str] = field(default_factory=dict)
+    """modality → where it came from (a file, an encoder), for `data info` and reports."""
+
+    @property
+    def modalities(self) -> tuple[str, ...]:
+        return tuple(sorted({*self.graphs, *self.features}))
+
+    def only(self, modalities: tuple[str, ...]) -> "ItemContent":
+        """The same content restricted to `modalities` (the bench's per-modality rows)."""
+        return ItemContent({m: g for m, g in self.graphs.items() if m in modalities},
+                           {m: f for m, f in self.features.items() if m in modalities},
+                           {m: s for m, s in self.sources.items() if m in modalities})
+
+
+@dataclass(frozen=True)
 class LoadReport:
     """What happened while loading: files, row counts, dropped rows, split used."""
 
@@ -43,6 +65,8 @@ class LoadReport:
     notes: tuple[str, ...] = ()
     blank_ids_dropped: int = 0
     """Rows whose user or item id is blank: they name no one, so they are dropped like duplicates."""
+    attributes_source: str | None = None
+    """The file the user attributes came from, named in errors about their values."""
 
 
 @dataclass
@@ -62,6 +86,8 @@ class Dataset:
     """Category labels per item index (MovieLens genres, Amazon categories)."""
     item_features: ItemFeatures | None = None
     """Dense content vectors; `models.features.attach_item_features` fills it."""
+    content: ItemContent | None = None
+    """Per-modality item-item graphs (neighbour files, feature kNN); None = no item content."""
     extra: dict = field(default_factory=dict)
 
     @property
@@ -84,6 +110,13 @@ class Dataset:
     def with_features(self, features: ItemFeatures) -> "Dataset":
         return replace(self, item_features=features)
 
+    def content_modalities(self) -> dict[str, str]:
+        """modality → its source: content graphs and features, and item text not yet encoded."""
+        found = dict(self.content.sources) if self.content else {}
+        if "text" not in found and self.item_text and any(t.strip() for t in self.item_text):
+            found["text"] = "item text: all-MiniLM-L6-v2 embeddings and their kNN graph, computed on first use"
+        return dict(sorted(found.items()))
+
     def summary(self) -> dict:
         per_user = np.diff(self.train.indptr) + np.diff(self.val.indptr) + np.diff(self.test.indptr)
         return {
@@ -100,6 +133,7 @@ class Dataset:
             "duplicates_dropped": self.report.duplicates_dropped,
             "blank_ids_dropped": self.report.blank_ids_dropped,
             "item_features": self.item_features.source if self.item_features else None,
+            "content_modalities": self.content_modalities(),
             "user_attributes": list(self.user_attributes.columns) if self.user_attributes is not None else [],
             "notes": list(self.report.notes),
         }
@@ -207,6 +241,12 @@ def build_dataset(
         described = (item_text if item_text is not None else item_categories).index
         notes += _coverage_note(item_ids, described, "items", "text or categories", content_source)
 
+    for label, word in ((VAL, "validation"), (TEST, "test")):
+        if not (labels == label).any():
+            # Loading still works (`data info` shows the file); scoring refuses it (models.groups.require_held_out).
+            note = f"{source}: no {word} rows (split {split.describe()!r}); evaluate, baseline and tune refuse this split"
+            warnings.warn(note, RectuneWarning, stacklevel=3)
+            notes.append(note)
     return Dataset(
         name=name,
         user_ids=user_ids,
@@ -214,7 +254,8 @@ def build_dataset(
         train=matrix(TRAIN),
         val=matrix(VAL),
         test=matrix(TEST),
-        report=LoadReport((str(source), *extra_sources), rows_read, duplicates, split.describe(), tuple(notes), int(blank.sum())),
+        report=LoadReport((str(source), *extra_sources), rows_read, duplicates, split.describe(), tuple(notes), int(blank.sum()),
+                          str(attributes_source or source) if user_attributes is not None else None),
         user_attributes=users_attr,
         item_text=text,
         item_categories=categories,

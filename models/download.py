@@ -24,9 +24,9 @@ from urllib.request import Request, urlopen
 
 from tqdm import tqdm
 
-from models.config import data_dir as resolve_data_dir
-from models.errors import ConfigError, DataError, DownloadError
-from models.loaders import DATASETS, load_dataset
+from rectune.models.config import data_dir as resolve_data_dir
+from rectune.models.errors import ConfigError, DataError, DownloadError
+from rectune.models.loaders import DATASETS, load_dataset
 
 BASE_URL_ENV = "RECTUNE_DOWNLOAD_BASE_URL"
 _AMAZON_2023 = "https://datarepo.eng.ucsd.edu/mcauley_group/data/amazon_2023/raw"

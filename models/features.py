@@ -22,9 +22,9 @@ import numpy as np
 import scipy.sparse as sp
 from scipy.sparse.linalg import svds
 
-from models.config import cache_dir as resolve_cache_dir
-from models.dataset import Dataset, ItemFeatures
-from models.errors import RectuneError, RectuneWarning
+from rectune.models.config import cache_dir as resolve_cache_dir
+from rectune.models.dataset import Dataset, ItemFeatures
+from rectune.models.errors import RectuneError, RectuneWarning
 
 ENCODER_NAME = "all-MiniLM-L6-v2"
 TEXT_DIM = 384
@@ -158,13 +158,19 @@ def _cached(path: Path, shape: tuple[int, int], compute: Callable[[], np.ndarray
     except (OSError, ValueError, EOFError):
         pass  # missing or corrupt: recompute and overwrite
     matrix = compute()
+    write_atomically(path, lambda handle: np.save(handle, matrix))
+    return matrix
+
+
+def write_atomically(path: Path, write: Callable) -> None:
+    """Cache a computed file: `write(handle)` fills a file beside `path` that is then renamed
+    onto it, so readers never see a half-written file; a failure is a warning, not an error."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        # Write beside the target and rename, so readers never see a half-written file.
         handle = tempfile.NamedTemporaryFile(dir=path.parent, prefix=path.stem, suffix=".tmp", delete=False)
         try:
             with handle:
-                np.save(handle, matrix)
+                write(handle)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(handle.name, path)
@@ -172,14 +178,20 @@ def _cached(path: Path, shape: tuple[int, int], compute: Callable[[], np.ndarray
             Path(handle.name).unlink(missing_ok=True)
             raise
     except OSError as exc:
-        warnings.warn(f"{path}: cannot cache item features ({exc}); they will be recomputed next time", RectuneWarning, stacklevel=3)
-    return matrix
+        warnings.warn(f"{path}: cannot cache item features ({exc}); they will be recomputed next time", RectuneWarning, stacklevel=4)
 
 
 def attach_item_features(dataset: Dataset, cache_dir: str | Path | None = None, collaborative_dim: int = 64,
                          progress: bool = False) -> Dataset:
     """The dataset with `item_features` set: shipped features if any, else text embeddings
-    when any item has text, else collaborative SVD factors of the train split only."""
+    when any item has text, else collaborative SVD factors of the train split only; and with
+    a kNN graph per content modality (`models.content.attach_content`)."""
+    from rectune.models.content import attach_content
+
+    return attach_content(_with_item_features(dataset, cache_dir, collaborative_dim, progress), cache_dir)
+
+
+def _with_item_features(dataset: Dataset, cache_dir: str | Path | None, collaborative_dim: int, progress: bool) -> Dataset:
     if dataset.item_features is not None:
         return dataset
     directory = resolve_cache_dir(cache_dir) / "features"

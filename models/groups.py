@@ -15,18 +15,25 @@ For attribute groups, users with no value (rated users without a row in MovieLen
 u.user; the loader counts and warns about them) form an explicit `unknown` group, which
 is reported like any other: dropping them would silently shrink the evaluated users, and
 refusing would make one missing row block every attribute report.
+
+Labels name MLflow metrics and tags (`val/<label>/ndcg@20`, 250 characters at most), go
+into search filters, markdown tables and terminal lines: a label longer than
+MAX_LABEL_LENGTH, blank, or holding a quote, `|` or a control character (a newline) is
+refused up front, naming it, rather than failing after the first trial.
 """
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from models.dataset import Dataset
-from models.errors import DataError, GroupError
+from rectune.models.dataset import Dataset
+from rectune.models.errors import DataError, GroupError
+from rectune.models.splits import SPLIT_NAMES
 
 ACTIVITY_LABELS = {
     2: ("cold", "heavy"),
@@ -36,6 +43,11 @@ ACTIVITY_LABELS = {
 }
 AGE_BANDS = (("children", 0, 18), ("young", 18, 35), ("middle-aged", 35, 55), ("elderly", 55, 10**9))
 UNKNOWN = "unknown"
+# MLflow keys hold 250 characters; `test/<label>/candidate_recall_floor_at_1000` and the
+# session tags `select/<label>/objective_argmax` need ~40 around the label.
+MAX_LABEL_LENGTH = 100
+_UNSAFE_LABEL = re.compile(r"['\"|\x00-\x1f\x7f]")
+SPLIT_WORDS = {"train": "train", "val": "validation", "test": "test"}
 
 
 @dataclass(frozen=True)
@@ -59,6 +71,8 @@ class UserGroups:
 
 def _from_values(spec: str, values: np.ndarray, order: list[str] | None = None, descriptions: dict | None = None) -> UserGroups:
     labels = order or sorted(pd.unique(values).tolist(), key=str)
+    for label in labels:
+        _check_label(spec, str(label))
     lookup = {label: i for i, label in enumerate(labels)}
     codes = np.array([lookup[v] for v in values], dtype=np.int64)
     groups = UserGroups(spec, tuple(str(l) for l in labels), codes, descriptions or {str(l): str(l) for l in labels})
@@ -66,6 +80,38 @@ def _from_values(spec: str, values: np.ndarray, order: list[str] | None = None, 
     if empty:
         raise GroupError(f"group(s) {empty} of {spec!r} have no users; sizes: {groups.sizes()}")
     return groups
+
+
+def _check_label(spec: str, label: str) -> None:
+    shown = repr(label if len(label) <= 60 else label[:60] + "…")
+    if not label.strip():
+        raise GroupError(f"a group of {spec!r} has a blank label {label!r}; give every group a name")
+    if len(label) > MAX_LABEL_LENGTH:
+        raise GroupError(f"group label {shown} of {spec!r} is {len(label)} characters long; labels name MLflow metrics "
+                         f"and may hold at most {MAX_LABEL_LENGTH}")
+    bad = _UNSAFE_LABEL.search(label)
+    if bad:
+        raise GroupError(f"group label {shown} of {spec!r} holds {bad.group()!r}; labels go into MLflow search filters, "
+                         "markdown tables and terminal lines, so quotes, '|' and control characters (newlines) are refused")
+
+
+def require_held_out(dataset: Dataset, groups: UserGroups, splits: tuple[str, ...] = ("val", "test")) -> None:
+    """Refuse a split, or a group, with nothing held out in `splits`: every metric of it would
+    be NaN, and a tuner would chase NaN objectives."""
+    source = dataset.report.sources[0] if dataset.report.sources else dataset.name
+    for split in splits:
+        if split not in SPLIT_NAMES:
+            raise GroupError(f"unknown split {split!r}; expected one of {SPLIT_NAMES}")
+        matrix = dataset.split(split)
+        if matrix.nnz == 0:
+            raise DataError(source, f"no {SPLIT_WORDS[split]} rows (split {dataset.report.split!r}): nothing could be scored; "
+                                    "give the file held-out rows or load it with another split")
+        held_out = np.diff(matrix.indptr) > 0
+        for index, label in enumerate(groups.labels):
+            members = groups.codes == index
+            if not held_out[members].any():
+                raise GroupError(f"group {label!r} of {groups.spec!r} has no user with a {SPLIT_WORDS[split]} item "
+                                 f"({int(members.sum())} users): its metrics would be NaN; use fewer or other groups")
 
 
 def _int_option(spec: str, text: str, name: str, low: int) -> int:
@@ -118,6 +164,11 @@ def _attribute(dataset: Dataset, column: str, spec: str) -> np.ndarray:
     return values.astype(object).fillna(UNKNOWN).astype(str).to_numpy() if values.dtype == object or values.isna().any() else values.to_numpy()
 
 
+def _plain(value):
+    """A numpy scalar as the Python value it holds: its repr is `np.int64(2)`, not `2`."""
+    return value.item() if isinstance(value, np.generic) else value
+
+
 def age_groups(dataset: Dataset, spec: str = "age") -> UserGroups:
     """The four AGE_BANDS, plus `unknown` for users with no age when there are any."""
     raw = _attribute_column(dataset, "age", spec)
@@ -126,8 +177,10 @@ def age_groups(dataset: Dataset, spec: str = "age") -> UserGroups:
     invalid = known & ~(ages >= 0)
     if invalid.any():
         first = int(np.flatnonzero(invalid)[0])
+        where = dataset.report.attributes_source
         raise GroupError(f"{spec!r} needs non-negative numeric ages, but {int(invalid.sum())} user(s) have other values, "
-                         f"e.g. user {dataset.user_ids[first]!r} has age {raw.iloc[first]!r}")
+                         f"e.g. user {_plain(dataset.user_ids[first])!r} has age {_plain(raw.iloc[first])!r}"
+                         + (f" (in {where})" if where else ""))
     labels = np.full(len(ages), UNKNOWN, dtype=object)
     for name, low, high in AGE_BANDS:
         labels[(ages >= low) & (ages < high)] = name

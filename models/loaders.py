@@ -7,21 +7,22 @@ file and the problem.
 
 from __future__ import annotations
 
+import csv
 import gzip
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from models.config import data_dir as resolve_data_dir
-from models.dataset import Dataset, ItemFeatures, build_dataset
-from models.errors import ConfigError, DataError
-from models.formats import LOADER_FUNCTIONS
-from models.splits import SplitStrategy
+from rectune.models.config import data_dir as resolve_data_dir
+from rectune.models.dataset import Dataset, ItemContent, ItemFeatures, build_dataset
+from rectune.models.errors import ConfigError, DataError
+from rectune.models.formats import LOADER_FUNCTIONS
+from rectune.models.splits import SplitStrategy
 
 # pandas' tokenizer error for a row with too many fields.
 _FIELD_COUNT = re.compile(r"Expected (\d+) fields in line (\d+), saw (\d+)")
@@ -71,6 +72,12 @@ def read_table(path: Path, required: tuple[str, ...], sep: str = "\t", names: li
         repeated = sorted({c for c in columns if columns.count(c) > 1})
         if repeated:
             raise DataError(path, f"the header repeats column(s) {repeated}")
+        # pandas fills a short row's missing fields with '' (keep_default_na=False), like empty
+        # fields: only a row ending in '' can be short, and only then is the file read again.
+        if frame.shape[1] > 1 and frame.iloc[:, -1].eq("").any():
+            short = _short_line(path, sep, len(columns), kwargs.get("encoding", "utf-8"))
+            if short is not None:
+                raise DataError(path, f"line {short[0]} has {short[1]} fields, but the header has {len(columns)}")
     else:
         if frame.shape[1] > len(names):
             raise DataError(path, f"line 1 has {frame.shape[1]} fields, but expected {len(names)} ({', '.join(names)})")
@@ -84,6 +91,20 @@ def read_table(path: Path, required: tuple[str, ...], sep: str = "\t", names: li
     if frame.empty:
         raise DataError(path, "has a header but no rows")
     return frame
+
+
+def _short_line(path: Path, sep: str, expected: int, encoding: str) -> tuple[int, int] | None:
+    """(line number, field count) of the first non-blank line with fewer than `expected` fields."""
+    opener = gzip.open if path.suffix == ".gz" else open
+    with opener(path, "rt", encoding=encoding, newline="") as handle:
+        reader = csv.reader(handle, delimiter=sep)
+        try:
+            for row in reader:
+                if row and len(row) < expected:
+                    return reader.line_num, len(row)
+        except csv.Error:  # a field over csv's size limit: pandas read it, so no line is named
+            return None
+    return None
 
 
 def read_jsonl(path: Path, fields: tuple[str, ...], required: tuple[str, ...]) -> pd.DataFrame:
@@ -189,7 +210,7 @@ def load_amazon_baby(directory: Path, split: SplitStrategy | None = None) -> Dat
     if tsv is not None:
         frame = read_table(tsv, ("reviewerID", "asin", "split"))
         interactions = frame.rename(columns={"reviewerID": "user", "asin": "item"})[["user", "item", "split"]]
-        return build_dataset("baby", interactions, source=tsv, split=split or SplitStrategy("given"))
+        return with_neighbour_lists(build_dataset("baby", interactions, source=tsv, split=split or SplitStrategy("given")), directory)
     reviews = _find(directory, *_BABY_FILES[2:])
     if reviews is None:
         raise DataError(directory, "no interactions.tsv.gz or reviews_Baby_5.json.gz here (try `rectune data pull baby`)")
@@ -368,7 +389,23 @@ def load_mmrec(path: Path, split: SplitStrategy | None = None) -> Dataset:
                             item_order=item_order)
     if blocks:
         dataset = dataset.with_features(ItemFeatures(np.hstack(blocks), "npy:" + "+".join(names)))
-    return dataset
+        modalities = [n.removesuffix("_feat") for n in names]
+        dataset = replace(dataset, content=ItemContent(features=dict(zip(modalities, blocks)),
+                                                       sources={m: f"{m}_feat.npy" for m in modalities}))
+    return with_neighbour_lists(dataset, path.parent)
+
+
+def with_neighbour_lists(dataset: Dataset, directory: Path) -> Dataset:
+    """The dataset with the kNN graphs of an `item_knn.tsv[.gz]` in `directory`, if there is one."""
+    from rectune.models.content import find_neighbour_file, read_neighbour_lists
+
+    path = find_neighbour_file(directory)
+    if path is None:
+        return dataset
+    lists = read_neighbour_lists(path, dataset.item_ids)
+    content = dataset.content or ItemContent()
+    return replace(dataset, content=ItemContent({**content.graphs, **lists.graphs}, content.features,
+                                                {**content.sources, **lists.sources}))
 
 
 # --------------------------------------------------------------------------- registry
@@ -394,9 +431,31 @@ DATASETS: dict[str, DatasetSource] = {
 FORMATS: dict[str, Callable[..., Dataset]] = {name: globals()[function] for name, function in LOADER_FUNCTIONS.items()}
 
 
+def is_mmrec(path: Path) -> bool:
+    """Whether `path` is an MMRec `.inter` file, or a directory holding one (its header names
+    userID and itemID; RecBole's `ml-100k.inter` names user_id:token and item_id:token)."""
+    inters = [path] if path.is_file() else sorted(path.glob("*.inter")) if path.is_dir() else []
+    if not inters or inters[0].suffix != ".inter":
+        return False
+    try:
+        with inters[0].open(encoding="utf-8") as handle:
+            header = handle.readline().rstrip("\n").split("\t")
+    except (OSError, UnicodeDecodeError):
+        return False
+    return {"userID", "itemID"} <= set(header)
+
+
+def dataset_label(name_or_path: str | Path) -> str:
+    """A short name for a dataset in study, session and report names: a registered name as it
+    is, a path by its last part (`data/clothing/clothing.inter` → `clothing`)."""
+    name = str(name_or_path)
+    return name if name in DATASETS else Path(name).stem if Path(name).is_file() else Path(name).name
+
+
 def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None, split: SplitStrategy | None = None,
                  format: str | None = None) -> Dataset:
-    """Load a registered dataset by name (from the data directory) or any path with `format`."""
+    """Load a registered dataset by name (from the data directory), an MMRec dataset by its
+    path (a directory with `NAME.inter`, split by its x_label), or any path with `format`."""
     name = str(name_or_path)
     if format is None and name in DATASETS:
         source = DATASETS[name]
@@ -404,10 +463,14 @@ def load_dataset(name_or_path: str | Path, data_dir: str | Path | None = None, s
         if not directory.is_dir():
             raise DataError(directory, f"dataset {name!r} is not in the data directory (set --data-dir or RECTUNE_DATA_DIR, or run `rectune data pull {name}`)")
         return source.loader(directory, split)
-    path = Path(name_or_path)
+    path = Path(name_or_path).expanduser()
+    if format is None and is_mmrec(path):
+        format = "mmrec"
     if format is None:
-        raise ConfigError(f"unknown dataset {name!r}: use one of {sorted(DATASETS)} or give a path with a format "
-                          f"(--format on the command line): {sorted(FORMATS)}")
+        why = (f"neither a registered name {sorted(DATASETS)} nor a path" if not path.exists() else
+               "a path, but not an MMRec dataset (a NAME.inter whose header names userID and itemID, or its directory)")
+        raise ConfigError(f"unknown dataset {name!r}: {why}; other formats load with "
+                          f"`rectune data info PATH --format F` ({', '.join(sorted(FORMATS))})")
     if format not in FORMATS:
         raise ConfigError(f"unknown format {format!r}; expected one of {sorted(FORMATS)}")
     if not path.exists():

@@ -13,11 +13,11 @@ from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
 
-from models.base import Candidates, FitContext, Ranker, RecallModel
-from models.dataset import Dataset
-from models.errors import ConfigError
-from models.groups import UserGroups
-from models.metrics import EvalResult, evaluate_ranking
+from rectune.models.base import FitContext, Ranker, RecallModel
+from rectune.models.dataset import Dataset
+from rectune.models.errors import ConfigError
+from rectune.models.groups import UserGroups
+from rectune.models.metrics import EvalResult, evaluate_ranking
 
 RECALLS = ("heuristic", "two_tower")
 RANKERS = ("none", "deepfm")
@@ -41,12 +41,16 @@ class PipelineConfig:
     recall: str = _param("two_tower", "recall", "recall stage: heuristic | two_tower")
     ranker: str = _param("none", "ranker", "rank stage: none | deepfm")
     seed: int = _param(0, "recall", "seed of every random choice (splits are seeded separately)")
-    embedding_dim: int = _param(64, "recall", "recall embedding size: PCA size of item features (heuristic), tower output (two-tower)")
+    embedding_dim: int = _param(64, "recall", "recall embedding size: tower output (two-tower); PCA size of the fallback features of a dataset without item content (heuristic)")
     k: int = _param(500, "serving", "recall size K: candidates per user passed to the ranker")
     top_n: int = _param(20, "serving", "TopN: length of the final list")
-    neighbors: int = _param(50, "recall", "kNN neighbours kept per item in the similarity graphs", ("heuristic",))
-    cf_weight: float = _param(0.8, "recall", "weight of item-CF similarity vs content similarity", ("heuristic",))
-    popularity_weight: float = _param(0.5, "recall", "weight of the popularity prior added to heuristic scores", ("heuristic",))
+    neighbors: int = _param(50, "recall", "kNN neighbours kept per item in the content graphs (a neighbour file "
+                            "caps it at what it lists: 10 on Baby)", ("heuristic",))
+    cf_weight: float = _param(0.85, "recall", "weight of EASE item-CF similarity vs content similarity (defaults of the "
+                              "heuristic chosen on Baby validation NDCG@20, 2026-12-01)", ("heuristic",))
+    popularity_weight: float = _param(0.005, "recall", "weight of the popularity prior added to heuristic scores", ("heuristic",))
+    text_weight: float = _param(0.9, "recall", "fusion weight of the text graph vs the image graph (image: 1 - text_weight)", ("heuristic",))
+    ease_lambda: float = _param(250.0, "recall", "ridge strength of the EASE item-CF part", ("heuristic",))
     lr: float = _param(0.003, "recall", "two-tower Adam learning rate", ("two_tower",))
     epochs: int = _param(3, "recall", "two-tower training epochs", ("two_tower",))
     batch_size: int = _param(1024, "recall", "two-tower batch size (= in-batch negatives + 1)", ("two_tower",))
@@ -61,7 +65,8 @@ class PipelineConfig:
     ranker_epochs: int = _param(2, "ranker", "DeepFM training epochs", ("deepfm",))
     ranker_batch_size: int = _param(2048, "ranker", "DeepFM batch size", ("deepfm",))
     negatives: int = _param(4, "ranker", "DeepFM negatives per positive, drawn from the recall candidates", ("deepfm",))
-    negative_pool: int = _param(500, "ranker", "DeepFM trains on this many top recall candidates per user", ("deepfm",))
+    negative_pool: int = _param(2000, "ranker", "DeepFM trains on this many top recall candidates per user; keep it ≥ k",
+                                ("deepfm",))
 
     def __post_init__(self):
         for f in fields(self):
@@ -90,10 +95,11 @@ class PipelineConfig:
                 raise ConfigError(f"{name} must be ≥ 1, but got {getattr(self, name)}")
         if self.k < self.top_n:
             raise ConfigError(f"k (candidates) must be ≥ top_n, but got k={self.k} < top_n={self.top_n}")
-        for name in ("cf_weight", "dropout"):
-            if not 0.0 <= getattr(self, name) < (1.0001 if name == "cf_weight" else 1.0):
-                raise ConfigError(f"{name} must be in [0, 1{']' if name == 'cf_weight' else ')'}, but got {getattr(self, name)}")
-        for name in ("lr", "ranker_lr", "temperature"):
+        for name in ("cf_weight", "text_weight", "dropout"):
+            closed = name != "dropout"
+            if not 0.0 <= getattr(self, name) < (1.0001 if closed else 1.0):
+                raise ConfigError(f"{name} must be in [0, 1{']' if closed else ')'}, but got {getattr(self, name)}")
+        for name in ("lr", "ranker_lr", "temperature", "ease_lambda"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, but got {getattr(self, name)}")
 
@@ -140,10 +146,11 @@ class PipelineConfig:
 
 def build_recall(config: PipelineConfig) -> RecallModel:
     if config.recall == "heuristic":
-        from models.heuristic import HeuristicRecall
+        from rectune.models.heuristic import HeuristicRecall
 
-        return HeuristicRecall(config.embedding_dim, config.neighbors, config.cf_weight, config.popularity_weight)
-    from models.two_tower import TwoTowerRecall
+        return HeuristicRecall(config.embedding_dim, config.neighbors, config.cf_weight, config.popularity_weight,
+                               config.text_weight, config.ease_lambda)
+    from rectune.models.two_tower import TwoTowerRecall
 
     return TwoTowerRecall(config.embedding_dim, config.lr, config.epochs, config.batch_size, config.temperature, config.weight_decay, config.user_id)
 
@@ -151,41 +158,59 @@ def build_recall(config: PipelineConfig) -> RecallModel:
 def build_ranker(config: PipelineConfig) -> Ranker | None:
     if config.ranker == "none":
         return None
-    from models.deepfm import DeepFMRanker
+    from rectune.models.deepfm import DeepFMRanker
 
     return DeepFMRanker(config.ranker_dim, config.hidden, config.dropout, config.ranker_lr, config.ranker_epochs,
                         config.ranker_batch_size, config.negatives, config.negative_pool)
 
 
-def fit_context(config: PipelineConfig, groups: UserGroups | None, progress: bool) -> FitContext:
-    return FitContext(seed=config.seed, group_codes=None if groups is None else groups.codes, progress=progress)
-
-
-def fit_recall(config: PipelineConfig, dataset: Dataset, groups: UserGroups | None = None, progress: bool = False) -> RecallModel:
+def fit_recall(config: PipelineConfig, dataset: Dataset, progress: bool = False) -> RecallModel:
     if dataset.item_features is None:
         raise ConfigError(f"dataset {dataset.name!r} has no item features: call models.features.attach_item_features first")
     recall = build_recall(config)
-    recall.fit(dataset, fit_context(config, groups, progress))
+    recall.fit(dataset, FitContext(seed=config.seed, progress=progress))
     return recall
 
 
-def fit_ranker(config: PipelineConfig, dataset: Dataset, groups: UserGroups | None = None, progress: bool = False) -> Ranker | None:
+def fit_ranker(config: PipelineConfig, dataset: Dataset, progress: bool = False) -> Ranker | None:
     ranker = build_ranker(config)
     if ranker is not None:
-        ranker.fit(dataset, lambda: build_recall(config), fit_context(config, groups, progress))
+        ranker.fit(dataset, lambda: build_recall(config), FitContext(seed=config.seed, progress=progress))
     return ranker
 
 
-def score_lists(dataset: Dataset, split: str, users: np.ndarray, candidates: np.ndarray, ranked: np.ndarray,
-                cutoffs: tuple[int, ...], groups: UserGroups | None = None) -> EvalResult:
-    """Full-ranking metrics of given candidate and final lists on `split`."""
+@dataclass(frozen=True)
+class Recommendations:
+    """What a pipeline served to `users` on one split."""
+
+    users: np.ndarray
+    items: np.ndarray
+    """The final lists, best first, one row per user (-1 = empty slot)."""
+    candidates: np.ndarray | None
+    """The recall stage's K candidates per user, when they were computed: always with a
+    ranker (it re-orders them); without one only on request, for candidate recall — the
+    final list is then the recall stage's own top-N, and a K-deep search would be wasted."""
+    seconds: dict[str, float]
+    """candidates / rank wall seconds."""
+
+
+def _padded(items: np.ndarray, length: int) -> np.ndarray:
+    """The first `length` columns, padded with empty slots where the list is shorter."""
+    items = items[:, :length]
+    return np.pad(items, ((0, 0), (0, length - items.shape[1])), constant_values=-1)
+
+
+def score_lists(dataset: Dataset, split: str, served: Recommendations, cutoffs: tuple[int, ...],
+                groups: UserGroups | None = None) -> EvalResult:
+    """Full-ranking metrics of served lists on `split` (candidate recall too, when served
+    with candidates), overall and per group of `groups`."""
     if split not in ("val", "test"):
         raise ConfigError(f"evaluate on 'val' or 'test', not {split!r}")
     seen = dataset.seen(split)
     return evaluate_ranking(
-        users, ranked, dataset.split(split), tuple(sorted(set(cutoffs))),
+        served.users, _padded(served.items, max(cutoffs)), dataset.split(split), tuple(sorted(set(cutoffs))),
         item_popularity=np.asarray(dataset.train.sum(axis=0)).ravel(), n_masked=np.diff(seen.indptr),
-        candidates=candidates, group_codes=None if groups is None else groups.codes,
+        candidates=served.candidates, group_codes=None if groups is None else groups.codes,
         group_labels=() if groups is None else groups.labels,
     )
 
@@ -198,7 +223,11 @@ class Evaluation:
 
 
 class Pipeline:
-    """A recall stage and an optional rank stage, fitted together on train interactions."""
+    """A recall stage and an optional rank stage, fitted together on train interactions.
+
+    The one serving path: `rectune evaluate`, the benchmarks and every tuning trial (the
+    trial runner caches fitted stages and served lists, and times them) go through
+    `recommend` and `score_lists`."""
 
     def __init__(self, config: PipelineConfig, recall: RecallModel | None = None, ranker: Ranker | None = None):
         self.config = config
@@ -206,40 +235,43 @@ class Pipeline:
         self.ranker = ranker
         self.fit_seconds: dict[str, float] = {}
 
-    def fit(self, dataset: Dataset, groups: UserGroups | None = None, progress: bool = False) -> "Pipeline":
+    def fit(self, dataset: Dataset, *, progress: bool = False) -> "Pipeline":
         start = time.perf_counter()
         if self.recall is None:
-            self.recall = fit_recall(self.config, dataset, groups, progress)
+            self.recall = fit_recall(self.config, dataset, progress)
             self.fit_seconds["recall"] = time.perf_counter() - start
         if self.ranker is None and self.config.ranker != "none":
             start = time.perf_counter()
-            self.ranker = fit_ranker(self.config, dataset, groups, progress)
+            self.ranker = fit_ranker(self.config, dataset, progress)
             self.fit_seconds["ranker"] = time.perf_counter() - start
         return self
 
-    def recommend(self, dataset: Dataset, users: np.ndarray, split: str, k: int | None = None, length: int | None = None) -> tuple[Candidates, np.ndarray, dict]:
-        """K candidates and the final ranked list (at least `length` long) for `users` on `split`."""
+    def recommend(self, dataset: Dataset, users: np.ndarray, split: str, length: int | None = None, k: int | None = None,
+                  candidate_recall: bool = False) -> Recommendations:
+        """The final lists (`length` long, default TopN) for `users`, past items of `split`
+        masked; `candidate_recall` also keeps the K candidates where the ranker does not."""
         k = k or self.config.k
-        length = max(length or self.config.top_n, ANCHOR_CUTOFF)
-        seconds = {}
+        length = length or self.config.top_n
+        seen = dataset.seen(split)
         start = time.perf_counter()
-        candidates = self.recall.candidates(users, k, dataset.seen(split))
-        seconds["candidates"] = time.perf_counter() - start
+        if self.ranker is None:
+            found = self.recall.candidates(users, max(k, length) if candidate_recall else length, seen)
+            seconds = {"candidates": time.perf_counter() - start, "rank": 0.0}
+            return Recommendations(users, _padded(found.items, length), found.items[:, :k] if candidate_recall else None, seconds)
+        found = self.recall.candidates(users, k, seen)
+        seconds = {"candidates": time.perf_counter() - start}
         start = time.perf_counter()
-        ranked = candidates.items if self.ranker is None else self.ranker.rank(users, candidates, length)
+        ranked = self.ranker.rank(users, found, length)
         seconds["rank"] = time.perf_counter() - start
-        if ranked.shape[1] < length:
-            ranked = np.pad(ranked, ((0, 0), (0, length - ranked.shape[1])), constant_values=-1)
-        return candidates, ranked[:, :length], seconds
+        return Recommendations(users, _padded(ranked, length), found.items, seconds)
 
     def evaluate(self, dataset: Dataset, split: str, groups: UserGroups | None = None, users: np.ndarray | None = None,
-                 cutoffs: tuple[int, ...] = ()) -> Evaluation:
+                 cutoffs: tuple[int, ...] = (), candidate_recall: bool = True) -> Evaluation:
         """Full-ranking metrics on `split` (val for tuning, test for reporting), at @20,
-        @top_n and any extra `cutoffs`."""
+        @top_n and any extra `cutoffs`, per group of `groups` too."""
         users = np.arange(dataset.n_users) if users is None else np.asarray(users)
         cutoffs = (ANCHOR_CUTOFF, self.config.top_n, *cutoffs)
-        candidates, ranked, seconds = self.recommend(dataset, users, split, length=max(cutoffs))
+        served = self.recommend(dataset, users, split, length=max(cutoffs), candidate_recall=candidate_recall)
         start = time.perf_counter()
-        metrics = score_lists(dataset, split, users, candidates.items, ranked, cutoffs, groups)
-        seconds["metrics"] = time.perf_counter() - start
-        return Evaluation(metrics, seconds)
+        metrics = score_lists(dataset, split, served, cutoffs, groups)
+        return Evaluation(metrics, {**served.seconds, "metrics": time.perf_counter() - start})

@@ -6,7 +6,8 @@ user-id embedding, off by default because it memorises sparse users) and an
 item tower (item id + item content features) map into one space; candidates are the K
 items nearest to the user vector. Trained with in-batch sampled softmax and the logQ
 correction of Yi et al., "Sampling-Bias-Corrected Neural Modeling for Large Corpus Item
-Recommendations" (RecSys 2019). Retrieval is FAISS exact inner-product search.
+Recommendations" (RecSys 2019). Retrieval is exact inner-product search: a blocked matmul +
+top-k, or a FAISS flat index for catalogues where that is faster (bench/serving.py).
 
 During training the target item is left out of the history mean, so the model cannot
 learn to recognise an item in its own history (which it never sees at serving time).
@@ -24,27 +25,71 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from models.base import Candidates, FitContext, RecallModel
-from models.dataset import Dataset
-from models.metrics import in_rows
-from models.training import fit_module, history_bag, inference_device, shuffled_batches
+from rectune.models.base import Candidates, FitContext, RecallModel, top_k_in_blocks
+from rectune.models.dataset import Dataset
+from rectune.models.metrics import in_rows
+from rectune.models.training import fit_module, history_bag, inference_device, shuffled_batches
 
 _BLOCK = 4096
-# Users per FAISS search: keeps the ~1,000-wide temporaries small enough to reuse memory
-# (fresh 100+ MB arrays cost more in page faults than the search itself here).
+# Scores computed per block of users (16 MB of float32): bounds memory for any number of
+# users and catalogue size.
+_SCORES_PER_BLOCK = 4_000_000
+# Users per FAISS search: keeps the ~1,000-wide temporaries small enough to reuse memory.
 _SEARCH_BLOCK = 4096
+FAISS_ABOVE_ITEMS = 50_000
+"""Exact search takes FAISS for catalogues larger than this, a blocked matmul + top-k up to it
+(measured in bench/serving.py)."""
 
 
-def user_attribute_codes(dataset: Dataset, context: FitContext) -> np.ndarray:
-    """Categorical user attributes (and the user group) as integer codes, users × columns."""
+def rows_per_block(n_items: int) -> int:
+    """Users scored per matmul of exact search."""
+    return max(1, _SCORES_PER_BLOCK // n_items)
+
+
+def blocked_top_k(vectors: np.ndarray, items: np.ndarray, k: int, seen: sp.csr_matrix) -> Candidates:
+    """Exact inner-product top-k of each row of `vectors` among `items`, the items of its row
+    of `seen` excluded: scores for a block of users by one matmul, masked, then torch's top-k."""
+    table = torch.from_numpy(items).T.contiguous()
+    rows = torch.from_numpy(vectors)
+    return top_k_in_blocks(lambda block: rows[block] @ table, np.arange(len(vectors)), k, seen, rows_per_block(len(items)))
+
+
+def faiss_top_k(vectors: np.ndarray, items: np.ndarray, k: int, seen: sp.csr_matrix) -> Candidates:
+    """The same search through a FAISS flat index, which cannot mask per query: it searches
+    past each user's seen items and drops them after."""
+    import faiss
+
+    index = faiss.IndexFlatIP(items.shape[1])
+    index.add(items)
+    k = min(k, items.shape[0])
+    out_items = np.full((len(vectors), k), -1, dtype=np.int64)
+    out_scores = np.full((len(vectors), k), -np.inf, dtype=np.float32)
+    for start in range(0, len(vectors), _SEARCH_BLOCK):
+        block = slice(start, start + _SEARCH_BLOCK)
+        masked = seen[block]
+        depth = min(k + int(np.diff(masked.indptr).max(initial=0)), items.shape[0])
+        found_scores, found = index.search(vectors[block], depth)
+        keep = ~(in_rows(masked, found) | (found < 0))
+        # Each row keeps its first k survivors: compact all rows with one flat gather.
+        survivors = np.flatnonzero(keep)  # row-major positions
+        counts = keep.sum(axis=1)
+        kept = np.minimum(counts, k)
+        rows = np.repeat(np.arange(len(kept)), kept)
+        slots = np.arange(len(rows)) - np.repeat(np.cumsum(kept) - kept, kept)
+        chosen = survivors[np.repeat(np.cumsum(counts) - counts, kept) + slots]
+        out_items[block][rows, slots] = found.ravel()[chosen]
+        out_scores[block][rows, slots] = found_scores.ravel()[chosen]
+    return Candidates(out_items, out_scores)
+
+
+def user_attribute_codes(dataset: Dataset) -> np.ndarray:
+    """Categorical user attributes as integer codes, users × columns."""
     columns = []
     if dataset.user_attributes is not None:
         for name in dataset.user_attributes.columns:
             # Users without attributes (no row in the user file) share one code of their own;
             # pandas' default code for them, -1, is no valid embedding index.
             columns.append(pd.factorize(dataset.user_attributes[name].astype(str), sort=True, use_na_sentinel=False)[0])
-    if context.group_codes is not None:
-        columns.append(np.asarray(context.group_codes))
     if not columns:
         return np.zeros((dataset.n_users, 0), dtype=np.int64)
     return np.stack(columns, axis=1).astype(np.int64)
@@ -132,7 +177,7 @@ class TwoTowerRecall(RecallModel):
 
     def fit(self, dataset: Dataset, context: FitContext) -> None:
         torch.manual_seed(context.seed)
-        self.attributes = user_attribute_codes(dataset, context)
+        self.attributes = user_attribute_codes(dataset)
         features = dataset.item_features.matrix if dataset.item_features is not None else None
         self.net = TwoTowerNet(dataset.n_users, dataset.n_items, self.embedding_dim, features,
                               [int(c.max()) + 1 for c in self.attributes.T], self.user_id)
@@ -175,28 +220,5 @@ class TwoTowerRecall(RecallModel):
         return np.vstack(out) if out else np.zeros((0, self.embedding_dim), np.float32)
 
     def candidates(self, users: np.ndarray, k: int, history: sp.csr_matrix) -> Candidates:
-        import faiss
-
-        index = faiss.IndexFlatIP(self.item_vectors.shape[1])
-        index.add(self.item_vectors)
-        vectors = self.user_vectors(users, history)
-        k = min(k, self.item_vectors.shape[0])
-        items = np.full((len(users), k), -1, dtype=np.int64)
-        scores = np.full((len(users), k), -np.inf, dtype=np.float32)
-        for start in range(0, len(users), _SEARCH_BLOCK):
-            block = slice(start, start + _SEARCH_BLOCK)
-            seen = history[users[block]]
-            # Search past the seen items, then drop them: FAISS cannot mask per query.
-            depth = min(k + int(np.diff(seen.indptr).max(initial=0)), self.item_vectors.shape[0])
-            found_scores, found = index.search(vectors[block], depth)
-            keep = ~(in_rows(seen, found) | (found < 0))
-            # Each row keeps its first k survivors: compact all rows with one flat gather.
-            survivors = np.flatnonzero(keep)  # row-major positions
-            counts = keep.sum(axis=1)
-            kept = np.minimum(counts, k)
-            rows = np.repeat(np.arange(len(kept)), kept)
-            slots = np.arange(len(rows)) - np.repeat(np.cumsum(kept) - kept, kept)
-            chosen = survivors[np.repeat(np.cumsum(counts) - counts, kept) + slots]
-            items[block][rows, slots] = found.ravel()[chosen]
-            scores[block][rows, slots] = found_scores.ravel()[chosen]
-        return Candidates(items, scores)
+        search = faiss_top_k if len(self.item_vectors) > FAISS_ABOVE_ITEMS else blocked_top_k
+        return search(self.user_vectors(users, history), self.item_vectors, k, history[users])

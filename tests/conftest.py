@@ -10,9 +10,9 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from models.dataset import build_dataset
-from models.features import attach_item_features
-from models.splits import SplitStrategy
+from rectune.models.dataset import build_dataset
+from rectune.models.features import attach_item_features
+from rectune.models.splits import SplitStrategy
 
 SHARED_DATA = __import__("pathlib").Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -77,7 +77,7 @@ def postgres_server():
     import tempfile
     from pathlib import Path
 
-    from tools.loopback import pick_free_port
+    from rectune.tools.loopback import pick_free_port
 
     programs = sorted(Path("/usr/lib/postgresql").glob("*/bin/pg_ctl"))
     pg_ctl = str(programs[-1]) if programs else shutil.which("pg_ctl")

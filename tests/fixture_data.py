@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from models.loaders import MOVIELENS_GENRES
+from rectune.models.loaders import MOVIELENS_GENRES
 
 BABY_HEADER = ("reviewerID", "asin", "mmrec_userID", "mmrec_itemID", "lattice_userID", "lattice_itemID", "split")
 # (reviewerID, asin, split); A2BB/B002 appears twice, so 13 rows hold 12 interactions.
@@ -178,3 +178,25 @@ def write_mmrec(directory: Path, with_rating: bool = True, n_feature_rows: int |
     np.save(directory / "text_feat.npy", text)
     np.save(directory / "image_feat.npy", image)
     return path, text, image
+
+
+KNN_HEADER = ("asin", "neighbor_asin", "modality", "cosine")
+
+
+def item_knn_rows() -> list[tuple[str, str, str, str]]:
+    """Neighbour lists over BABY_ROWS' five items: each item is its own first neighbour
+    (cosine 1, as in MMRec's graphs), then two text and one image neighbour."""
+    items = sorted({r[1] for r in BABY_ROWS})
+    rows = []
+    for k, item in enumerate(items):
+        rows += [(item, item, "text", "1.000000"), (item, items[(k + 1) % 5], "text", "0.800000"),
+                 (item, items[(k + 2) % 5], "text", "0.300000"),
+                 (item, item, "image", "1.000000"), (item, items[(k + 4) % 5], "image", "0.600000")]
+    return rows
+
+
+def write_item_knn(directory: Path, rows: list[tuple[str, ...]] | None = None,
+                   header: tuple[str, ...] = KNN_HEADER) -> Path:
+    rows = item_knn_rows() if rows is None else rows
+    text = "\t".join(header) + "\n" + "".join("\t".join(r) + "\n" for r in rows)
+    return write_gz(directory / "item_knn.tsv.gz", text)

@@ -2,14 +2,17 @@
 
 The real langchain-openai client talks to it over HTTP. Each request is answered by the
 next scripted reply: a tool call, several calls, arguments that are not JSON, plain text,
-an HTTP error, or a function of the request that returns one of these. Every request body
-and its headers are kept for the test to inspect.
+an HTTP error (whose message may echo the request's Authorization header, as many proxies'
+401s do), a 200 whose JSON body is cut off, any of these after a delay, or a function of the
+request that returns one of these. Every request body and its headers are kept for the
+test to inspect.
 """
 
 from __future__ import annotations
 
 import json
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -29,8 +32,28 @@ def text(content: str) -> dict:
     return {"text": content}
 
 
-def status(code: int) -> dict:
-    return {"status": code}
+def status(code: int, message: str = "scripted failure") -> dict:
+    """An HTTP error; `{authorization}` in `message` becomes the request's Authorization header."""
+    return {"status": code, "message": message}
+
+
+def cut_off() -> dict:
+    """A 200 whose JSON body stops halfway (its Content-Length says so: the HTTP is sound)."""
+    return {"cut_off": True}
+
+
+def delayed(seconds: float, reply: dict) -> dict:
+    return {**reply, "delay": seconds}
+
+
+def named_tool_only(reply: dict) -> "callable":
+    """As a server that honours only a tool_choice naming a function answers: `reply` when it
+    names one, text otherwise (a stock llama-cpp-python server with chatml-function-calling
+    answers "auto" so; Ollama ignores tool_choice altogether)."""
+    def answer(body: dict) -> dict:
+        choice = body.get("tool_choice")
+        return reply if isinstance(choice, dict) else text("I would change k to 80 because it helps recall.")
+    return answer
 
 
 class ScriptedLLM:
@@ -57,8 +80,10 @@ class ScriptedLLM:
                     reply = reply(body)
                 if owner.on_request:
                     owner.on_request(index, body)
+                time.sleep(reply.get("delay", 0))
                 if "status" in reply:
-                    self._send(reply["status"], {"error": {"message": "scripted failure", "type": "server_error"}})
+                    message = reply.get("message", "scripted failure").replace("{authorization}", self.headers.get("Authorization", ""))
+                    self._send(reply["status"], {"error": {"message": message, "type": "server_error"}})
                     return
                 message = {"role": "assistant", "content": reply.get("text")}
                 if "calls" in reply:
@@ -67,15 +92,20 @@ class ScriptedLLM:
                                              for i, (name, arguments) in enumerate(reply["calls"])]
                 self._send(200, {"id": f"chatcmpl-{index}", "object": "chat.completion", "created": 0, "model": body.get("model"),
                                  "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if "calls" in reply else "stop"}],
-                                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}})
+                                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}},
+                           cut=reply.get("cut_off", False))
 
-            def _send(self, code: int, payload: dict):
+            def _send(self, code: int, payload: dict, cut: bool = False):
                 data = json.dumps(payload).encode()
-                self.send_response(code)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+                data = data[: len(data) // 2] if cut else data
+                try:
+                    self.send_response(code)
+                    self.send_header("Content-Type", "application/json")
+                    self.send_header("Content-Length", str(len(data)))
+                    self.end_headers()
+                    self.wfile.write(data)
+                except (BrokenPipeError, ConnectionResetError):
+                    pass  # the client gave up waiting (a timeout test)
 
         self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)

@@ -8,9 +8,9 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-from agent.session import list_sessions, run
+from rectune.agent.session import list_sessions, run
 from scripted_llm import ScriptedLLM, call, calls, raw, text
-from tools.tracking import Tracker
+from rectune.tools.tracking import Tracker
 
 CHOOSE = call("choose_pipelines", choices=[
     {"group": "cold", "pipeline": "heuristic", "reason": "sparse users favour item similarity"},
@@ -127,6 +127,64 @@ def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_di
     assert list_sessions(str(tmp_path / "sessions.db"))[0]["phase"] == "done"
 
 
+def test_a_rejected_proposal_counts_as_tried_and_refusal_state_resets_per_group(tmp_path, baby_format_dir, shared_cache):
+    """Issue 15, items 10 and 11: a person's reject is in the ledger and the history, so the same
+    configuration proposed again is refused at no cost; the sampling temperature raised by refusals
+    starts again in the next group; finish needs its reason; the pick's refused calls count in the
+    report's valid share; the terminal shows why a call was refused, every line of it."""
+    script = [
+        call("choose_pipelines", choices=[{"group": "cold", "pipeline": "nope", "reason": "?"}]),
+        CHOOSE,
+        call("propose_change", changes={"k": 100}, rationale="more candidates"),  # rejected by the person
+        call("propose_change", changes={"k": 100}, rationale="larger K is too slow for serving"),  # the same again
+        call("propose_change", changes={"k": 5}, rationale="fewer"),  # out of range
+        call("get_history"),  # the last of cold's 4 calls, a free one: the trial falls back to a neighbour
+        call("finish"),  # heavy's first turn, without its reason
+        call("propose_change", changes={"neighbors": 20}, rationale="denser"),
+        call("finish", reason="good enough"),
+    ]
+    answers = iter([{"action": "reject", "comment": "larger K is too slow for serving"}, {"action": "approve"},
+                    {"action": "approve"}])
+    shown, lines = [], []
+
+    def answer(payload):
+        shown.append(payload)
+        return next(answers)
+
+    with ScriptedLLM(script) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, budget=3), "max_llm_calls": 4, "cache_dir": shared_cache}
+        values = run(config, answer, echo=lines.append, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+
+    assert values["phase"] == "done" and len(llm.requests) == 9
+    # The rejection is in the history the LLM reads, and the same configuration is refused.
+    assert "A person rejected your proposal k=100: larger K is too slow for serving" in llm.prompt(4)
+    assert "| llm | k=100 | rejected by a person: larger K is too slow for serving |" in llm.prompt(4)
+    assert "That configuration was already rejected by a person (larger K is too slow for serving)" in llm.prompt(5)
+    # It cost no trial: cold holds its default, the rejected proposal and the fallback trial.
+    cold = optuna.load_study(study_name="s1-cold", storage=config["storage"]).get_trials()
+    assert [(t.state, t.user_attrs.get("rejected", False)) for t in cold] == [
+        (TrialState.COMPLETE, False), (TrialState.FAIL, True), (TrialState.COMPLETE, False)]
+    assert cold[1].user_attrs["params"]["k"] == 100 and cold[1].user_attrs["comment"] == "larger K is too slow for serving"
+    assert cold[2].user_attrs["rationale"].startswith("fallback: the LLM made no decision in 3 calls (last refusal: Your "
+                                                      "propose_change was not run (no trial used): - k=5 is out of range")
+    assert cold[2].user_attrs["params"]["k"] != 100 and shown[1]["rationale"] == cold[2].user_attrs["rationale"]
+    assert values["finished"]["cold"] == "llm-call budget"
+    # Refusals in a row in cold sample ever more freely; heavy's first turn samples greedily again,
+    # and offers the free tools although cold's last call was one.
+    assert [llm.requests[i]["temperature"] for i in (3, 4, 5)] == [0.0, pytest.approx(0.3), pytest.approx(0.6)]
+    assert llm.requests[6]["temperature"] == 0.0 and llm.requests[7]["temperature"] == pytest.approx(0.3)
+    assert {"get_history", "evaluate_group"} <= {t["function"]["name"] for t in llm.requests[6]["tools"]}
+    assert "finish needs a reason" in llm.prompt(8)
+    assert values["finished"]["heavy"] == "finish: good enough"
+    # The terminal shows the whole refusal, not only its first line.
+    refusal = next(line for line in lines if line.startswith("[tune] cold: refused call — Your propose_change was not run"))
+    assert "k=5 is out of range [50, 3000]" in refusal
+    # 9 calls, of which refused: the pick's first, cold's two, heavy's finish without a reason.
+    assert values["llm_calls"] == {"select": 2, "cold": 4, "heavy": 3}
+    assert values["invalid_calls"] == {"select": 1, "cold": 2, "heavy": 1}
+    assert "LLM: 9 calls, 4 refused (56% valid)" in Path(values["report"]).read_text()
+
+
 def test_malformed_replies_are_answered_not_crashed(tmp_path, baby_format_dir):
     long_text = "I think we should consider many things. " * 2500
     script = [
@@ -237,16 +295,22 @@ def test_select_falls_back_after_three_refusals_then_tools_run_within_the_call_b
     assert [t.user_attrs["tuner"] for t in cold] == ["default", "llm"]
     assert cold[1].user_attrs["params"] == {**cold[0].user_attrs["params"], "top_n": 30}
     assert cold[1].user_attrs["rationale"] == "longer lists"
-    # heavy's two calls were text: its LLM-call budget stops it with the default alone.
-    assert values["finished"] == {"cold": "budget", "heavy": "llm-call budget"}
+    # heavy's two calls were text: its LLM-call budget spent, the trial falls back to an untried
+    # neighbour of the best (one parameter moved), and no third call is made.
+    heavy = complete(config["storage"], "s1-heavy")
+    assert [t.user_attrs["tuner"] for t in heavy] == ["llm" if i else "default" for i in range(2)]
+    assert heavy[1].user_attrs["rationale"].startswith("fallback: the LLM made no decision in 2 calls (last refusal: You answered with text")
+    moved = {k for k, v in heavy[1].user_attrs["params"].items() if heavy[0].user_attrs["params"][k] != v}
+    assert len(moved) == 1
+    assert values["finished"] == {"cold": "budget", "heavy": "budget"}
     assert values["llm_calls"] == {"select": 3, "cold": 2, "heavy": 2} and len(llm.requests) == 7
-    assert len(complete(config["storage"], "s1-heavy")) == 1
+    assert values["invalid_calls"] == {"select": 3, "cold": 0, "heavy": 2}
 
 
 def test_select_runs_are_nested_mlflow_runs_logged_once_across_a_crash(tmp_path, baby_format_dir, monkeypatch, shared_cache):
-    from models.pipeline import PIPELINES
-    from tools.runner import TrialRunner
-    from tools.space import SearchSpace
+    from rectune.models.pipeline import PIPELINES
+    from rectune.tools.runner import TrialRunner
+    from rectune.tools.space import SearchSpace
 
     original, seen = TrialRunner.run, []
 
@@ -303,7 +367,7 @@ def test_approval_asks_again_after_a_bad_edit_or_an_unknown_answer(tmp_path, bab
 
 
 def test_the_terminal_reads_approve_edit_and_reject(monkeypatch, capsys):
-    from agent.cli import ask_terminal
+    from rectune.agent.cli import ask_terminal
 
     payload = {"group": "all", "pipeline": "heuristic", "trial": "2/3", "best": {"trial": 0, "objective": 0.1},
                "diff": {"neighbors": [50, 20]}, "rationale": "denser", "error": ""}
@@ -338,7 +402,7 @@ def cli(tmp_path, data_dir, base_url, *args, postgres: str | None = None):
 
     checkpoint = postgres or str(tmp_path / "sessions.db")
     storage = postgres or f"sqlite:///{tmp_path / 'optuna.db'}"
-    return [sys.executable, "-m", "agent.cli", *args, "--checkpoint", checkpoint] + ([] if args[0] != "tune" else [
+    return [sys.executable, "-m", "rectune.agent.cli", *args, "--checkpoint", checkpoint] + ([] if args[0] != "tune" else [
         "--dataset", "baby", "--groups", "all", "--budget", "3", "--llm-base-url", base_url, "--llm-model", "scripted",
         "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
         "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache")])
@@ -455,12 +519,12 @@ def test_sigkill_at_an_approval_then_resume(tmp_path, baby_format_dir):
 
 
 def test_an_llm_outage_stops_cleanly_and_resumes(tmp_path, baby_format_dir, monkeypatch):
-    import agent.llm
-    from agent.graph import LLMUnavailable
+    import rectune.agent.llm
+    from rectune.agent.llm import LLMUnavailable
     from scripted_llm import status
 
-    original = agent.llm.resolve_llm
-    monkeypatch.setattr("agent.session.resolve_llm", lambda *a, **k: original(*a, **k, max_retries=1, timeout_s=10))
+    original = rectune.agent.llm.resolve_llm
+    monkeypatch.setattr("rectune.agent.session.resolve_llm", lambda *a, **k: original(*a, **k, max_retries=1, timeout_s=10))
     script = [call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}]),
               status(503), status(503),  # the first try and its one retry
               call("propose_change", changes={"neighbors": 20}, rationale="denser")]
@@ -474,28 +538,35 @@ def test_an_llm_outage_stops_cleanly_and_resumes(tmp_path, baby_format_dir, monk
     assert_exactly_the_budget(config["storage"], "s1-all", 2)
 
 
-def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
-    from agent.compare import Comparison, compare
+def comparison(tmp_path, data_dir, base_url, seeds, tuners, groups="activity:2", may_finish=False):
+    from rectune.agent.compare import Comparison
+    from rectune.agent.context import Settings
+
+    base = Settings("cmp", "baby", groups, budget=3, approve="auto", may_finish=may_finish, storage=f"sqlite:///{tmp_path / 'optuna.db'}",
+                    tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", data_dir=str(data_dir), cache_dir=str(tmp_path / "cache"),
+                    llm_base_url=base_url, llm_model="scripted")
+    return Comparison(base, seeds, tuners, checkpoint=str(tmp_path / "sessions.db"))
+
+
+def test_compare_any_list_of_tuners_fairly_from_the_ledger(tmp_path, baby_format_dir):
+    from rectune.agent.compare import compare
 
     tune = [call("propose_change", changes={"neighbors": 20}, rationale="denser"),
             call("propose_change", changes={"popularity_weight": 1.0}, rationale="more popular items")]
     # In seed 1 the agent gives up on cold after one change: its curve must still be reported.
     early = [tune[0], call("finish", reason="good enough")]
     with ScriptedLLM([CHOOSE, *tune, *tune, CHOOSE, *early, *tune]) as llm:
-        spec = Comparison("cmp", "baby", "activity:2", budget=3, seeds=(0, 1), storage=f"sqlite:///{tmp_path / 'optuna.db'}",
-                          tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", checkpoint=str(tmp_path / "sessions.db"),
-                          data_dir=str(baby_format_dir), cache_dir=str(tmp_path / "cache"), llm_base_url=llm.base_url, llm_model="scripted",
-                          agent_may_finish=True)
-        path = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports", tracker=Tracker(spec.tracking_uri))
+        spec = comparison(tmp_path, baby_format_dir, llm.base_url, (0, 1), ("llm", "tpe", "random", "local"), may_finish=True)
+        path = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports", tracker=Tracker(spec.settings.tracking_uri))
         lines = []
         again = compare(spec, echo=lines.append, report_dir=tmp_path / "reports")
-        assert len(llm.requests) == 10  # the second call found finished sessions: no new LLM call
+        assert len(llm.requests) == 10  # the second call found every study done: no new LLM call
         assert not [line for line in lines if line.startswith("LLM:")]  # nor an LLM client (the embedded one starts a server)
     text = path.read_text()
     assert again == path
-    for tuner in ("llm", "tpe", "random"):
+    for tuner in ("llm", "tpe", "random", "local"):
         assert f"| cold | {tuner} |" in text and f"| heavy | {tuner} |" in text
-    assert "| tpe | cold |" in text and "| random | all groups |" in text
+    assert "| tpe | cold |" in text and "| local | all groups |" in text
     assert "the agent could stop a group before its budget" in text
     assert " | 3, 2 | " in next(line for line in text.splitlines() if line.startswith("| cold | llm |"))
     assert "permutation test of the between-group variance" in text
@@ -503,18 +574,77 @@ def test_compare_llm_tpe_random_fairly(tmp_path, baby_format_dir):
     assert len(distinguishable) == 2 and all(" p = " in line for line in distinguishable)
     assert (tmp_path / "reports" / "cmp-cold.png").stat().st_size > 1000
     for group in ("cold", "heavy"):
-        for sampler in ("tpe", "random"):
-            for seed in (0, 1):
-                trials = complete(spec.storage, f"cmp-{sampler}-{group}-seed{seed}")
-                assert len(trials) == 3 and trials[0].user_attrs["tuner"] == "default"
-                # Every tuner starts from the same first trial.
-                assert trials[0].value == complete(spec.storage, f"cmp-llm-seed{seed}-{group}")[0].value
+        for seed in (0, 1):
+            first = None
+            for tuner in ("llm", "tpe", "random", "local"):
+                trials = complete(spec.settings.storage, f"cmp-{tuner}-{group}-seed{seed}")
+                assert len(trials) == (2 if (tuner, group, seed) == ("llm", "cold", 1) else 3)
+                assert trials[0].user_attrs["tuner"] == "default" and {t.user_attrs["tuner"] for t in trials[1:]} == {tuner}
+                # Every tuner starts from the same first trial, on the pipeline the agent picked for the seed.
+                first = first or trials[0].value
+                assert trials[0].value == first
+    local = complete(spec.settings.storage, "cmp-local-cold-seed0")
+    assert all(t.user_attrs["rationale"].startswith("neighbour of trial") for t in local[1:])
+
+
+class Killed(Exception):
+    """Stands in for a kill in the middle of a trial."""
+
+
+def test_an_interrupted_comparison_continues_where_it_stopped(tmp_path, baby_format_dir, monkeypatch):
+    from rectune.agent.compare import compare
+    from rectune.tools.runner import TrialRunner
+
+    original, runs = TrialRunner.run, []
+
+    def dies_in_the_second_tpe_trial(self, spec, *args, **kwargs):
+        runs.append(spec)
+        # Model selection runs every pipeline's default (4 runs), then tpe's trials 0 and 1.
+        if len(runs) == 6:
+            raise Killed
+        return original(self, spec, *args, **kwargs)
+
+    with ScriptedLLM([call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}])]) as llm:
+        spec = comparison(tmp_path, baby_format_dir, llm.base_url, (0,), ("tpe", "local"), groups="all")
+        with monkeypatch.context() as patch:
+            patch.setattr(TrialRunner, "run", dies_in_the_second_tpe_trial)
+            with pytest.raises(Killed):
+                compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports")
+        assert len(complete(spec.settings.storage, "cmp-tpe-all-seed0")) == 1
+        path = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports")
+    assert len(llm.requests) == 1  # the pick was checkpointed: not asked again
+    for tuner in ("tpe", "local"):
+        trials = assert_exactly_the_budget(spec.settings.storage, f"cmp-{tuner}-all-seed0", 3)
+        params = [str(sorted(t.user_attrs["params"].items())) for t in trials if t.state == TrialState.COMPLETE]
+        assert len(set(params)) == 3
+    killed = [t for t in optuna.load_study(study_name="cmp-tpe-all-seed0", storage=spec.settings.storage).get_trials()
+              if t.state == TrialState.FAIL]
+    assert len(killed) == 1  # the interrupted trial, queued again and run by the continued comparison
+    assert "| all | tpe |" in path.read_text() and "| all | local |" in path.read_text()
+
+
+def test_trials_to_reach_and_the_curve_read_from_the_ledger():
+    from rectune.agent.compare import curve_of, trials_to_reach
+    from rectune.tools.trial import TrialRecord, TrialResult, TrialSpec
+
+    assert trials_to_reach([0.1, 0.1, 0.104, 0.106], 0.05) == 3
+    assert trials_to_reach([0.1, 0.104], 0.05) is None
+    assert trials_to_reach([0.1, 0.2], 0.0) == 0  # the default itself meets a zero margin
+
+    def record(number, state, objective=None):
+        result = None if objective is None else TrialResult(TrialSpec("baby", "all", "all", "heuristic"), objective, {}, 1.0, 0.0, 0.0, "none")
+        return TrialRecord(number, "tpe", state, {"k": number}, result=result)
+
+    history = [record(0, "complete", 0.1), record(1, "rejected"), record(2, "failed"), record(3, "complete", 0.09),
+               record(4, "complete", 0.12)]
+    # A rejected proposal is not a trial; a failed one is, and keeps the best where it was.
+    assert curve_of(history) == [0.1, 0.1, 0.1, 0.12]
 
 
 def test_group_difference_test_sees_real_and_random_partitions():
     import numpy as np
 
-    from agent.compare import group_difference_test
+    from rectune.agent.compare import group_difference_test
 
     rng = np.random.default_rng(0)
     values = rng.normal(size=2000)
@@ -527,7 +657,7 @@ def test_group_difference_test_sees_real_and_random_partitions():
 def test_paired_statistics_respect_seeds_and_small_samples():
     import numpy as np
 
-    from agent.compare import bootstrap_interval, sign_flip_p
+    from rectune.agent.compare import bootstrap_interval, sign_flip_p
 
     # Five seeds all in favour: the smallest p an exact sign-flip test on 5 pairs can give.
     assert sign_flip_p(np.array([0.1, 0.2, 0.3, 0.4, 0.5])) == pytest.approx(2 / 32)
@@ -550,19 +680,6 @@ def test_prompts_readme_lists_every_prompt_file():
     assert not unlisted
 
 
-def test_langgraph_json_points_at_a_graph_factory(baby_format_dir, tmp_path):
-    import importlib
-    import json
-    from pathlib import Path
-
-    spec = json.loads((Path(__file__).resolve().parents[1] / "langgraph.json").read_text())
-    path, function = spec["graphs"]["rectune"].split(":")
-    factory = getattr(importlib.import_module(path.removeprefix("./").removesuffix(".py").replace("/", ".")), function)
-    graph = factory({"configurable": {"dataset": "baby", "groups": "activity:2", "data_dir": str(baby_format_dir),
-                                      "cache_dir": str(tmp_path / "cache"), "llm_base_url": "http://127.0.0.1:9/v1"}})
-    assert {"select", "pick", "start_group", "decide", "approve", "run_trial", "next_group", "report"} <= set(graph.nodes)
-
-
 def test_wall_time_budget_stops_tuning(tmp_path, baby_format_dir):
     with ScriptedLLM([CHOOSE]) as llm:
         config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto"), "max_minutes": 1e-6}
@@ -570,7 +687,7 @@ def test_wall_time_budget_stops_tuning(tmp_path, baby_format_dir):
     assert values["finished"] == {"cold": "wall-time budget", "heavy": "wall-time budget"}
     assert len(llm.requests) == 1  # only the pick: no tuning turn after the budget ran out
     assert values["phase"] == "done" and all(len(h) == 1 for h in values["history"].values())
-    from models.errors import ConfigError
+    from rectune.models.errors import ConfigError
 
     with pytest.raises(ConfigError, match="session 's1' already exists"):
         run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"))
@@ -579,7 +696,7 @@ def test_wall_time_budget_stops_tuning(tmp_path, baby_format_dir):
 @pytest.mark.parametrize("bad, message", [({"objective": "ndcg@0"}, "at least 1"),
                                           ({"max_latency_ms": 0.0}, "--max-latency-ms must be above 0")])
 def test_bad_settings_are_refused_before_the_llm_is_called_or_a_checkpoint_written(tmp_path, baby_format_dir, bad, message):
-    from models.errors import ConfigError
+    from rectune.models.errors import ConfigError
 
     lines = []
     checkpoint = str(tmp_path / "sessions.db")
@@ -593,11 +710,43 @@ def test_bad_settings_are_refused_before_the_llm_is_called_or_a_checkpoint_writt
 
 
 def test_the_best_trial_is_the_best_that_met_the_latency_budget():
-    from agent.graph import best_record
+    from rectune.agent.report import best_record
+    from rectune.tools.trial import TrialRecord, TrialResult, TrialSpec
 
-    fast = {"trial": 0, "objective": 0.03, "feasible": True}
-    slow = {"trial": 1, "objective": 0.05, "feasible": False}
-    older = {"trial": 2, "objective": 0.04}  # recorded before feasibility was kept: feasible
+    def record(number: int, objective: float, feasible: bool, state: str = "complete") -> TrialRecord:
+        result = TrialResult(TrialSpec("baby", "all", "all", "heuristic"), objective, {}, 1.0, 0.0, 0.0, "none", feasible)
+        return TrialRecord(number, "llm", state, {"k": number}, result=None if state != "complete" else result)
+
+    fast, slow, faster = record(0, 0.03, True), record(1, 0.05, False), record(2, 0.04, True)
+    rejected = record(3, 0.0, True, state="rejected")
     assert best_record([fast, slow]) is fast
-    assert best_record([fast, slow, older]) is older
-    assert best_record([slow]) is slow  # none met it: still the best there is
+    assert best_record([fast, slow, faster, rejected]) is faster
+    assert best_record([slow, rejected]) is slow  # none met it: still the best there is
+    assert best_record([rejected]) is None
+
+
+def test_checkpoints_from_before_the_study_loop_are_refused_by_name_unless_finished():
+    from rectune.agent.state import checked
+    from rectune.models.errors import ConfigError
+
+    old_row = {"trial": 0, "tuner": "default", "params": {"k": 500}, "objective": 0.1, "recall@20": 0.2, "latency_ms": 1.0}
+    new_row = {"number": 0, "tuner": "default", "state": "complete", "params": {"k": 500}}
+    with pytest.raises(ConfigError, match="session 'old' was saved by a rectune from before the study loop.*'old-<group>'"):
+        checked({"phase": "tune", "history": {"all": [old_row]}}, "old")
+    finished = {"phase": "done", "history": {"all": [old_row]}}
+    assert checked(finished, "old") is finished  # listed by `rectune sessions`, never run again
+    for values in ({}, {"phase": "select"}, {"phase": "tune", "history": {"all": [new_row]}}):
+        assert checked(values, "new") is values
+
+
+def test_compare_refuses_a_tuner_that_is_not_registered(tmp_path):
+    from typer.testing import CliRunner
+
+    from rectune.agent.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--tuners", "llm,tpe,annealing", "--storage", f"sqlite:///{tmp_path / 'o.db'}",
+                                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--checkpoint", str(tmp_path / "s.db")])
+    assert result.exit_code == 2
+    assert "--tuners must name registered tuners ['default', 'llm', 'local', 'random', 'tpe'], but got ['llm', 'tpe', 'annealing']" \
+        in result.output
+    assert not (tmp_path / "o.db").exists()  # refused before anything was written

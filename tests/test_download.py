@@ -15,13 +15,13 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import models.download as download
-from agent.cli import app
+import rectune.models.download as download
+from rectune.agent.cli import app
 from fixture_data import (
     amazon_2014_records, amazon_2023_meta, amazon_2023_reviews, movielens_original_files, movielens_zip, write_jsonl,
 )
-from models.errors import ConfigError, DataError, DownloadError
-from models.loaders import DATASETS, load_dataset
+from rectune.models.errors import ConfigError, DataError, DownloadError
+from rectune.models.loaders import DATASETS, load_dataset
 
 TIMEOUT = 5.0  # bounds every request in these tests; the loopback server answers in milliseconds
 

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import scipy.sparse as sp
 
-import models.features as features
-from models.dataset import Dataset, ItemFeatures, build_dataset
-from models.errors import RectuneError
-from models.features import attach_item_features, collaborative_features, encode_texts
-from models.splits import SplitStrategy
+import rectune.models.features as features
+from rectune.models.dataset import Dataset, ItemFeatures, build_dataset
+from rectune.models.errors import RectuneError
+from rectune.models.features import attach_item_features, collaborative_features, encode_texts
+from rectune.models.splits import SplitStrategy
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
 
@@ -221,7 +221,7 @@ def test_unwritable_cache_warns_and_still_returns_features(tmp_path):
 
 @pytest.mark.skipif(not (DATA / "movielens-100k").is_dir(), reason="shared MovieLens data not present")
 def test_movielens_titles_encode_to_sane_neighbours(tmp_path):
-    from models.loaders import load_dataset
+    from rectune.models.loaders import load_dataset
 
     dataset = load_dataset("ml-100k", DATA)
     result = attach_item_features(dataset, cache_dir=tmp_path)
@@ -233,8 +233,8 @@ def test_movielens_titles_encode_to_sane_neighbours(tmp_path):
 
 
 def test_a_wider_heuristic_embedding_takes_more_singular_vectors(tmp_path):
-    from models.base import FitContext
-    from models.heuristic import HeuristicRecall
+    from rectune.models.base import FitContext
+    from rectune.models.heuristic import HeuristicRecall
 
     rng = np.random.default_rng(0)
     pairs = {(f"u{u}", f"i{i}") for u, i in zip(rng.integers(0, 40, 400), rng.integers(0, 30, 400))}
@@ -248,7 +248,7 @@ def test_a_wider_heuristic_embedding_takes_more_singular_vectors(tmp_path):
     def similarity(features: ItemFeatures, dim: int) -> np.ndarray:
         model = HeuristicRecall(embedding_dim=dim, neighbors=10, cf_weight=0.0, popularity_weight=0.0)
         model.fit(dataset.with_features(features), FitContext())
-        return model.similarity.toarray()
+        return model.similarity
 
     # Before, PCA could only keep the 2 columns it had: dims 2 to 8 were one model.
     assert not np.allclose(similarity(dataset.item_features, 2), similarity(dataset.item_features, 8))

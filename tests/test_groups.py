@@ -1,10 +1,13 @@
 import pandas as pd
 import pytest
 
-from models.dataset import build_dataset
-from models.errors import DataError, GroupError
-from models.groups import make_groups
-from models.splits import SplitStrategy
+from rectune.models.dataset import build_dataset
+from rectune.models.errors import DataError, GroupError
+from rectune.models.groups import make_groups
+from rectune.models.splits import SplitStrategy
+
+# The datasets here hold train rows only, which loading warns about; grouping does not care.
+pytestmark = pytest.mark.filterwarnings("ignore:.*no (validation|test) rows:rectune.models.errors.RectuneWarning")
 
 
 def dataset_with(users: list[str], counts: list[int], attributes: pd.DataFrame | None = None):
@@ -102,3 +105,32 @@ def test_age_groups_refuse_ages_that_are_not_numbers():
     attributes = pd.DataFrame({"age": ["10", "twenty", "40", "-5"]}, index=list("abcd"))
     with pytest.raises(GroupError, match=r"non-negative numeric ages, but 2 user\(s\) have other values, e.g. user 'b' has age 'twenty'"):
         make_groups(dataset_with(list("abcd"), [1] * 4, attributes), "age")
+
+
+@pytest.mark.parametrize("label, problem", [
+    ("x" * 230, "is 230 characters long; labels name MLflow metrics and may hold at most 100"),
+    ("north|south", "holds '|'"),
+    ("two\nlines", "holds '\\n'"),
+    ("it's", "holds \"'\""),
+    ('say "hi"', "holds '\"'"),
+    ("  ", "blank label"),
+])
+def test_unsafe_group_labels_are_refused_naming_the_label(tmp_path, label, problem):
+    path = tmp_path / "groups.csv"
+    pd.DataFrame({"user_id": ["a", "b"], "group": [label, "fine"]}).to_csv(path, index=False)
+    with pytest.raises(GroupError) as error:
+        make_groups(dataset_with(["a", "b"], [1, 1]), f"file:{path}")
+    message = str(error.value)
+    assert problem in message and str(path) in message
+    shown = repr(label if len(label) <= 60 else label[:60] + "…")
+    assert "blank" in problem or shown in message
+    assert "\n" not in message
+
+
+def test_labels_at_the_length_limit_pass(tmp_path):
+    from rectune.models.groups import MAX_LABEL_LENGTH
+
+    path = tmp_path / "groups.csv"
+    long = "a-b c.d_" * (MAX_LABEL_LENGTH // 8) + "x" * (MAX_LABEL_LENGTH % 8)
+    pd.DataFrame({"user_id": ["a", "b"], "group": [long, "Baby & Toddler"]}).to_csv(path, index=False)
+    assert make_groups(dataset_with(["a", "b"], [1, 1]), f"file:{path}").sizes() == {"Baby & Toddler": 1, long: 1}

@@ -10,10 +10,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from models.features import attach_item_features
-from models.groups import make_groups
-from models.loaders import load_dataset
-from models.pipeline import PIPELINES, Pipeline, PipelineConfig
+from rectune.models.features import attach_item_features
+from rectune.models.groups import make_groups
+from rectune.models.loaders import load_dataset
+from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig
 
 DATA_DIR = Path(os.environ.get("RECTUNE_DATA_DIR", Path(__file__).resolve().parents[2] / "shared" / "data"))
 pytestmark = [
@@ -40,7 +40,7 @@ def test_baby_loads_as_published(baby):
 def test_tiny_pipelines_land_in_sane_ranges(baby, name):
     groups = make_groups(baby, "prefix")
     config = PipelineConfig.from_dict({"pipeline": name, "epochs": 1, "ranker_epochs": 1, "embedding_dim": 32, "k": 200})
-    pipeline = Pipeline(config).fit(baby, groups)
+    pipeline = Pipeline(config).fit(baby)
     users = np.arange(0, baby.n_users, 4)
     metrics = pipeline.evaluate(baby, "val", groups, users=users).metrics
     overall = metrics.overall

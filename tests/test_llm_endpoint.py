@@ -11,18 +11,19 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-import models.config
-from tools.loopback import pick_free_port
-from agent.llm import DEEPSEEK_BASE_URL, EMBEDDED_MODEL, OPENAI_BASE_URL, LLMSettings, chat_model, resolve_llm
-from models.errors import ConfigError
-from scripted_llm import ScriptedLLM, call, status
+import rectune.models.config
+from rectune.tools.loopback import pick_free_port
+from rectune.agent.llm import DEEPSEEK_BASE_URL, EMBEDDED_MODEL, OPENAI_BASE_URL, LLMSettings, chat_model, resolve_llm
+from rectune.models.errors import ConfigError
+from scripted_llm import ScriptedLLM, call, cut_off, delayed, named_tool_only, status, text
 from test_agent import assert_exactly_the_budget, settings
 
 DEEPSEEK_KEY = "sk-deepseek-0123456789-secret"
 OPENAI_KEY = "sk-openai-0123456789-secret"
 CUSTOM_KEY = "rk-custom-0123456789-secret"
 KEYS = {"DEEPSEEK_API_KEY": DEEPSEEK_KEY, "OPENAI_API_KEY": OPENAI_KEY, "RECTUNE_LLM_API_KEY": CUSTOM_KEY}
-ENVS = (*KEYS, "RECTUNE_LLM_BASE_URL", "RECTUNE_LLM_MODEL", "OPENAI_BASE_URL", "OPENAI_API_BASE", "MLFLOW_TRACKING_URI")
+ENVS = (*KEYS, "RECTUNE_LLM_BASE_URL", "RECTUNE_LLM_MODEL", "RECTUNE_LLM_TIMEOUT", "OPENAI_BASE_URL", "OPENAI_API_BASE",
+        "MLFLOW_TRACKING_URI")
 CHOOSE_ALL = call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}])
 
 
@@ -31,7 +32,7 @@ def clean_env(monkeypatch, tmp_path):
     """No key, endpoint or config file of the machine running the tests takes part."""
     for name in ENVS:
         monkeypatch.delenv(name, raising=False)
-    monkeypatch.setattr(models.config, "CONFIG_FILES", (tmp_path / "rectune.toml",))
+    monkeypatch.setattr(rectune.models.config, "CONFIG_FILES", (tmp_path / "rectune.toml",))
     return tmp_path / "rectune.toml"
 
 
@@ -42,7 +43,7 @@ def session_settings(tmp_path, data_dir, base_url, cache: str, **options) -> dic
 @pytest.fixture
 def fast_retries(monkeypatch):
     """One retry, short timeouts: a failing endpoint costs the test about a second."""
-    monkeypatch.setattr("agent.session.resolve_llm", lambda *a, **k: resolve_llm(*a, **k, max_retries=1, timeout_s=10))
+    monkeypatch.setattr("rectune.agent.session.resolve_llm", lambda *a, **k: resolve_llm(*a, **k, max_retries=1, timeout_s=10))
 
 
 CFG, ENV, FLAG = "http://cfg.example:8000/v1", "http://env.example:8000/v1", "http://flag.example:8000/v1"
@@ -100,7 +101,7 @@ def test_resolution_precedence_and_where_each_key_goes(case, monkeypatch, clean_
 
 def test_an_endpoint_from_the_working_directory_config_gets_no_key(monkeypatch, tmp_path):
     monkeypatch.chdir(tmp_path)
-    monkeypatch.setattr(models.config, "CONFIG_FILES", (Path("rectune.toml"), tmp_path / "user-config.toml"))
+    monkeypatch.setattr(rectune.models.config, "CONFIG_FILES", (Path("rectune.toml"), tmp_path / "user-config.toml"))
     Path("rectune.toml").write_text(f'llm_base_url = "{CFG}"\n')
     monkeypatch.setenv("RECTUNE_LLM_API_KEY", KEYS["RECTUNE_LLM_API_KEY"])
     llm = resolve_llm()
@@ -164,7 +165,7 @@ def test_over_the_wire_only_the_opted_in_key_reaches_a_custom_endpoint(monkeypat
 
 
 def test_a_429_is_retried_transparently(tmp_path, baby_format_dir, fast_retries, shared_cache):
-    from agent.session import run
+    from rectune.agent.session import run
 
     script = [CHOOSE_ALL, status(429), call("propose_change", changes={"neighbors": 20}, rationale="denser")]
     with ScriptedLLM(script) as llm:
@@ -178,8 +179,8 @@ def test_a_429_is_retried_transparently(tmp_path, baby_format_dir, fast_retries,
 
 
 def test_a_dead_endpoint_stops_resumably_and_resume_can_move_it(tmp_path, baby_format_dir, fast_retries, shared_cache, monkeypatch):
-    from agent.cli import app
-    from agent.session import list_sessions, load_settings
+    from rectune.agent.cli import app
+    from rectune.agent.session import list_sessions, load_settings
 
     monkeypatch.chdir(tmp_path)  # the session's report goes to ./reports
 
@@ -213,8 +214,8 @@ def test_mlflow_traces_and_stores_hold_no_key(tmp_path, baby_format_dir, monkeyp
     import mlflow
     from mlflow import MlflowClient
 
-    from agent.session import run
-    from tools.tracking import Tracker
+    from rectune.agent.session import run
+    from rectune.tools.tracking import Tracker
 
     for name, secret in KEYS.items():
         monkeypatch.setenv(name, secret)
@@ -264,3 +265,179 @@ def test_mlflow_traces_and_stores_hold_no_key(tmp_path, baby_format_dir, monkeyp
         assert secret not in traced
         leaks = [str(path) for path in files if secret.encode() in path.read_bytes()]
         assert not leaks, f"{secret} found in {leaks}"
+
+
+# --- endpoint faults: what is retried, what stops, and what the stop says ---------------------
+
+def cli_tune(tmp_path, data_dir, cache: str, session: str, base_url: str, *options: str):
+    from rectune.agent.cli import app
+
+    return CliRunner().invoke(app, [
+        "tune", "--session", session, "--dataset", "baby", "--groups", "all", "--budget", "2", "--approve", "auto",
+        "--llm-base-url", base_url, "--llm-model", "scripted", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
+        "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--data-dir", str(data_dir), "--cache-dir", cache,
+        "--checkpoint", str(tmp_path / "sessions.db"), *options])
+
+
+def test_a_key_an_endpoint_echoes_in_its_error_is_in_no_file_the_run_writes(tmp_path, baby_format_dir, shared_cache, monkeypatch):
+    import mlflow
+
+    monkeypatch.chdir(tmp_path)  # reports and MLflow's artifacts land under tmp_path, where the scan reads
+    monkeypatch.setenv("RECTUNE_LLM_API_KEY", CUSTOM_KEY)
+    monkeypatch.setenv("MLFLOW_ENABLE_ASYNC_TRACE_LOGGING", "false")
+    previous_uri = mlflow.get_tracking_uri()
+    # As many proxies answer: the rejected Authorization header, echoed in the message.
+    refusal = status(401, "Incorrect API key provided: {authorization}. Find your key in the dashboard.")
+    try:
+        with ScriptedLLM([refusal]) as llm:
+            result = cli_tune(tmp_path, baby_format_dir, shared_cache, "leak", llm.base_url)  # LLM calls traced
+    finally:
+        mlflow.langchain.autolog(disable=True)
+        mlflow.set_tracking_uri(previous_uri)
+    assert result.exit_code == 2, result.output
+    assert {k.lower(): v for k, v in llm.headers[0].items()}["authorization"] == f"Bearer {CUSTOM_KEY}"
+    assert len(llm.requests) == 1  # a refused key is not retried
+    assert "Incorrect API key provided: Bearer ***" in result.stderr
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert {"sessions.db", "mlflow.db"} <= {path.name for path in files}
+    # The refusal was recorded (checkpointed task error, trace span), only without the key.
+    assert [path.name for path in files if b"Incorrect API key provided" in path.read_bytes()]
+    leaks = [str(path) for path in files if CUSTOM_KEY.encode() in path.read_bytes()]
+    assert not leaks, f"the key is in {leaks}"
+    assert CUSTOM_KEY not in result.output
+
+
+def test_a_cut_off_reply_is_retried_then_stops_resumably(tmp_path, baby_format_dir, fast_retries, shared_cache, monkeypatch):
+    from rectune.agent.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    with ScriptedLLM([CHOOSE_ALL, cut_off(), cut_off()]) as llm:
+        started = cli_tune(tmp_path, baby_format_dir, shared_cache, "cut", llm.base_url, "--no-trace-llm")
+    assert started.exit_code == 2, started.output
+    assert "Traceback" not in started.output and "JSONDecodeError" not in started.output
+    errors = [line for line in started.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and errors[0].endswith("`rectune resume cut` (with --llm-base-url URL if the endpoint moved)")
+    assert len(llm.requests) == 3 and llm.requests[2]["messages"] == llm.requests[1]["messages"]  # the same turn, again
+    with ScriptedLLM([call("propose_change", changes={"neighbors": 20}, rationale="denser")]) as llm:
+        resumed = CliRunner().invoke(app, ["resume", "cut", "--llm-base-url", llm.base_url, "--checkpoint",
+                                           str(tmp_path / "sessions.db"), "--no-trace-llm"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_exactly_the_budget(f"sqlite:///{tmp_path / 'optuna.db'}", "cut-all", 2)
+
+
+def test_cut_off_replies_and_refused_keys_stop_with_what_to_do(monkeypatch):
+    from rectune.agent.llm import LLMUnavailable, invoke
+
+    lines = []
+    with ScriptedLLM([cut_off(), text("whole")]) as llm:
+        assert invoke(chat_model(resolve_llm(llm.base_url, "scripted"), echo=lines.append), "hello").content == "whole"
+    assert [line for line in lines if "not complete JSON); retrying in 1 s (attempt 2 of 7)" in line], lines
+    with ScriptedLLM([cut_off(), cut_off()]) as llm, pytest.raises(LLMUnavailable) as error:
+        invoke(chat_model(resolve_llm(llm.base_url, "scripted", max_retries=1)), "hello")
+    assert "the LLM endpoint's replies were cut off (a reply cut off after" in str(error.value)
+    assert "on each of 2 attempts" in str(error.value) and "resume the session" in str(error.value)
+
+    monkeypatch.setenv("RECTUNE_LLM_API_KEY", CUSTOM_KEY)
+    with ScriptedLLM([status(401, "Incorrect API key provided: {authorization}")]) as llm, pytest.raises(LLMUnavailable) as error:
+        invoke(chat_model(resolve_llm(llm.base_url, "scripted")), "hello")
+    message = str(error.value)
+    assert len(llm.requests) == 1
+    assert "refused the request (" in message and "AuthenticationError: Error code: 401" in message
+    assert "check the key (RECTUNE_LLM_API_KEY" in message
+    assert "when it is back" not in message and "Bearer ***" in message
+    assert CUSTOM_KEY not in message and CUSTOM_KEY not in str(error.value.__cause__)
+
+
+def test_a_ten_second_blip_of_5xx_is_ridden_out():
+    import time
+
+    first: list[float] = []
+
+    def blip(body):
+        first.append(first[0] if first else time.monotonic())
+        return status(503) if time.monotonic() - first[0] < 10 else text("back")
+
+    lines = []
+    with ScriptedLLM([blip] * 10) as llm:
+        reply = chat_model(resolve_llm(llm.base_url, "scripted"), echo=lines.append).invoke("hello")
+    assert reply.content == "back"
+    retries = [line for line in lines if line.startswith("[llm] HTTP 503; retrying in ")]
+    assert len(retries) == len(llm.requests) - 1 >= 4, lines
+
+
+def test_a_slow_endpoint_is_reported_while_waiting_and_its_timeout_is_a_setting(monkeypatch):
+    from dataclasses import replace
+
+    from rectune.agent.llm import LLMUnavailable, invoke
+
+    lines = []
+    with ScriptedLLM([delayed(1.5, text("late"))]) as llm:
+        settings = replace(resolve_llm(llm.base_url, "scripted"), progress_every_s=0.4)
+        assert chat_model(settings, echo=lines.append).invoke("hello").content == "late"
+    waiting = [line for line in lines if line.startswith("[llm] still waiting for the LLM endpoint: ")]
+    assert len(waiting) >= 2 and waiting[0].endswith("s so far (gives up after 120 s)"), lines
+
+    monkeypatch.setenv("RECTUNE_LLM_TIMEOUT", "0.5")
+    with ScriptedLLM([delayed(3, text("too late")), delayed(3, text("too late"))]) as llm:
+        settings = resolve_llm(llm.base_url, "scripted", max_retries=1)
+        assert settings.timeout_s == 0.5
+        with pytest.raises(LLMUnavailable, match="did not answer in time on any attempt.*set RECTUNE_LLM_TIMEOUT"):
+            invoke(chat_model(settings), "hello")
+    assert len(llm.requests) == 2
+
+
+def test_llm_timeouts_default_by_kind_of_endpoint(monkeypatch):
+    assert resolve_llm().timeout_s == 900 and resolve_llm("embedded").timeout_s == 900  # the local model on busy cores
+    assert resolve_llm("http://llm.example/v1").timeout_s == 120
+    monkeypatch.setenv("OPENAI_API_KEY", OPENAI_KEY)
+    assert resolve_llm().timeout_s == 120
+    monkeypatch.setenv("RECTUNE_LLM_TIMEOUT", "45")
+    assert resolve_llm().timeout_s == resolve_llm("embedded").timeout_s == 45
+    for bad in ("soon", "0", "-3", "inf"):
+        monkeypatch.setenv("RECTUNE_LLM_TIMEOUT", bad)
+        with pytest.raises(ConfigError, match=f"RECTUNE_LLM_TIMEOUT={bad!r}: expected the seconds an LLM call may take"):
+            resolve_llm()
+
+
+def test_a_decision_is_asked_for_the_way_a_stock_llama_cpp_server_understands():
+    from rectune.agent.llm import answered_in_text, bind_decision_tools, text_replies_stop
+
+    def tool(name: str, **properties) -> dict:
+        return {"type": "function", "function": {"name": name, "description": name, "parameters": {
+            "type": "object", "properties": {k: {"type": v} for k, v in properties.items()}, "required": list(properties)}}}
+
+    pick = call("choose_pipelines", choices="heuristic")
+    with ScriptedLLM([named_tool_only(pick), named_tool_only(call("finish", reason="done"))]) as llm:
+        model = chat_model(resolve_llm(llm.base_url, "scripted"))
+        picked = bind_decision_tools(model, [tool("choose_pipelines", choices="string")]).invoke("pick")
+        tuned = bind_decision_tools(model, [tool("propose_change", changes="object"), tool("finish", reason="string")]).invoke("tune")
+    # One tool: named, which such a server obeys. Several: "required", which it ignores (and says so in text).
+    assert llm.requests[0]["tool_choice"] == {"type": "function", "function": {"name": "choose_pipelines"}}
+    assert llm.requests[1]["tool_choice"] == "required"
+    assert picked.tool_calls[0]["name"] == "choose_pipelines" and not answered_in_text(picked)
+    assert answered_in_text(tuned)
+    stop = str(text_replies_stop(3))
+    assert stop.startswith("the LLM endpoint answered 3 turns in a row with text, not the tool call each one required")
+    assert "resume the session" in stop and "\n" not in stop
+
+
+def test_an_endpoint_that_answers_in_text_stops_resumably_instead_of_reporting_a_tuned_session(
+        tmp_path, baby_format_dir, fast_retries, shared_cache, monkeypatch):
+    from rectune.agent.cli import app
+
+    monkeypatch.chdir(tmp_path)
+    # As a stock llama-cpp-python server: the pick, whose tool_choice names its one tool, works;
+    # every tuning turn ("required", several tools) comes back as text.
+    prose = named_tool_only(call("finish", reason="never reached"))
+    with ScriptedLLM([named_tool_only(CHOOSE_ALL), prose, prose, prose, prose]) as llm:
+        stopped = cli_tune(tmp_path, baby_format_dir, shared_cache, "prose", llm.base_url, "--no-trace-llm")
+    assert stopped.exit_code == 2, stopped.output
+    errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "answered 3 turns in a row with text" in errors[0] and "rectune resume prose" in errors[0]
+    assert len(llm.requests) == 4  # the pick and three tuning turns, then the stop: no fourth turn
+    assert not (tmp_path / "reports" / "prose.md").exists()  # no report of a session that tuned nothing
+    with ScriptedLLM([call("propose_change", changes={"neighbors": 20}, rationale="denser")]) as llm:
+        resumed = CliRunner().invoke(app, ["resume", "prose", "--llm-base-url", llm.base_url, "--checkpoint",
+                                           str(tmp_path / "sessions.db"), "--no-trace-llm"])
+    assert resumed.exit_code == 0, resumed.output
+    assert_exactly_the_budget(f"sqlite:///{tmp_path / 'optuna.db'}", "prose-all", 2)

@@ -10,18 +10,18 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
+from rectune.agent.cli import app
 from fixture_data import (
     BABY_HEADER, BABY_ROWS, CORE_USERS, ITEMS_2023, MOVIELENS_USERS, amazon_2014_records, amazon_2023_meta, amazon_2023_reviews,
     movie, movielens_ratings, write_amazon_2023_csv, write_baby_tsv, write_gz, write_jsonl, write_mmrec,
     write_movielens_atomic, write_movielens_original,
 )
-from models import config
-from models.dataset import build_dataset
-from models.errors import ConfigError, DataError, GroupError
-from models.groups import make_groups
-from models.loaders import load_amazon_2014, load_amazon_2023, load_amazon_baby, load_dataset, load_mmrec, load_movielens
-from models.splits import TEST, TRAIN, VAL, SplitStrategy
+from rectune.models import config
+from rectune.models.dataset import build_dataset
+from rectune.models.errors import ConfigError, DataError, GroupError
+from rectune.models.groups import make_groups
+from rectune.models.loaders import load_amazon_2014, load_amazon_2023, load_amazon_baby, load_dataset, load_mmrec, load_movielens
+from rectune.models.splits import TEST, TRAIN, VAL, SplitStrategy
 
 
 def split_of(dataset, user, item) -> str | None:
@@ -453,8 +453,7 @@ def test_load_dataset_by_name_from_data_dir(isolated_config, monkeypatch):
     assert load_dataset("ml-100k").n_users == 4
     with pytest.raises(DataError, match=r"dataset 'baby' is not in the data directory .*rectune data pull baby"):
         load_dataset("baby")
-    with pytest.raises(ConfigError, match=r"unknown dataset 'nope': use one of \['baby', 'beauty-2023', 'ml-100k'\] or give a path "
-                                          r"with a format \(--format on the command line\)"):
+    with pytest.raises(ConfigError, match=r"unknown dataset 'nope': neither a registered name \['baby', 'beauty-2023', 'ml-100k'\] nor a path"):
         load_dataset("nope")
     with pytest.raises(ConfigError, match="unknown format 'xml'"):
         load_dataset("anything", format="xml")
@@ -484,3 +483,72 @@ def test_cli_data_info_errors_are_one_line(tmp_path):
     assert "u.data: column 'timestamp' has a non-numeric value" in result.stderr
     bad_split = runner.invoke(app, ["data", "info", "ml-100k", "--data-dir", str(tmp_path), "--split", "random:x"])
     assert bad_split.exit_code == 2 and "split ratios must be numbers" in bad_split.stderr
+
+
+def test_a_short_row_is_named_by_its_line(tmp_path):
+    header = "\t".join(BABY_HEADER)
+    rows = "A1\tB1\t0\t0\t0\t0\ttrain\nA1\tB2\t0\t1\t0\t1\tval\n\nA1\tB3\t0\t2\nA1\tB4\t0\t3\t0\t3\ttest\n"
+    path = write_gz(tmp_path / "interactions.tsv.gz", f"{header}\n{rows}")
+    # Line 4 is blank (skipped); the short row is line 5, read as data row 3.
+    assert_data_error(lambda: load_amazon_baby(tmp_path), path, "line 5 has 4 fields, but the header has 7")
+    # An empty field is a field: the split check still names the value.
+    write_gz(path, f"{header}\nA1\tB1\t0\t0\t0\t0\t\nA1\tB2\t0\t1\t0\t1\ttest\n")
+    assert_data_error(lambda: load_amazon_baby(tmp_path), path, "unknown split label(s) {'': 1}")
+
+
+def test_negative_ages_are_named_in_plain_numbers_with_their_file(tmp_path):
+    directory = write_movielens_original(tmp_path / "ml")
+    users = directory / "u.user"
+    users.write_text(users.read_text().replace("2|53|F", "2|-4|F"))
+    with pytest.raises(GroupError) as error:
+        make_groups(load_movielens(directory), "age")
+    message = str(error.value)
+    assert "e.g. user 2 has age -4" in message and f"(in {users})" in message
+    assert "np." not in message and "\n" not in message
+
+
+def all_train_baby(directory: Path, labels: dict[str, str] | None = None) -> Path:
+    """The planted Baby-format file with every split label replaced by `labels` (default: all train)."""
+    import gzip
+
+    from conftest import write_baby_format
+
+    path = write_baby_format(directory) / "amazon-baby" / "interactions.tsv.gz"
+    lines = gzip.open(path, "rt").read().splitlines()
+    swap = labels or {"val": "train", "test": "train"}
+    rewritten = [lines[0]] + [line.rsplit("\t", 1)[0] + "\t" + swap.get(line.rsplit("\t", 1)[1], line.rsplit("\t", 1)[1])
+                              for line in lines[1:]]
+    write_gz(path, "\n".join(rewritten) + "\n")
+    return path
+
+
+def test_a_split_without_held_out_rows_is_refused_up_front(tmp_path):
+    from rectune.models.groups import require_held_out
+
+    path = all_train_baby(tmp_path / "data")
+    # `data info` still shows the file, with a warning on stderr.
+    info = runner.invoke(app, ["data", "info", "baby", "--data-dir", str(tmp_path / "data")])
+    assert info.exit_code == 0, info.output
+    assert json.loads(info.stdout)["val"] == 0
+    warnings = info.stderr.splitlines()
+    assert any(line.startswith("warning: ") and "no validation rows" in line and "refuse" in line for line in warnings), info.stderr
+    dataset = load_amazon_baby(path.parent)
+    with pytest.raises(DataError, match="no validation rows") as error:
+        require_held_out(dataset, make_groups(dataset, "all"))
+    assert str(path) in str(error.value)
+    with pytest.raises(DataError, match="no test rows"):
+        require_held_out(dataset, make_groups(dataset, "all"), ("test",))
+
+
+def test_a_group_without_a_user_with_a_held_out_item_is_refused():
+    from rectune.models.groups import require_held_out
+
+    # Users a and b have validation and test items; c and d only train ones.
+    rows = [(u, f"i{j}", s) for u in "ab" for j, s in enumerate(("train", "train", "val", "test"))]
+    rows += [(u, f"i{j}", "train") for u in "cd" for j in range(4)]
+    frame = pd.DataFrame(rows, columns=["user", "item", "split"])
+    dataset = build_dataset("t", frame, source="t.tsv", split=SplitStrategy("given"))
+    groups = make_groups(dataset, "prefix:1:4")  # one group per user
+    with pytest.raises(GroupError, match=r"group 'c' of 'prefix:1:4' has no user with a validation item \(1 users\)"):
+        require_held_out(dataset, groups)
+    require_held_out(dataset, make_groups(dataset, "all"))  # together they are scored

@@ -7,6 +7,7 @@ only when asked for: `python -m pytest -m local_llm -s`.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -21,9 +22,9 @@ from langchain_core.messages import AIMessage, HumanMessage, SystemMessage, Tool
 from langchain_core.tools import tool
 from langchain_core.utils.function_calling import convert_to_openai_tool
 
-import agent.local_llm as local_llm
-from agent.llm_server import (
-    MAX_TOKENS_CAP, MODEL_ID, BadRequest, ChatServer, Completion, chat_completion, compile_template,
+import rectune.agent.local_llm as local_llm
+from rectune.agent.llm_server import (
+    MAX_TOKENS_CAP, MODEL_ID, BadRequest, ChatServer, ClientGone, Completion, chat_completion, compile_template,
     normalise_messages, render_prompt, select_tools, tool_call_schema,
 )
 
@@ -260,17 +261,26 @@ def loopback_only(monkeypatch) -> None:
         monkeypatch.setenv(name, "127.0.0.1,localhost")
 
 
-@pytest.fixture
-def stub_server(monkeypatch):
+@contextlib.contextmanager
+def serving(backend, monkeypatch):
+    """Our server on a free loopback port in front of `backend`; yields (host, port)."""
     loopback_only(monkeypatch)
-    backend = StubBackend()
     server = ChatServer(backend, "127.0.0.1", 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield backend, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
-    thread.join(5)
+    try:
+        yield server.server_address
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+@pytest.fixture
+def stub_server(monkeypatch):
+    backend = StubBackend()
+    with serving(backend, monkeypatch) as (_, port):
+        yield backend, f"http://127.0.0.1:{port}/v1"
 
 
 def client(base_url: str, timeout: float = 10, **options):
@@ -301,7 +311,7 @@ def test_chat_openai_gets_real_tool_calls(stub_server, streaming):
 
 
 def test_a_proxy_in_the_environment_does_not_capture_the_loopback_llm(stub_server, monkeypatch):
-    from agent.llm import LLMSettings, chat_model
+    from rectune.agent.llm import LLMSettings, chat_model
 
     _, base_url = stub_server
     for name in ("NO_PROXY", "no_proxy"):
@@ -339,11 +349,47 @@ def test_http_errors_are_json(stub_server, monkeypatch):
     assert status == 400 and "not valid JSON" in body["error"]["message"]
     status, body = post(base_url + "/chat/completions", b'{"messages": [{"role": "user", "content": 3}]}')
     assert status == 400 and "content must be" in body["error"]["message"]
-    monkeypatch.setattr("agent.llm_server.MAX_BODY_BYTES", 10)
+    monkeypatch.setattr("rectune.agent.llm_server.MAX_BODY_BYTES", 10)
     status, body = post(base_url + "/chat/completions", b'{"messages": "a long body"}')
     assert status == 413 and "over 10 bytes" in body["error"]["message"]
     status, body = post(base_url + "/nowhere", b"{}")
     assert status == 404 and "no route" in body["error"]["message"]
+
+
+class GeneratingBackend:
+    """Generates for up to 20 s, checking `cancelled` between tokens as the llama.cpp backend does."""
+
+    def __init__(self):
+        self.started, self.abandoned, self.finished = threading.Event(), threading.Event(), threading.Event()
+
+    def complete(self, messages, tools, schema, *, cancelled=lambda: False, **options) -> Completion:
+        self.started.set()
+        deadline = time.monotonic() + 20
+        while time.monotonic() < deadline:
+            if cancelled():
+                self.abandoned.set()
+                raise ClientGone()
+            time.sleep(0.05)
+        self.finished.set()
+        return Completion("too late", "stop", 1, 1)
+
+
+def test_the_server_abandons_the_work_of_a_client_that_gave_up(monkeypatch):
+    import socket
+
+    backend = GeneratingBackend()
+    body = json.dumps({"messages": [{"role": "user", "content": "hi"}]}).encode()
+    with serving(backend, monkeypatch) as address:
+        with socket.create_connection(address, timeout=5) as connection:
+            connection.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                               + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+            assert backend.started.wait(5)
+            time.sleep(0.3)
+            assert not backend.abandoned.is_set()  # a client that is still there keeps its generation
+        # The client timed out and closed its socket (as httpx does): the generation stops.
+        assert backend.abandoned.wait(5) and not backend.finished.is_set()
+        with urllib.request.urlopen(f"http://127.0.0.1:{address[1]}/health", timeout=5) as response:
+            assert json.loads(response.read()) == {"status": "ok"}  # and it serves the next client
 
 
 # --- the real model (opt-in) -----------------------------------------------------------------

@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import scipy.sparse as sp
 
-from models.metrics import candidate_recall, coverage, evaluate_ranking, novelty, random_floor, topn_metrics
+from rectune.models.metrics import candidate_recall, coverage, evaluate_ranking, novelty, random_floor, topn_metrics
 
 
 def truth_matrix(rows: list[list[int]], n_items: int) -> sp.csr_matrix:
@@ -65,3 +65,31 @@ def test_evaluate_ranking_groups_average_their_users():
     assert result.groups["b"]["users"] == 1
     assert result.overall["candidate_recall@2"] == pytest.approx(2 / 3)
     assert result.overall["candidate_recall_floor@2"] == pytest.approx(0.5)
+
+
+def test_ndcg_caps_the_ideal_at_n_when_more_items_are_held_out():
+    # Five held-out items, cutoff 2: the ideal list has two hits, not five, so a perfect top 2 scores 1.
+    truth = truth_matrix([[0, 1, 2, 3, 4], [0, 1, 2, 3, 4]], 10)
+    ranked = np.array([[0, 1, 9], [9, 0, 1]])
+    at2 = topn_metrics(ranked, truth, 2)
+    assert at2["ndcg"][0] == pytest.approx(1.0)
+    second = 1 / math.log2(3)  # one hit, at rank 2
+    assert at2["ndcg"][1] == pytest.approx(second / (1 + 1 / math.log2(3)))
+    assert at2["recall"][0] == pytest.approx(2 / 5) and at2["precision"][0] == pytest.approx(1.0)
+    # At 3 the ideal holds three hits; the list still has only two.
+    at3 = topn_metrics(ranked, truth, 3)
+    assert at3["ndcg"][0] == pytest.approx((1 + 1 / math.log2(3)) / (1 + 1 / math.log2(3) + 1 / math.log2(4)))
+
+
+def test_group_f1_is_the_mean_of_per_user_f1_not_f1_of_the_means():
+    # User 0: 1 hit of 1 held out at N=2 → P 1/2, R 1, F1 2/3. User 1: 1 hit of 4 → P 1/2, R 1/4, F1 1/3.
+    truth = truth_matrix([[0], [1, 2, 3, 4]], 6)
+    ranked = np.array([[0, 5], [1, 5]])
+    result = evaluate_ranking(np.arange(2), ranked, truth, (2,), item_popularity=np.ones(6), n_masked=np.zeros(2, int),
+                              group_codes=np.array([0, 0]), group_labels=("g",))
+    group = result.groups["g"]
+    assert group["f1@2"] == pytest.approx((2 / 3 + 1 / 3) / 2)
+    mean_p, mean_r = group["precision@2"], group["recall@2"]
+    assert (mean_p, mean_r) == (pytest.approx(0.5), pytest.approx(5 / 8))
+    assert group["f1@2"] != pytest.approx(2 * mean_p * mean_r / (mean_p + mean_r))  # 0.5, not 0.5556
+    assert result.per_user["f1@2"].tolist() == pytest.approx([2 / 3, 1 / 3])

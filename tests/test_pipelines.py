@@ -1,5 +1,10 @@
-"""The pipeline contract, checked once over all four pipelines on the planted dataset, and
-the models' own formulas and optional inputs (user attributes, item categories)."""
+"""The pipeline contract, checked once over all four pipelines on the planted dataset, through
+the serving path trials take; the models' own formulas and optional inputs (user attributes,
+item categories); and the OpenMP settings every entry point runs torch under."""
+
+import os
+import subprocess
+import sys
 
 import numpy as np
 import pandas as pd
@@ -7,25 +12,28 @@ import pytest
 import torch
 
 from conftest import planted_interactions
-from models.base import FitContext
-from models.dataset import ItemFeatures, build_dataset
-from models.deepfm import DeepFMNet, fm_second_order
-from models.errors import ConfigError
-from models.features import attach_item_features
-from models.groups import make_groups
-from models.heuristic import HeuristicRecall
-from models.pipeline import PIPELINES, Pipeline, PipelineConfig, fit_recall
-from models.metrics import in_rows
-from models.splits import SplitStrategy
-from models.two_tower import TwoTowerNet
+from rectune.models.base import FitContext
+from rectune.models.dataset import ItemFeatures, build_dataset
+from rectune.models.deepfm import DeepFMNet, fm_second_order
+from rectune.models.errors import ConfigError
+from rectune.models.features import attach_item_features
+from rectune.models.groups import make_groups
+from rectune.models.heuristic import HeuristicRecall
+from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig, build_ranker, build_recall, fit_recall
+from rectune.models.metrics import in_rows
+from rectune.models.splits import SplitStrategy
+from rectune.models.two_tower import TwoTowerNet
+from rectune.tools.cache import ModelCache
+from rectune.tools.runner import TrialRunner
+from rectune.tools.space import SearchSpace
+from rectune.tools.trial import TrialSpec
 
 TINY = {"epochs": 3, "ranker_epochs": 2, "embedding_dim": 16, "k": 60, "top_n": 10, "batch_size": 128, "negative_pool": 30}
 
 
 @pytest.fixture(scope="module")
 def fitted(planted):
-    groups = make_groups(planted, "activity:2")
-    return {name: Pipeline(PipelineConfig.from_dict({"pipeline": name, **TINY})).fit(planted, groups) for name in PIPELINES}
+    return {name: Pipeline(PipelineConfig.from_dict({"pipeline": name, **TINY})).fit(planted) for name in PIPELINES}
 
 
 @pytest.mark.parametrize("name", list(PIPELINES))
@@ -33,12 +41,20 @@ def test_pipeline_learns_and_respects_masks(fitted, planted, name):
     pipeline = fitted[name]
     users = np.arange(planted.n_users)
     for split in ("val", "test"):
-        candidates, ranked, _ = pipeline.recommend(planted, users, split)
-        assert candidates.items.shape == (planted.n_users, 60)
-        assert ranked.shape == (planted.n_users, 20)  # at least the anchor cutoff
-        assert not in_rows(planted.seen(split)[users], candidates.items).any(), "a seen item was recommended"
-        assert all(set(r) <= set(c) for r, c in zip(ranked, candidates.items))
-        assert all(len(set(r)) == len(r) for r in ranked)
+        served = pipeline.recommend(planted, users, split, length=20, candidate_recall=True)
+        assert served.candidates.shape == (planted.n_users, 60)
+        assert served.items.shape == (planted.n_users, 20)
+        assert not in_rows(planted.seen(split)[users], served.candidates).any(), "a seen item was recommended"
+        assert all(set(r) <= set(c) for r, c in zip(served.items, served.candidates))
+        assert all(len(set(r)) == len(r) for r in served.items)
+        top_n = pipeline.recommend(planted, users, split)
+        assert top_n.items.shape == (planted.n_users, 10)
+        if pipeline.ranker is None:
+            # Without a ranker the list is the recall stage's own top-N, searched that deep only.
+            assert top_n.candidates is None
+            np.testing.assert_array_equal(top_n.items, served.candidates[:, :10])
+        else:
+            np.testing.assert_array_equal(top_n.items, served.items[:, :10])
     result = pipeline.evaluate(planted, "val", make_groups(planted, "activity:2")).metrics
     floor = 20 / planted.n_items
     # Users draw ~90% of their items from a quarter of the catalogue: learning shows.
@@ -58,6 +74,73 @@ def test_same_seed_same_metrics_other_seed_other_model(planted):
     assert first != other
 
 
+# Within the search space, so that trials accept them.
+TRIAL = {"epochs": 2, "ranker_epochs": 1, "embedding_dim": 32, "k": 60, "top_n": 10, "batch_size": 256, "negative_pool": 100}
+
+
+def trial(planted, groups: str, pipeline: str, objective: str = "ndcg@20", params: dict = TRIAL):
+    params = {k: v for k, v in params.items() if k in SearchSpace.load().defaults(pipeline)}
+    runner = TrialRunner(planted, make_groups(planted, groups), cache=ModelCache())
+    return runner, runner.run(TrialSpec("planted", groups, "all", pipeline, params, seed=0, objective=objective))
+
+
+def test_trials_serve_through_the_pipeline_whatever_the_grouping(planted):
+    """The user groups are a way to read the metrics, no model input: the same seed gives
+    the same model and metrics under any grouping, and a trial measures what the pipeline serves."""
+    _, everyone = trial(planted, "all", "two_tower+deepfm")
+    runner, by_activity = trial(planted, "activity:2", "two_tower+deepfm")
+    assert everyone.metrics["overall"] == by_activity.metrics["overall"]
+    assert set(by_activity.metrics) == {"overall", "cold", "heavy"}
+    config = PipelineConfig.from_dict({"pipeline": "two_tower+deepfm", **TRIAL})
+    evaluation = Pipeline(config).fit(planted).evaluate(planted, "val", runner.groups)
+    assert evaluation.metrics.overall == by_activity.metrics["overall"]
+    assert evaluation.metrics.groups["cold"] == by_activity.metrics["cold"]
+
+
+def test_ranker_less_trials_search_k_deep_only_for_candidate_recall(planted):
+    runner, top_n = trial(planted, "all", "heuristic")
+    assert "candidate_recall@60" not in top_n.metrics["overall"]
+    deep = runner.run(TrialSpec("planted", "all", "all", "heuristic", top_n.spec.params, seed=0, objective="candidate_recall@k"))
+    assert deep.cache == "model"  # the fitted stage is reused, the lists are not: they were too short
+    assert deep.objective == deep.metrics["overall"]["candidate_recall@60"] > 0
+    # The direct top-N list is the head of the K-deep one.
+    assert {m: v for m, v in deep.metrics["overall"].items() if "candidate" not in m} == top_n.metrics["overall"]
+
+
+def test_both_exact_searches_find_the_same_unseen_top_k(monkeypatch):
+    import scipy.sparse as sp
+
+    from rectune.models import two_tower
+    from rectune.models.two_tower import blocked_top_k, faiss_top_k
+
+    monkeypatch.setattr(two_tower, "_SCORES_PER_BLOCK", 7 * 90)  # 7 users a block: the blocks are stitched too
+    rng = np.random.default_rng(0)
+    users, items = rng.normal(size=(300, 8)).astype(np.float32), rng.normal(size=(90, 8)).astype(np.float32)
+    seen = sp.random(300, 90, density=0.1, random_state=2, format="csr")
+    blocked, faiss = blocked_top_k(users, items, 20, seen), faiss_top_k(users, items, 20, seen)
+    np.testing.assert_array_equal(blocked.items, faiss.items)
+    np.testing.assert_allclose(blocked.scores, faiss.scores, rtol=1e-5)
+    expected = np.where(seen.toarray() > 0, -np.inf, users @ items.T)
+    np.testing.assert_array_equal(blocked.items, np.argsort(-expected, axis=1, kind="stable")[:, :20])
+
+
+def test_openmp_settings_are_made_before_torch_loads():
+    from rectune.models.training import usable_cpus
+
+    clean = {k: v for k, v in os.environ.items() if not k.startswith(("OMP_", "MKL_"))}  # torch reads both
+    script = "import os, rectune.models, torch; print(os.environ['OMP_WAIT_POLICY'], torch.get_num_threads())"
+
+    def run(env, code=script):
+        done = subprocess.run([sys.executable, "-W", "always", "-c", code], env=env, capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        return done.stdout.split(), done.stderr
+
+    assert run(clean)[0] == ["PASSIVE", str(usable_cpus())]
+    assert run({**clean, "OMP_WAIT_POLICY": "ACTIVE", "OMP_NUM_THREADS": "1"})[0] == ["ACTIVE", "1"]  # a user's choice stays
+    _, warned = run(clean, "import torch, rectune.models")
+    assert "torch was imported before rectune" in warned
+
+
 def plain_scores(ranker, users: np.ndarray, candidates) -> np.ndarray:
     """The DeepFM ranker's scores from its plain forward, row by row (the reference for its fast path)."""
     k = candidates.items.shape[1]
@@ -65,8 +148,7 @@ def plain_scores(ranker, users: np.ndarray, candidates) -> np.ndarray:
     items = candidates.items.ravel()
     with torch.inference_mode():
         return ranker.net(
-            torch.from_numpy(u), torch.from_numpy(ranker.activity[u]), torch.from_numpy(ranker.group[u]),
-            torch.from_numpy(items), torch.from_numpy(ranker.popularity[items]),
+            torch.from_numpy(u), torch.from_numpy(ranker.activity[u]), torch.from_numpy(items), torch.from_numpy(ranker.popularity[items]),
             torch.from_numpy(ranker.pair_features(candidates.scores.ravel(), np.tile(np.arange(k), len(users)))),
         ).numpy().reshape(candidates.items.shape)
 
@@ -76,6 +158,19 @@ def test_deepfm_fast_scoring_equals_plain_forward(fitted, planted):
     users = np.arange(0, planted.n_users, 7)
     candidates = fitted["heuristic+deepfm"].recall.candidates(users, 25, planted.train)
     np.testing.assert_allclose(ranker.scores(users, candidates), plain_scores(ranker, users, candidates), rtol=1e-4, atol=1e-4)
+
+
+def test_deepfm_negatives_come_from_the_whole_candidate_list(planted):
+    # A ranker that only ever saw the top of the list scored deeper candidates (ranks and
+    # scores it had never met) too high: on Baby, Recall@20 fell as K grew past its pool.
+    config = PipelineConfig.from_dict({"pipeline": "heuristic+deepfm", **TINY, "negative_pool": 80})
+    ranker = build_ranker(config)
+    _, _, _, ranks, labels = ranker._training_lists(planted, lambda: build_recall(config), FitContext(seed=0))
+    negative_ranks = ranks[labels == 0]
+    assert negative_ranks.max() >= 72 and negative_ranks.min() <= 8, (negative_ranks.min(), negative_ranks.max())
+    assert 0.4 < (negative_ranks >= 40).mean() < 0.6, "negatives are not spread over the whole list"
+    assert PipelineConfig.from_dict({"pipeline": "heuristic+deepfm"}).negative_pool >= 2000, \
+        "the default ranker must train as deep as the largest K the benchmark serves (2000)"
 
 
 def test_k_and_top_n_change_serving_only():
@@ -211,18 +306,23 @@ def test_heuristic_scores_follow_the_documented_formula(embedding_dim, neighbors
     features = np.array([[1.0, 0.2, 0.4], [0.9, 0.5, -0.1], [-0.3, 1.0, 0.7], [0.1, -0.8, 0.3]])
     dataset = build_dataset("tiny", frame, source="mem", split=SplitStrategy("given"))
     dataset = dataset.with_features(ItemFeatures(features.astype(np.float32), "test"))
-    cf_weight, popularity_weight = 0.3, 0.5
-    recall = HeuristicRecall(embedding_dim, neighbors, cf_weight, popularity_weight)
+    cf_weight, popularity_weight, ease_lambda = 0.3, 0.5, 2.0
+    recall = HeuristicRecall(embedding_dim, neighbors, cf_weight, popularity_weight, ease_lambda=ease_lambda)
     recall.fit(dataset, FitContext())
 
-    # The module docstring's recipe, written out densely.
+    # The module docstring's recipe, written out densely (no item content: the fallback graph).
     centred = features - features.mean(axis=0)
     reduced = centred @ np.linalg.svd(centred)[2][:embedding_dim].T  # PCA; a no-op rotation at full width
     unit = reduced / np.linalg.norm(reduced, axis=1, keepdims=True)
-    content = keep_top_positive(unit @ unit.T, neighbors)
+    kept = keep_top_positive(unit @ unit.T, neighbors)
+    adjacency = np.maximum(kept, kept.T)  # symmetric, the larger cosine either way
+    degree = adjacency.sum(axis=1)
+    content = adjacency / np.sqrt(np.maximum(np.outer(degree, degree), 1e-30))
     train = dataset.train.toarray()
     counts = train.sum(axis=0)
-    collaborative = keep_top_positive((train.T @ train) / np.sqrt(np.outer(counts, counts)), neighbors)
+    inverse = np.linalg.inv(train.T @ train + ease_lambda * np.eye(len(counts)))
+    ease = np.eye(len(counts)) - inverse / np.diag(inverse)
+    collaborative = ease / np.abs(ease).sum(axis=1).mean()
     expected = train @ ((1 - cf_weight) * content + cf_weight * collaborative) + popularity_weight * counts / counts.max()
 
     users = np.arange(dataset.n_users)
@@ -241,9 +341,9 @@ def test_fm_second_order_equals_the_pairwise_sum():
     pairwise = sum((vectors[:, i] * vectors[:, j]).sum(-1) for i in range(6) for j in range(i + 1, 6))
     torch.testing.assert_close(fm_second_order(vectors), pairwise)
 
-    # The whole network with first order and MLP zeroed is its FM term over all nine fields.
+    # The whole network with first order and MLP zeroed is its FM term over all eight fields.
     rng = np.random.default_rng(0)
-    sizes = {"user": 7, "item": 9, "activity": 3, "popularity": 16, "group": 2}
+    sizes = {"user": 7, "item": 9, "activity": 3, "popularity": 16}
     categories = rng.random((9, 5)).astype(np.float32)
     content = rng.normal(size=(9, 6)).astype(np.float32)
     torch.manual_seed(0)
@@ -256,12 +356,11 @@ def test_fm_second_order_equals_the_pairwise_sum():
             table.weight.normal_()  # the 0.01 init would make the check trivially small
     n = 11
     user, item = torch.from_numpy(rng.integers(0, 7, n)), torch.from_numpy(rng.integers(0, 9, n))
-    activity, group = torch.from_numpy(rng.integers(0, 3, n)), torch.from_numpy(rng.integers(0, 2, n))
+    activity = torch.from_numpy(rng.integers(0, 3, n))
     popularity, pair = torch.from_numpy(rng.integers(0, 16, n)), torch.from_numpy(rng.normal(size=(n, 2)).astype(np.float32))
     with torch.no_grad():
-        fields = [net.embed["user"](user), net.embed["activity"](activity), net.embed["group"](group),
-                  net.embed["item"](item), net.embed["popularity"](popularity),
+        fields = [net.embed["user"](user), net.embed["activity"](activity), net.embed["item"](item), net.embed["popularity"](popularity),
                   net.category_embed(net.categories[item]), net.content_embed(net.content[item]),
                   pair[:, :1] * net.pair_embed[0], pair[:, 1:] * net.pair_embed[1]]
-        expected = sum((fields[i] * fields[j]).sum(-1) for i in range(9) for j in range(i + 1, 9))
-        torch.testing.assert_close(net(user, activity, group, item, popularity, pair), expected, rtol=1e-5, atol=1e-5)
+        expected = sum((fields[i] * fields[j]).sum(-1) for i in range(8) for j in range(i + 1, 8))
+        torch.testing.assert_close(net(user, activity, item, popularity, pair), expected, rtol=1e-5, atol=1e-5)

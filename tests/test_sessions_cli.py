@@ -4,8 +4,8 @@ import optuna
 import pytest
 from typer.testing import CliRunner
 
-from agent.cli import app
-from agent.session import list_sessions, load_settings, run
+from rectune.agent.cli import app
+from rectune.agent.session import list_sessions, load_settings, run
 from scripted_llm import ScriptedLLM, call
 from test_agent import assert_exactly_the_budget
 from test_llm_endpoint import CHOOSE_ALL, session_settings
@@ -37,7 +37,7 @@ def test_sessions_tells_an_approval_wait_from_a_trial_cut_short(tmp_path, baby_f
             def killed(*args, **kwargs):
                 raise Killed
 
-            patch.setattr("agent.graph.run_next", killed)
+            patch.setattr("rectune.tools.study.Study.take", killed)
             with pytest.raises(Killed):
                 run(config, approve, resume=True, **options)
         # Approved and cut short in its trial: a proposal is still pending, but nobody is asked anything.

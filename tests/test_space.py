@@ -10,13 +10,13 @@ import numpy as np
 import optuna
 import pytest
 
-from models.errors import ConfigError, InvalidProposal, RectuneError
-from models.pipeline import PIPELINES, PipelineConfig
-from tools.space import DEFAULT_FILE, SearchSpace
+from rectune.models.errors import ConfigError, InvalidProposal, RectuneError
+from rectune.models.pipeline import PIPELINES, PipelineConfig
+from rectune.tools.space import DEFAULT_FILE, SearchSpace
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
-HEURISTIC_NAMES = "embedding_dim, k, top_n, neighbors, cf_weight, popularity_weight"
+HEURISTIC_NAMES = "embedding_dim, k, top_n, neighbors, cf_weight, popularity_weight, text_weight, ease_lambda"
 TWO_TOWER_NAMES = "embedding_dim, k, top_n, lr, epochs, batch_size, temperature, weight_decay"
 
 
@@ -35,7 +35,8 @@ def test_shipped_file_declares_the_issue_ranges(space):
     numeric = {p.name: (p.low, p.high, p.log) for p in space.parameters if p.type != "categorical"}
     assert numeric == {
         "embedding_dim": (32, 512, True), "k": (50, 3000, True), "top_n": (5, 200, False),
-        "neighbors": (10, 500, True), "cf_weight": (0.0, 1.0, False), "popularity_weight": (0.0, 2.0, False),
+        "neighbors": (10, 500, True), "cf_weight": (0.0, 1.0, False), "popularity_weight": (1e-4, 2.0, True),
+        "text_weight": (0.0, 1.0, False), "ease_lambda": (10.0, 5000.0, True),
         "lr": (1e-4, 3e-2, True), "epochs": (1, 20, False), "temperature": (0.02, 1.0, True),
         "weight_decay": (0.0, 1e-3, False), "ranker_dim": (4, 64, False), "dropout": (0.0, 0.5, False),
         "ranker_lr": (1e-4, 1e-2, True), "ranker_epochs": (1, 10, False), "negatives": (1, 16, False),
@@ -258,7 +259,7 @@ def test_describe_lists_exactly_the_pipeline_parameters(space, pipeline):
 def test_describe_shows_choices_and_defaults(space):
     text = space.describe("heuristic+deepfm")
     assert "- hidden: one of ['64', '128,64', '256,128', '512,256,128']; default '128,64'; DeepFM MLP" in text
-    assert "- cf_weight: float in [0.0, 1.0]; default 0.8; weight of item-CF" in text
+    assert "- cf_weight: float in [0.0, 1.0]; default 0.85; weight of EASE item-CF" in text
 
 
 def test_markdown_lists_every_parameter_and_where_it_applies(space):

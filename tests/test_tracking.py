@@ -16,12 +16,12 @@ import pytest
 pytest.importorskip("mlflow")
 from mlflow import MlflowClient  # noqa: E402
 
-from models import config  # noqa: E402
-from models.errors import ConfigError  # noqa: E402
-from tools.loopback import port_in_use  # noqa: E402
-from tools.mlflow_ui import MlflowServer  # noqa: E402
-from tools.tracking import Tracker, redact, scrub  # noqa: E402
-from tools.trial import TrialResult, TrialSpec  # noqa: E402
+from rectune.models import config  # noqa: E402
+from rectune.models.errors import ConfigError  # noqa: E402
+from rectune.tools.loopback import port_in_use  # noqa: E402
+from rectune.tools.mlflow_ui import MlflowServer  # noqa: E402
+from rectune.tools.tracking import Tracker, redact, scrub, trial_key  # noqa: E402
+from rectune.tools.trial import TrialResult, TrialSpec  # noqa: E402
 
 VAL = {
     "overall": {"ndcg@20": 0.0412345678901, "recall@20": 0.0921},
@@ -57,11 +57,16 @@ def read_artifact(client: MlflowClient, run_id: str, path: str, dst: Path) -> st
     return Path(client.download_artifacts(run_id, path, str(dst))).read_text()
 
 
+def log(session, result: TrialResult, number: int, tuner: str, study: str, **options) -> str:
+    """Log `result` as trial `number` of ledger study `study`."""
+    return session.log_trial(result, tuner, trial_key(study, number), trial_number=number, study=study, **options)
+
+
 def log_three(tracker: Tracker) -> str:
     with tracker.session("baby", "llm-session", "llm", tags={"llm": "deepseek-chat"}, params={"budget": 10}) as session:
-        session.log_trial(trial(100), 0, "llm", "baby-llm")
-        session.log_trial(trial(200, test=True), 1, "llm", "baby-llm")
-        session.log_trial(trial(300), 2, "llm", "baby-llm", rationale="Raise K: recall@20 is **capped** by K.")
+        log(session, trial(100), 0, "llm", "baby-llm")
+        log(session, trial(200, test=True), 1, "llm", "baby-llm")
+        log(session, trial(300), 2, "llm", "baby-llm", rationale="Raise K: recall@20 is **capped** by K.")
         session.log_session_metrics({"best_objective": 0.15})
         session.log_session_artifact("| trial | ndcg |\n", "summary.md")
         return session.run_id
@@ -98,7 +103,7 @@ def test_session_logs_parent_and_nested_trials(tmp_path, monkeypatch):
         tags = {
             "mlflow.parentRunId": parent_id, "trial_number": str(number), "tuner": "llm", "group": "AE",
             "groups": "prefix", "pipeline": "two_tower+deepfm", "optuna_study": "baby-llm", "cache": expected.cache,
-            "feasible": str(expected.feasible),
+            "feasible": str(expected.feasible), "run_key": f"baby-llm/trial-{number}",
         }
         assert run.data.tags == tags | {"mlflow.runName": f"trial-{number}"}
         metrics = run.data.metrics
@@ -107,9 +112,12 @@ def test_session_logs_parent_and_nested_trials(tmp_path, monkeypatch):
         assert (metrics["train_seconds"], metrics["eval_seconds"]) == (3.5, 0.75)
         for group, values in expected.metrics.items():
             for name, value in values.items():
+                # TopN is 20 (the default) here: each @20 metric is also the @topn column.
                 assert metrics[f"val/{group}/{name.replace('@', '_at_')}"] == value
+                assert metrics[f"val/{group}/{name.replace('@20', '_at_topn')}"] == value
         test_keys = {key for key in metrics if key.startswith("test/")}
-        assert test_keys == ({f"test/{g}/{m}_at_20" for g in TEST for m in ("ndcg", "recall")} if k == 200 else set())
+        assert test_keys == ({f"test/{g}/{m}_at_{n}" for g in TEST for m in ("ndcg", "recall") for n in ("20", "topn")}
+                             if k == 200 else set())
         if k == 200:
             assert metrics["test/AE/recall_at_20"] == 0.1
 
@@ -136,7 +144,10 @@ def test_resume_appends_to_the_same_parent(tmp_path, monkeypatch):
     resumed = Tracker(tracker.tracking_uri)  # as a new process would
     with resumed.session("baby", "ignored", "llm", params={"budget": 10, "extra": "x"}, run_id=parent_id) as session:
         assert session.run_id == parent_id
-        session.log_trial(trial(400), 3, "llm", "baby-llm")
+        log(session, trial(400), 3, "llm", "baby-llm")
+        # A trial logged before (a process re-run after a crash) is found by its key, not logged twice.
+        assert log(session, trial(300), 2, "llm", "baby-llm") == children(MlflowClient(tracker.tracking_uri),
+                                                                          session.client.get_run(parent_id))[2].info.run_id
 
     client = MlflowClient(tracker.tracking_uri)
     parent = client.get_run(parent_id)
@@ -182,7 +193,7 @@ def test_no_secret_reaches_the_store(tmp_path, monkeypatch):
     }
     with tracker.session("baby", f"session {OPENAI}", "llm", tags=tags, params=params) as session:
         leaky = trial(100, llm_secret=LOCAL, note=DEEPSEEK)
-        session.log_trial(leaky, 0, "llm", f"study-{OPENAI}", rationale=leaky_rationale)
+        log(session, leaky, 0, "llm", f"study-{OPENAI}", rationale=leaky_rationale)
         session.log_session_artifact(f"env: OPENAI_API_KEY={OPENAI}\n{LOCAL}\n", "config.txt")
 
     client = MlflowClient(tracker.tracking_uri)
@@ -261,7 +272,7 @@ def test_real_mlflow_server(tmp_path, monkeypatch):
         url, port = server.url, server.port
         tracker = Tracker(tracking_uri=url)
         with tracker.session("baby", "tpe-baseline", "tpe", params={"budget": 2}) as session:
-            ids = [session.log_trial(trial(k, test=k == 200), n, "tpe", "baby-tpe") for n, k in enumerate((100, 200))]
+            ids = [log(session, trial(k, test=k == 200), n, "tpe", "baby-tpe") for n, k in enumerate((100, 200))]
 
         client = MlflowClient(url)
         parent = client.get_run(session.run_id)
@@ -307,7 +318,7 @@ def test_rectune_ui_lists_the_session_and_its_nested_trials_in_chromium(tmp_path
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     log_three(Tracker(tracking_uri=store))
 
-    ui = subprocess.Popen([sys.executable, "-m", "agent.cli", "ui", "--tracking-uri", store, "--port", "0"],
+    ui = subprocess.Popen([sys.executable, "-m", "rectune.agent.cli", "ui", "--tracking-uri", store, "--port", "0"],
                           cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         page_url = read_line_with(ui, "baby: http://127.0.0.1:", 120).split("baby: ", 1)[1].strip()
@@ -339,7 +350,7 @@ def test_rectune_ui_lists_the_session_and_its_nested_trials_in_chromium(tmp_path
 
 
 def test_filter_values_are_quoted_for_mlflow_searches(tmp_path):
-    from tools.tracking import filter_value
+    from rectune.tools.tracking import filter_value
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'runs.db'}")
     experiment = client.create_experiment("x")
@@ -355,8 +366,8 @@ def test_the_tracking_probe_sends_no_credentials_and_refuses_only_a_dead_server(
     import http.server
     import threading
 
-    from tools.loopback import pick_free_port
-    from tools.tracking import _reach_server
+    from rectune.tools.loopback import pick_free_port
+    from rectune.tools.tracking import _reach_server
 
     paths = []
 

@@ -12,18 +12,19 @@ import pytest
 from mlflow import MlflowClient
 from optuna.trial import TrialState
 
-import models.deepfm
-import models.two_tower
-from models.errors import ConfigError, InvalidProposal
-from models.groups import make_groups
-from tools.baseline import run_baseline
-from tools import ledger
-from tools.cache import ModelCache
-from tools.ledger import StudyContext, enqueue, open_study, reclaim_orphans, spent
-from tools.runner import TrialRunner, resolve_objective
-from tools.space import SearchSpace
-from tools.tracking import Tracker
-from tools.trial import TrialSpec
+import rectune.models.deepfm
+import rectune.models.two_tower
+from rectune.models.errors import ConfigError, InvalidProposal
+from rectune.models.groups import make_groups
+from rectune.tools import ledger
+from rectune.tools.baseline import run_baseline
+from rectune.tools.cache import ModelCache
+from rectune.tools.ledger import reclaim_orphans
+from rectune.tools.runner import TrialRunner, resolve_objective
+from rectune.tools.space import SearchSpace
+from rectune.tools.study import Study, StudyContext
+from rectune.tools.tracking import Tracker
+from rectune.tools.trial import TrialRecord, TrialSpec
 
 SMALL = {"epochs": 1, "ranker_epochs": 1, "embedding_dim": 32, "k": 60, "top_n": 10, "negative_pool": 100, "batch_size": 256}
 
@@ -42,8 +43,8 @@ def fit_counts(monkeypatch):
 
         monkeypatch.setattr(cls, "fit", fit)
 
-    counting(models.two_tower.TwoTowerRecall, "two_tower")
-    counting(models.deepfm.DeepFMRanker, "deepfm")
+    counting(rectune.models.two_tower.TwoTowerRecall, "two_tower")
+    counting(rectune.models.deepfm.DeepFMRanker, "deepfm")
     return counts
 
 
@@ -85,7 +86,7 @@ def test_trial_result_holds_the_group_objective_and_metrics(runner):
 
 
 def test_run_trial_is_one_reproducible_trial(planted):
-    from tools.runner import run_trial
+    from rectune.tools.runner import run_trial
 
     groups = make_groups(planted, "activity:2")
     params = spec({}).params
@@ -112,7 +113,7 @@ def test_bad_trials_fail_before_training(runner, fit_counts):
 
 
 def test_objective_names_resolve_against_the_config():
-    from models.pipeline import PipelineConfig
+    from rectune.models.pipeline import PipelineConfig
 
     config = PipelineConfig(k=100, top_n=30)
     assert resolve_objective("NDCG@20", config) == ("ndcg@20", 20)
@@ -159,7 +160,7 @@ def test_disk_budget_comes_from_the_environment(tmp_path, monkeypatch):
 def test_two_processes_fit_a_stage_once(tmp_path):
     script = textwrap.dedent(f"""
         import time
-        from tools.cache import ModelCache
+        from rectune.tools.cache import ModelCache
         def fit():
             with open({str(tmp_path / 'fits.log')!r}, "a") as log:
                 log.write("fit\\n")
@@ -175,8 +176,18 @@ def test_two_processes_fit_a_stage_once(tmp_path):
 
 
 def heuristic_context(**changes):
-    values = {"dataset": "planted", "groups": "activity:2", "group": "cold", "pipeline": "heuristic", "budget": 3, "sampler": "tpe"}
+    values = {"dataset": "planted", "groups": "activity:2", "group": "cold", "pipeline": "heuristic", "budget": 3, "tuner": "tpe"}
     return StudyContext(**{**values, **changes})
+
+
+def queue(study: Study, params: dict, tuner: str = "llm", **attrs) -> int:
+    return ledger.enqueue(study.optuna, TrialRecord(-1, tuner, "waiting", params, **attrs))
+
+
+def claim_without_owner(study: Study, number: int) -> None:
+    """What a process that dies between claiming a trial and naming itself its owner leaves."""
+    storage, trial_id = ledger._handle(study.optuna, number)
+    assert storage.set_trial_state_values(trial_id, TrialState.RUNNING)
 
 
 def test_baseline_continues_to_the_budget_without_repeating(runner, tmp_path):
@@ -184,15 +195,15 @@ def test_baseline_continues_to_the_budget_without_repeating(runner, tmp_path):
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     run_baseline(heuristic_context(budget=3), runner, storage, "s", tracker, progress=False)
     study = run_baseline(heuristic_context(budget=5), runner, storage, "s", tracker, progress=False)
-    trials = study.get_trials()
-    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
-    assert trials[0].user_attrs["tuner"] == "default"
-    assert trials[0].user_attrs["params"] == runner.space.defaults("heuristic")
-    assert [t.user_attrs["tuner"] for t in trials[1:]] == ["tpe"] * 4
-    params = [json.dumps(t.user_attrs["params"], sort_keys=True) for t in trials]
+    trials = study.history()
+    assert [t.state for t in trials] == ["complete"] * 5 and len(study.optuna.get_trials()) == 5
+    assert trials[0].tuner == "default"
+    assert trials[0].params == runner.space.defaults("heuristic")
+    assert [t.tuner for t in trials[1:]] == ["tpe"] * 4
+    params = [json.dumps(t.params, sort_keys=True) for t in trials]
     assert len(set(params)) == 5, "a continued study replayed its samples"
     again = run_baseline(heuristic_context(budget=5), runner, storage, "s", tracker, progress=False)
-    assert len(again.get_trials()) == 5
+    assert len(again.optuna.get_trials()) == 5 and again.ran == 0
 
     client = MlflowClient(tracker.tracking_uri)
     runs = client.search_runs([client.get_experiment_by_name("planted").experiment_id])
@@ -203,101 +214,102 @@ def test_baseline_continues_to_the_budget_without_repeating(runner, tmp_path):
     assert sorted(int(c.data.tags["trial_number"]) for c in children) == [0, 1, 2, 3, 4]
     child = next(c for c in children if c.data.tags["trial_number"] == "0")
     assert child.data.tags["tuner"] == "default" and child.data.tags["optuna_study"] == "s"
-    assert child.data.metrics["objective"] == pytest.approx(trials[0].value)
-    assert child.data.metrics["val/cold/ndcg_at_20"] == pytest.approx(trials[0].value)
+    assert child.data.metrics["objective"] == pytest.approx(trials[0].objective)
+    assert child.data.metrics["val/cold/ndcg_at_20"] == pytest.approx(trials[0].objective)
 
 
 def test_a_study_refuses_other_settings(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    open_study(storage, "s", heuristic_context())
+    Study.open(storage, "s", heuristic_context())
     with pytest.raises(ConfigError, match="pipeline='two_tower'"):
-        open_study(storage, "s", heuristic_context(pipeline="two_tower"))
+        Study.open(storage, "s", heuristic_context(pipeline="two_tower"))
     with pytest.raises(ConfigError, match="no study 'other'"):
-        open_study(storage, "other")
+        Study.open(storage, "other")
 
 
 def test_a_trial_whose_process_died_is_run_again(runner, tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    study = open_study(storage, "s", heuristic_context(budget=2))
-    enqueue(study, runner.space.defaults("heuristic"), "default")
-    orphan = study.ask()
+    study = Study.open(storage, "s", heuristic_context(budget=2))
+    number = queue(study, runner.space.defaults("heuristic"), "default", proposal_id="default")
+    assert ledger.claim(study.optuna, number, runner.space.distributions("heuristic"))
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    orphan.set_user_attr("owner", {"host": os.uname().nodename, "pid": dead.pid})
+    storage_, trial_id = ledger._handle(study.optuna, number)
+    storage_.set_trial_user_attr(trial_id, "owner", {"host": os.uname().nodename, "pid": dead.pid})
     study = run_baseline(heuristic_context(budget=2), runner, storage, "s", progress=False)
-    states = [t.state for t in study.get_trials()]
+    states = [t.state for t in study.optuna.get_trials()]
     assert states.count(TrialState.COMPLETE) == 2 and states.count(TrialState.FAIL) == 1
-    retried = [t for t in study.get_trials() if "retry_of" in t.user_attrs]
+    retried = [t for t in study.optuna.get_trials() if "retry_of" in t.user_attrs]
     assert len(retried) == 1 and retried[0].user_attrs["tuner"] == "default"
-    assert spent(study) == 2
+    assert study.spent() == 2 and [r.tuner for r in study.history()] == ["default", "tpe"]
 
 
 def test_a_trial_popped_but_never_claimed_is_queued_again_with_its_proposal(tmp_path):
-    # The process died between study.ask() (the trial is RUNNING) and setting its owner.
-    study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
-    enqueue(study, {"top_n": 7}, "llm", "why", proposal_id="p1")
-    study.ask()
-    assert reclaim_orphans(study, grace_seconds=0.3) == 1
-    waiting = study.get_trials(states=(TrialState.WAITING,))
+    study = Study.open(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
+    claim_without_owner(study, queue(study, {"top_n": 7}, rationale="why", proposal_id="p1"))
+    assert reclaim_orphans(study.optuna, grace_seconds=0.3) == 1
+    waiting = study.optuna.get_trials(states=(TrialState.WAITING,))
     assert len(waiting) == 1
     assert waiting[0].system_attrs["fixed_params"] == {"top_n": 7}
     assert waiting[0].user_attrs["proposal_id"] == "p1" and waiting[0].user_attrs["rationale"] == "why"
-    assert study.get_trials(states=(TrialState.RUNNING,)) == []
+    assert study.optuna.get_trials(states=(TrialState.RUNNING,)) == []
+    assert study.find("p1").state == "waiting" and study.history() == []
 
 
 def test_a_trial_being_claimed_is_left_to_its_process(tmp_path):
     import threading
 
-    study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
-    enqueue(study, {"top_n": 7}, "llm")
-    trial = study.ask()
-    claim = threading.Timer(0.2, trial.set_user_attr, ("owner", {"host": os.uname().nodename, "pid": os.getpid()}))
+    study = Study.open(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
+    number = queue(study, {"top_n": 7})
+    claim_without_owner(study, number)
+    storage, trial_id = ledger._handle(study.optuna, number)
+    claim = threading.Timer(0.2, storage.set_trial_user_attr, (trial_id, "owner", {"host": os.uname().nodename, "pid": os.getpid()}))
     claim.start()
-    assert reclaim_orphans(study, grace_seconds=30) == 0
+    assert reclaim_orphans(study.optuna, grace_seconds=30) == 0
     claim.join()
-    assert [t.number for t in study.get_trials(states=(TrialState.RUNNING,))] == [trial.number]
+    assert [t.number for t in study.optuna.get_trials(states=(TrialState.RUNNING,))] == [number]
 
 
 def test_a_watched_trial_that_ends_without_an_owner_ends_the_watch(tmp_path):
-    # run_next(only_queued=True) closes a sampled trial as FAIL without ever claiming it.
+    # E.g. another process reclaimed it meanwhile (it fails the trial, then queues it again).
     import threading
 
-    study = open_study(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
-    trial = study.ask()
-    abandon = threading.Timer(0.2, study.tell, (trial,), {"state": TrialState.FAIL})
+    study = Study.open(f"sqlite:///{tmp_path / 'optuna.db'}", "s", heuristic_context())
+    number = queue(study, {"top_n": 7})
+    claim_without_owner(study, number)
+    abandon = threading.Timer(0.2, study.optuna.tell, (number,), {"state": TrialState.FAIL})
     abandon.start()
     result = []
     # In a thread, so that a reclaimer that never stops watching fails the test instead of hanging it.
-    watch = threading.Thread(target=lambda: result.append(reclaim_orphans(study, grace_seconds=600)), daemon=True)
+    watch = threading.Thread(target=lambda: result.append(reclaim_orphans(study.optuna, grace_seconds=600)), daemon=True)
     watch.start()
     watch.join(timeout=30)
     abandon.join()
     assert not watch.is_alive() and result == [0]
-    assert study.get_trials(states=(TrialState.WAITING,)) == []
+    assert study.optuna.get_trials(states=(TrialState.WAITING,)) == []
 
 
 def test_an_orphan_reclaimed_by_two_processes_is_queued_once(tmp_path):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    first = open_study(storage, "s", heuristic_context())
-    enqueue(first, {"top_n": 7}, "llm", proposal_id="p1")
-    first.ask()
-    second = open_study(storage, "s")
-    orphan = second.get_trials(states=(TrialState.RUNNING,))[0]
-    assert reclaim_orphans(first, grace_seconds=0.1) == 1
+    first = Study.open(storage, "s", heuristic_context())
+    claim_without_owner(first, queue(first, {"top_n": 7}, proposal_id="p1"))
+    second = Study.open(storage, "s")
+    orphan = second.optuna.get_trials(states=(TrialState.RUNNING,))[0]
+    assert reclaim_orphans(first.optuna, grace_seconds=0.1) == 1
     # The second process saw the same orphan before the first one failed it.
-    assert ledger._retry(second, orphan) is False
-    assert len(second.get_trials(states=(TrialState.WAITING,))) == 1
+    assert ledger.retry(second.optuna, orphan) is False
+    assert len(second.queued()) == 1
 
 
 @pytest.mark.parametrize("backend", ["sqlite", pytest.param("postgresql", marks=pytest.mark.postgres)])
 def test_two_workers_run_each_queued_trial_once(baby_format_dir, tmp_path, backend, request):
     storage = f"sqlite:///{tmp_path / 'optuna.db'}" if backend == "sqlite" else request.getfixturevalue("postgres_url")
-    context = StudyContext("baby", "activity:2", "all", "heuristic", budget=6, sampler="random")
-    study = open_study(storage, "queue", context)
+    context = StudyContext("baby", "activity:2", "all", "heuristic", budget=6, tuner="random")
+    study = Study.open(storage, "queue", context)
     for neighbors in (10, 20, 30, 40, 50, 60):
-        enqueue(study, {"neighbors": neighbors, "k": 60}, "llm", rationale=f"try {neighbors} neighbours")
+        queue(study, {"neighbors": neighbors, "k": 60}, rationale=f"try {neighbors} neighbours")
     env = {**os.environ, "RECTUNE_CACHE_DIR": str(tmp_path / "cache")}
-    command = [sys.executable, "-m", "agent.cli", "worker", "--study", "queue", "--storage", storage, "--no-sample",
+    command = [sys.executable, "-m", "rectune.agent.cli", "worker", "--study", "queue", "--storage", storage, "--no-sample",
                "--data-dir", str(baby_format_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
     outputs = [w.communicate(timeout=300) for w in workers]
@@ -307,7 +319,7 @@ def test_two_workers_run_each_queued_trial_once(baby_format_dir, tmp_path, backe
     trials = optuna.load_study(study_name="queue", storage=storage).get_trials()
     complete = [t for t in trials if t.state == TrialState.COMPLETE]
     assert sorted(t.params["neighbors"] for t in complete) == [10, 20, 30, 40, 50, 60]
-    assert all(t.user_attrs.get("abandoned") for t in trials if t.state != TrialState.COMPLETE)
+    assert len(complete) == len(trials), "a worker ran or made a trial beyond the queue"
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("baby").experiment_id])
     children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
@@ -315,26 +327,65 @@ def test_two_workers_run_each_queued_trial_once(baby_format_dir, tmp_path, backe
     assert all(r.data.tags["tuner"] == "llm" for r in children)
 
 
+def test_two_sampling_workers_share_one_budget(baby_format_dir, tmp_path):
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    Study.open(storage, "pool", StudyContext("baby", "activity:2", "all", "heuristic", budget=4, tuner="random"))
+    env = {**os.environ, "RECTUNE_CACHE_DIR": str(tmp_path / "cache")}
+    command = [sys.executable, "-m", "rectune.agent.cli", "worker", "--study", "pool", "--storage", storage,
+               "--data-dir", str(baby_format_dir), "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
+    workers = [subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env) for _ in range(2)]
+    outputs = [w.communicate(timeout=300) for w in workers]
+    assert [w.returncode for w in workers] == [0, 0], outputs
+    history = Study.open(storage, "pool").history()
+    ran = sum(int(out.split("ran ")[1].split()[0]) for out, _ in outputs)
+    assert ran == len(history) and all(r.state == "complete" for r in history)
+    assert [r.tuner for r in history].count("default") == 1 and history[0].tuner == "default"
+    assert len({json.dumps(r.params, sort_keys=True) for r in history}) == len(history), "two workers ran one configuration"
+    # Each worker counts the other's running trial: together they overshoot by at most one.
+    assert 4 <= len(history) <= 5
+
+
+def baseline_command(data_dir, tmp_path, *options):
+    """`rectune baseline` on the baby-format fixture (all users, heuristic); later options win."""
+    from typer.testing import CliRunner
+
+    from rectune.agent.cli import app
+
+    return CliRunner().invoke(app, [
+        "baseline", "--dataset", "baby", "--groups", "activity:2", "--group", "all", "--pipeline", "heuristic",
+        "--storage", f"sqlite:///{tmp_path / 'optuna.db'}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
+        "--data-dir", str(data_dir), "--cache-dir", str(tmp_path / "cache"), "--no-progress", *options])
+
+
+def test_baseline_command_runs_any_registered_tuner(baby_format_dir, tmp_path):
+    result = baseline_command(baby_format_dir, tmp_path, "--budget", "3", "--sampler", "local")
+    assert result.exit_code == 0, result.output
+    history = Study.open(f"sqlite:///{tmp_path / 'optuna.db'}", "baby-activity:2-all-heuristic-local-seed0").history()
+    assert [r.tuner for r in history] == ["default", "local", "local"]
+    assert all(r.rationale.startswith("neighbour of trial ") for r in history[1:])
+    assert "best ndcg@20 = " in result.output
+
+
 def test_worker_on_a_missing_study_says_so(tmp_path):
     from typer.testing import CliRunner
 
-    from agent.cli import app
+    from rectune.agent.cli import app
 
     result = CliRunner().invoke(app, ["worker", "--study", "nope", "--storage", f"sqlite:///{tmp_path / 'o.db'}"])
     assert result.exit_code == 2 and "no study 'nope'" in result.output
 
 
 def test_a_trial_told_to_the_ledger_but_not_logged_reaches_mlflow_on_resume(runner, tmp_path, monkeypatch):
-    from tools.tracking import TrackingSession
+    from rectune.tools.tracking import TrackingSession
 
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
     tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
     log_trial = TrackingSession.log_trial
 
-    def dies_after_the_ledger(self, result, trial_number, *args, **kwargs):
-        if trial_number == 1:  # the process "dies" after study.tell, before the MLflow run
+    def dies_after_the_ledger(self, result, *args, **kwargs):
+        if kwargs["trial_number"] == 1:  # the process "dies" after telling the ledger, before the MLflow run
             raise KeyboardInterrupt
-        return log_trial(self, result, trial_number, *args, **kwargs)
+        return log_trial(self, result, *args, **kwargs)
 
     monkeypatch.setattr(TrackingSession, "log_trial", dies_after_the_ledger)
     with pytest.raises(KeyboardInterrupt):
@@ -342,7 +393,7 @@ def test_a_trial_told_to_the_ledger_but_not_logged_reaches_mlflow_on_resume(runn
     monkeypatch.setattr(TrackingSession, "log_trial", log_trial)
     study = run_baseline(heuristic_context(budget=3), runner, storage, "s", tracker, progress=False)
 
-    trials = study.get_trials()
+    trials = study.optuna.get_trials()
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 3
     client = MlflowClient(tracker.tracking_uri)
     children = [r for r in client.search_runs([client.get_experiment_by_name("planted").experiment_id])
@@ -354,7 +405,7 @@ def test_a_trial_told_to_the_ledger_but_not_logged_reaches_mlflow_on_resume(runn
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--sampler", "llm"], "--sampler must be one of ('tpe', 'random'), but got 'llm'"),
+    (["--sampler", "llm"], "'tpe'], but got 'llm'"),
     (["--objective", "auc@20"], "unknown objective metric 'auc'"),
     (["--pipeline", "nope"], "pipeline must be one of"),
     (["--max-latency-ms", "0"], "--max-latency-ms must be above 0 (ms per user), but got 0"),
@@ -362,30 +413,15 @@ def test_a_trial_told_to_the_ledger_but_not_logged_reaches_mlflow_on_resume(runn
     (["--group", "nope"], "unknown group 'nope'"),
 ])
 def test_baseline_command_refuses_bad_settings_before_writing_a_study(baby_format_dir, tmp_path, option, message):
-    from typer.testing import CliRunner
-
-    from agent.cli import app
-
-    ledger = tmp_path / "optuna.db"
-    arguments = ["baseline", "--dataset", "baby", "--groups", "activity:2", "--group", "all", "--pipeline", "heuristic",
-                 "--budget", "2", "--storage", f"sqlite:///{ledger}", "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-                 "--data-dir", str(baby_format_dir), "--cache-dir", str(tmp_path / "cache"), "--no-progress", *option]
-    result = CliRunner().invoke(app, arguments)
+    result = baseline_command(baby_format_dir, tmp_path, "--budget", "2", *option)
     assert result.exit_code == 2 and message in result.output, result.output
     # A study written with bad settings would hold a failed trial 0 and refuse the corrected command.
-    assert not ledger.exists()
+    assert not (tmp_path / "optuna.db").exists()
 
 
 def test_baseline_command_says_when_no_trial_met_the_latency_budget(baby_format_dir, tmp_path):
-    from typer.testing import CliRunner
-
-    from agent.cli import app
-
     storage = f"sqlite:///{tmp_path / 'optuna.db'}"
-    result = CliRunner().invoke(app, [
-        "baseline", "--dataset", "baby", "--groups", "activity:2", "--group", "all", "--pipeline", "heuristic", "--budget", "2",
-        "--max-latency-ms", "1e-9", "--storage", storage, "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}",
-        "--data-dir", str(baby_format_dir), "--cache-dir", str(tmp_path / "cache"), "--no-progress"])
+    result = baseline_command(baby_format_dir, tmp_path, "--budget", "2", "--max-latency-ms", "1e-9")
     assert result.exit_code == 1 and "no trial met --max-latency-ms 1e-09" in result.output, result.output
     trials = optuna.load_study(study_name="baby-activity:2-all-heuristic-tpe-seed0", storage=storage).get_trials()
     assert len(trials) == 2 and not any(t.user_attrs["feasible"] for t in trials)
@@ -398,7 +434,7 @@ def test_a_trial_is_back_filled_only_when_no_live_process_may_still_log_it():
     import time
     from types import SimpleNamespace
 
-    from tools.ledger import LOG_GRACE_SECONDS, _may_still_log
+    from rectune.tools.ledger import LOG_GRACE_SECONDS, may_still_log
 
     here, now = socket.gethostname(), time.time()
     sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(30)"])
@@ -406,11 +442,11 @@ def test_a_trial_is_back_filled_only_when_no_live_process_may_still_log_it():
         def trial(host, pid, told_at=now):
             return SimpleNamespace(user_attrs={"owner": {"host": host, "pid": pid}, "told_at": told_at})
 
-        assert _may_still_log(trial(here, sleeper.pid))  # alive here: it is logging it
-        assert not _may_still_log(trial(here, os.getpid()))  # this process: its own log failed
-        assert _may_still_log(trial("elsewhere", 1))  # another host, just told
-        assert not _may_still_log(trial("elsewhere", 1, now - LOG_GRACE_SECONDS - 1))
+        assert may_still_log(trial(here, sleeper.pid))  # alive here: it is logging it
+        assert not may_still_log(trial(here, os.getpid()))  # this process: its own log failed
+        assert may_still_log(trial("elsewhere", 1))  # another host, just told
+        assert not may_still_log(trial("elsewhere", 1, now - LOG_GRACE_SECONDS - 1))
     finally:
         sleeper.kill()
         sleeper.wait()
-    assert not _may_still_log(trial(here, sleeper.pid))  # dead here
+    assert not may_still_log(trial(here, sleeper.pid))  # dead here

@@ -20,26 +20,39 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.errors import ConfigError
+from rectune.models.errors import ConfigError
 
 if TYPE_CHECKING:  # numpy and the dataset (pandas, scipy) stay out of light commands' start-up
-    from models.dataset import Dataset
+    from rectune.models.dataset import Dataset
 
 
 def dataset_fingerprint(dataset: Dataset) -> str:
-    """What identifies the training data: name, split, sizes, the train matrix, features."""
+    """What identifies the training data: name, split, sizes, the train matrix, and the item
+    features and content graphs by value (a replaced neighbour file or .npy under the same
+    dataset name must not bring back stages fitted on the old one)."""
     import numpy as np
 
     digest = hashlib.sha256()
-    for part in (dataset.train.indptr, dataset.train.indices):
+    arrays = [dataset.train.indptr, dataset.train.indices]
+    if dataset.item_features is not None:
+        arrays.append(dataset.item_features.matrix)
+    content = dataset.content
+    for modality in content.modalities if content else ():
+        digest.update(modality.encode())
+        if modality in content.graphs:
+            graph = content.graphs[modality]
+            arrays += [graph.indptr, graph.indices, graph.data]
+        if modality in content.features:
+            arrays.append(content.features[modality])
+    for part in arrays:
         digest.update(np.ascontiguousarray(part).tobytes())
     features = dataset.item_features.source if dataset.item_features else "none"
     return f"{dataset.name}|{dataset.report.split}|{dataset.n_users}x{dataset.n_items}|{features}|{digest.hexdigest()[:16]}"
 
 
 # Bump when fitted stages change shape or meaning, so that files pickled by older code are
-# never loaded (3: a heuristic wider than its collaborative features takes more SVD factors).
-STAGE_FORMAT = 3
+# never loaded (4: user groups are no longer a two-tower or DeepFM input).
+STAGE_FORMAT = 4
 
 
 def cache_key(*parts: Any) -> str:

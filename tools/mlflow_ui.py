@@ -10,9 +10,9 @@ import os
 import sys
 from pathlib import Path
 
-from models.errors import ConfigError
-from tools.loopback import LoopbackProcess, pick_free_port, port_in_use
-from tools.tracking import sqlite_path
+from rectune.models.errors import ConfigError
+from rectune.tools.loopback import LoopbackProcess, pick_free_port, port_in_use
+from rectune.tools.tracking import sqlite_path
 
 STARTUP_SECONDS = 90.0
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from models.errors import ConfigError, InvalidProposal
-from models.pipeline import PIPELINES, PipelineConfig
+from rectune.models.errors import ConfigError, InvalidProposal
+from rectune.models.pipeline import PIPELINES, PipelineConfig
 
 if TYPE_CHECKING:
     import optuna

@@ -14,17 +14,17 @@ from __future__ import annotations
 import os
 import re
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 from urllib.parse import unquote, urlsplit
 
-from models.config import tracking_uri as resolve_tracking_uri
-from models.errors import ConfigError
-from tools.cache import file_lock
-from tools.trial import TrialResult
+from rectune.models.config import tracking_uri as resolve_tracking_uri
+from rectune.models.errors import ConfigError
+from rectune.tools.cache import file_lock
+from rectune.tools.trial import TrialResult
 
 if TYPE_CHECKING:
     from mlflow import MlflowClient
@@ -90,6 +90,50 @@ def metric_name(name: str) -> str:
     return _METRIC_NAME_BAD.sub("_", name.replace("@", "_at_"))
 
 
+def trial_key(study: str, number: int) -> str:
+    """The MLflow run key of trial `number` of ledger study `study`."""
+    return f"{study}/trial-{number}"
+
+
+def metric_columns(values: Mapping[str, float], top_n: int, k: int, fixed: Iterable[int] = ()) -> dict[str, float]:
+    """One trial's metrics under names every trial of a study shares, whatever its TopN and K:
+    a list metric at the trial's TopN is `name@topn` (`precision@30` → `precision@topn`), at 20
+    (computed for every trial) or at a cutoff in `fixed` (the objective's) it keeps its number,
+    at any other cutoff it is left out; the candidate recall at K is `candidate_recall@k`."""
+    from rectune.models.pipeline import ANCHOR_CUTOFF
+
+    kept = {ANCHOR_CUTOFF, *fixed}
+    columns = {}
+    for name, value in values.items():
+        base, at, cutoff = name.partition("@")
+        if not at or not cutoff.isdigit():
+            columns[name] = value
+        elif base.startswith("candidate_recall"):
+            columns[f"{base}@k" if int(cutoff) == k else name] = value
+        else:
+            columns |= {f"{base}@{cutoff}": value} if int(cutoff) in kept else {}
+            columns |= {f"{base}@topn": value} if int(cutoff) == top_n else {}
+    return columns
+
+
+def trial_metrics(result: TrialResult) -> dict[str, float]:
+    """What MLflow records of a trial: the objective, the costs, and every group's metrics on
+    each split under stable names (`val/cold/ndcg@20`, `val/cold/f1@topn`, which MLflow shows as
+    `val/cold/ndcg_at_20`, `val/cold/f1_at_topn`); TopN is a param."""
+    from rectune.models.pipeline import PipelineConfig
+
+    spec = result.spec
+    top_n, k = spec.params.get("top_n", PipelineConfig.top_n), spec.params.get("k", PipelineConfig.k)
+    cutoff = spec.objective.partition("@")[2]
+    fixed = (int(cutoff),) if cutoff.isdigit() else ()
+    metrics = {"objective": result.objective, "latency_ms_per_user": result.latency_ms_per_user,
+               "train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds}
+    for split, by_group in (("val", result.metrics), ("test", result.test_metrics or {})):
+        for group, values in by_group.items():
+            metrics |= {f"{split}/{group}/{name}": value for name, value in metric_columns(values, top_n, k, fixed).items()}
+    return metrics
+
+
 def metrics_table(metrics: Mapping[str, Mapping[str, float]]) -> str:
     """A markdown table, one row per group (`overall` first), one column per metric."""
     names = sorted({name for values in metrics.values() for name in values})
@@ -130,13 +174,20 @@ class TrackingSession:
     experiment_id: str
 
     def log_trial(
-        self, result: TrialResult, trial_number: int | None, tuner: str, study: str | None, rationale: str | None = None,
-        extra_tags: Mapping[str, Any] | None = None, run_name: str | None = None,
+        self, result: TrialResult, tuner: str, key: str, *, trial_number: int | None = None, study: str | None = None,
+        rationale: str | None = None, extra_tags: Mapping[str, Any] | None = None, run_name: str | None = None,
     ) -> str:
-        """Record one finished trial as a nested run; returns its run id. A run outside the ledger
-        (no trial number, no study) is named by `run_name` and told apart by `extra_tags`."""
+        """Record one finished trial as a nested run, once: a run with tag `run_key` = `key` in
+        this experiment is not logged again (a process re-run after a crash finds it). Returns
+        the run's id. A ledger trial is keyed by `trial_key`; a run outside the ledger (no trial
+        number, no study) by its own key, which also names it unless `run_name` does."""
+        # Scrubbed as the tag is stored: a key quoting a secret is stored without it.
+        done = self.client.search_runs([self.experiment_id], f"tags.run_key = {filter_value(scrub(key))}", max_results=1)
+        if done:
+            return done[0].info.run_id
         spec = result.spec
         tags = {
+            "run_key": key,
             "tuner": tuner,
             "group": spec.group,
             "groups": spec.groups,
@@ -147,26 +198,17 @@ class TrackingSession:
             "feasible": result.feasible,
             **(extra_tags or {}),
         }
-        metrics = {
-            "objective": result.objective,
-            "latency_ms_per_user": result.latency_ms_per_user,
-            "train_seconds": result.train_seconds,
-            "eval_seconds": result.eval_seconds,
-        }
-        for split, by_group in (("val", result.metrics), ("test", result.test_metrics or {})):
-            for group, values in by_group.items():
-                metrics |= {f"{split}/{group}/{name}": value for name, value in values.items()}
         # The trial has already run: back-date the start so MLflow's duration shows its cost.
         start = int((time.time() - result.train_seconds - result.eval_seconds) * 1000)
         run = self.client.create_run(
             self.experiment_id,
             start_time=start,
-            run_name=run_name or f"trial-{trial_number}",
+            run_name=run_name or (key if trial_number is None else f"trial-{trial_number}"),
             tags={"mlflow.parentRunId": self.run_id, **_strings({k: v for k, v in tags.items() if v is not None})},
         )
         run_id = run.info.run_id
         params = {**spec.params, "pipeline": spec.pipeline, "seed": spec.seed, "objective": spec.objective}
-        _log(self.client, run_id, params=params, metrics=metrics)
+        _log(self.client, run_id, params=params, metrics=trial_metrics(result))
         table = "## validation\n\n" + metrics_table(result.metrics)
         if result.test_metrics:
             table += "\n## test\n\n" + metrics_table(result.test_metrics)
@@ -176,13 +218,15 @@ class TrackingSession:
         self.client.set_terminated(run_id, "FINISHED")
         return run_id
 
-    def logged_trials(self, study: str) -> set[int]:
-        """Numbers of the trials of `study` already recorded in this experiment, under any parent
+    def logged_keys(self, study: str) -> set[str]:
+        """Run keys of the trials of `study` already recorded in this experiment, under any parent
         run (a worker may log trials of a study that another process's run started)."""
         runs = self.client.search_runs([self.experiment_id], filter_string=f"tags.optuna_study = {filter_value(study)}",
                                        max_results=50000)
-        # The study's parent run carries the study tag too, without a trial number.
-        return {int(run.data.tags["trial_number"]) for run in runs if "trial_number" in run.data.tags}
+        # The study's parent run carries the study tag too, without a trial number. Runs logged
+        # before run keys existed are known by their trial number.
+        return {run.data.tags.get("run_key") or trial_key(study, int(run.data.tags["trial_number"]))
+                for run in runs if "trial_number" in run.data.tags}
 
     def log_session_artifact(self, text: str, name: str) -> None:
         self.client.log_text(self.run_id, scrub(text), name)
@@ -220,7 +264,7 @@ def _reach_server(uri: str, timeout: float = 10.0) -> None:
     import urllib.error
     import urllib.request
 
-    from tools.loopback import DIRECT, is_loopback
+    from rectune.tools.loopback import DIRECT, is_loopback
 
     parts = urlsplit(uri)
     if parts.scheme not in ("http", "https"):

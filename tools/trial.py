@@ -1,14 +1,20 @@
-"""What a trial is — one definition for every tuner (LLM agent, Optuna TPE, random search).
+"""What a trial is — one definition for every tuner (the default configuration, Optuna TPE,
+random search, local search, the LLM agent).
 
 A trial = (dataset, user groups, group, pipeline, params, seed) → metrics on the
-validation split (tuning) and, when asked, on the test split (reporting).
+validation split (tuning) and, when asked, on the test split (reporting). `TrialRecord` is
+the one shape of a trial everywhere a trial is read: the study's history, the agent's
+state, the comparison, the MLflow back-fill.
 """
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
+from typing import Any
 
-TUNERS = ("default", "llm", "tpe", "random")
+STATES = ("complete", "failed", "rejected", "waiting", "running")
 
 
 @dataclass(frozen=True)
@@ -53,3 +59,59 @@ class TrialResult:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+    @classmethod
+    def from_dict(cls, values: dict) -> "TrialResult":
+        return cls(**{**values, "spec": TrialSpec(**values["spec"])})
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial of a study as the ledger holds it, whoever proposed it."""
+
+    number: int
+    """The trial's number in the ledger (the Optuna study)."""
+    tuner: str
+    """Registered name of the proposer that made it: `default`, `tpe`, `random`, `local`, `llm`, …"""
+    state: str
+    """One of STATES: `failed` = the trial ran and produced no number (see `error`); it counts
+    against the budget. `rejected` = a person refused the proposal; it costs nothing."""
+    params: dict
+    """The configuration (every parameter of the pipeline)."""
+    rationale: str = ""
+    proposal_id: str = ""
+    error: str = ""
+    """Why a failed trial failed."""
+    comment: str = ""
+    """A person's comment on a rejected proposal."""
+    result: TrialResult | None = None
+    """The runner's outcome (complete trials only)."""
+    meta: dict[str, Any] = field(default_factory=dict)
+    """What the proposer kept with the trial (Proposal.meta: LLM seconds and tokens, …)."""
+
+    @property
+    def objective(self) -> float | None:
+        return None if self.result is None else self.result.objective
+
+    @property
+    def feasible(self) -> bool:
+        """Complete and within the study's constraints (the latency budget)."""
+        return self.result is not None and self.result.feasible
+
+    def to_json(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, values: dict) -> "TrialRecord":
+        result = values.get("result")
+        return cls(**{**values, "result": None if result is None else TrialResult.from_dict(result)})
+
+
+def canonical(params: dict) -> str:
+    """The one key of a configuration: equal configurations (validated, so 64.0 is 64) have equal keys."""
+    return json.dumps(params, sort_keys=True, default=str)
+
+
+def tried(history: Iterable[TrialRecord]) -> set[str]:
+    """Canonical keys of every configuration in `history`, rejected proposals included."""
+    return {canonical(record.params) for record in history}

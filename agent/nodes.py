@@ -1,0 +1,332 @@
+"""The agent graph's nodes: module-level functions of (state, runtime), one step each.
+
+A node reaches the trial runner, the LLM and MLflow through LangGraph's runtime context
+(agent/context.py: Resources), opened from the session's settings on first use when the
+caller gave none (LangGraph Studio). Side effects are idempotent, because a node that is
+interrupted or killed runs again from its start: trials are found again in the ledger by
+their proposal id (tools.study.Study.run), MLflow runs by their key.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from typing import Literal
+
+from langgraph.runtime import Runtime
+from langgraph.types import Command, interrupt
+
+from rectune.agent.context import Resources, Settings
+from rectune.agent.llm_tools import read_select_call, select_tool
+from rectune.agent.prompts import render
+from rectune.agent.llm import answered_in_text, bind_decision_tools, text_replies_stop
+from rectune.agent.proposer import LLMProposer, call_llm
+from rectune.agent.report import best_record, json_compact, metrics_row, outcome, selection_table, session_report, table_rows
+from rectune.agent.state import State
+from rectune.models.errors import RectuneError
+from rectune.models.pipeline import PIPELINES
+from rectune.tools.proposer import Finish, Proposal, ProposerContext
+from rectune.tools.proposers import make_proposer
+
+SELECT_ATTEMPTS = 3
+_OPENED: dict[str, Resources] = {}
+"""Resources this process opened for callers that gave none, by the settings they were opened
+from (a Studio thread that reuses a session name with other settings gets its own)."""
+
+
+def resources(runtime: Runtime[Resources] | None, settings: Settings) -> Resources:
+    """The runtime context the caller gave (`rectune tune` gives a runner, an LLM, MLflow), or
+    else this process's own for the session, its runner opened once from the settings."""
+    given = runtime.context if runtime is not None and isinstance(runtime.context, Resources) else None
+    if given is not None and given.runner is not None:
+        given.echo = given.echo or print
+        return given
+    found = _OPENED.setdefault(json.dumps(settings.to_json(), sort_keys=True, default=str), Resources(echo=print))
+    if found.runner is None:
+        from rectune.tools.runner import TrialRunner
+
+        found.runner = TrialRunner.open(settings.dataset, settings.groups, data_dir=settings.data_dir,
+                                        cache_dir=settings.cache_dir, max_latency_ms=settings.max_latency_ms)
+    return found
+
+
+def chat(found: Resources, settings: Settings):
+    """The LLM client, resolved when a node first needs it: the graph itself is built without one."""
+    if found.llm is None:
+        from rectune.agent.session import open_llm
+
+        found.llm = open_llm(settings, found.echo)
+    return found.llm
+
+
+def study(found: Resources, settings: Settings, group: str, pipeline: str):
+    """The session's study of `group`, opened once per process."""
+    from rectune.tools.study import Study
+
+    name = settings.study_name(group)
+    key = f"{settings.storage}|{name}"
+    if key not in found.opened:
+        found.opened[key] = Study.open(settings.storage, name, settings.study_context(group, pipeline))
+    return found.opened[key]
+
+
+def log_once(found: Resources, settings: Settings, result, tuner: str, name: str, **tags) -> None:
+    """A run the ledger does not hold (select, evaluate_group) as a nested MLflow run named
+    `name`, once: a node re-run after a crash finds the run it logged by its key."""
+    if found.session is not None:
+        found.session.log_trial(result, tuner, f"{settings.session}/{name}", extra_tags=tags, run_name=name)
+
+
+def records(state: State, group: str) -> list:
+    from rectune.tools.trial import TrialRecord
+
+    return [TrialRecord.from_json(row) for row in state["history"][group]]
+
+
+def select(state: State, runtime: Runtime[Resources]) -> dict:
+    """Model selection: every pipeline's default configuration on every group (validation)."""
+    settings = Settings.from_json(state["settings"])
+    found = resources(runtime, settings)
+    runner, space, labels = found.runner, found.runner.space, list(found.runner.groups.labels)
+    table: dict = {}
+    for pipeline in PIPELINES:
+        for group in labels:
+            result = runner.run(settings.study_context(group, pipeline, "default").spec(space.defaults(pipeline)))
+            log_once(found, settings, result, "default", f"select-{group}-{pipeline}", phase="select")
+            table.setdefault(group, {})[pipeline] = metrics_row(result.metrics[group], result.spec.objective,
+                                                                space.defaults(pipeline)["top_n"]) | {
+                "objective": round(result.objective, 5)}
+        found.echo(f"[select] {pipeline}: default configuration evaluated on {len(labels)} groups")
+    return {"table": table, "phase": "select", "started_at": time.time()}
+
+
+def pick(state: State, runtime: Runtime[Resources]) -> dict:
+    """The LLM picks a pipeline per group from the table (three attempts, each told why the
+    last was refused); a group it failed gets the best objective. Beside each pick, the
+    paper's check: what the objective, and F1@TopN, would have picked."""
+    from langchain_core.messages import HumanMessage
+
+    settings = Settings.from_json(state["settings"])
+    found = resources(runtime, settings)
+    labels, table = list(found.runner.groups.labels), state["table"]
+    prompt = render("select", dataset=settings.dataset, objective=settings.objective, table=table_rows(table),
+                    groups=", ".join(labels), pipelines=", ".join(PIPELINES))
+    llm = bind_decision_tools(chat(found, settings), [select_tool(labels)])
+    feedback, picked, calls, in_text, usage = "", {}, 0, 0, state.get("usage")
+    while calls < SELECT_ATTEMPTS and not picked:
+        calls += 1
+        refused = "\n" + render("select_refused", problems=feedback) if feedback else ""
+        reply, usage = call_llm(llm, [HumanMessage(prompt + refused)], usage)
+        in_text += answered_in_text(reply)
+        picked, feedback = read_select_call(reply, labels)
+    if in_text == SELECT_ATTEMPTS:
+        # Not a pick the LLM got wrong: an endpoint that makes no tool calls would fail every later turn too.
+        raise text_replies_stop(in_text)
+    selection = {group: _checked_pick(table[group], picked.get(group), feedback, found.runner.space) for group in labels}
+    found.echo("[pick] " + "; ".join(f"{g}: {s['pipeline']}{'' if s['agrees'] else ' (argmax ' + s['argmax'] + ')'}"
+                                     for g, s in selection.items()))
+    if found.session is not None:
+        found.session.log_session_artifact(table_rows(table) + "\n\n" + selection_table(selection, settings.objective), "selection.md")
+        # Tags, not params: a pick re-run after a crash may choose otherwise, and params cannot change.
+        found.session.log_session_tags({f"select/{g}/{name}": value for g, s in selection.items() for name, value in (
+            ("pipeline", s["pipeline"]), ("chosen_by", "llm" if s["llm"] else "fallback"), ("objective_argmax", s["argmax"]),
+            ("agrees_objective", s["agrees"]), ("f1_argmax", s["f1_argmax"]), ("agrees_f1", s["f1_agrees"]))})
+    return {"selection": selection, "queue": labels, "phase": "tune", "history": {}, "finished": {}, "usage": usage,
+            "llm_calls": {"select": calls}, "invalid_calls": {"select": calls - bool(picked)}}
+
+
+def _checked_pick(metrics: dict, choice: dict | None, feedback: str, space) -> dict:
+    """The pick of one group (the LLM's, or the fallback's) beside the argmax of the objective and of F1@TopN."""
+    argmax = max(metrics, key=lambda p: metrics[p]["objective"])
+    f1 = {p: m.get(f"f1@{space.defaults(p)['top_n']}") for p, m in metrics.items()}
+    f1_argmax = max(f1, key=lambda p: f1[p] or 0.0)
+    llm, choice = choice is not None, choice or {"pipeline": argmax, "reason": f"fallback to the best objective: the LLM failed ({feedback})"}
+    return {**choice, "argmax": argmax, "agrees": choice["pipeline"] == argmax, "llm": llm,
+            "f1_argmax": f1_argmax, "f1_agrees": choice["pipeline"] == f1_argmax}
+
+
+def start_group(state: State, runtime: Runtime[Resources]) -> dict:
+    """The next group's study, and its trial 0: the pipeline's default configuration."""
+    settings = Settings.from_json(state["settings"])
+    found = resources(runtime, settings)
+    group, queue = state["queue"][0], state["queue"][1:]
+    pipeline = state["selection"][group]["pipeline"]
+    context = ProposerContext(settings.study_context(group, pipeline), found.runner.space, settings.budget)
+    default = make_proposer("default").propose([], context)
+    record = study(found, settings, group, pipeline).run(default, found.runner, found.session)
+    found.echo(f"[tune] group {group} ({pipeline}): default {settings.objective} = {outcome(record)}")
+    return {"group": group, "queue": queue, "history": {**state["history"], group: [record.to_json()]}, "pending": None}
+
+
+def _stop_reason(state: State, settings: Settings, history: list) -> str | None:
+    """Why the group stops before asking the LLM again, or None."""
+    if sum(1 for r in history if r.state in ("complete", "failed")) >= settings.budget:
+        return "budget"
+    if state["llm_calls"].get(state["group"], 0) >= settings.max_llm_calls:
+        return "llm-call budget"
+    if settings.max_minutes is not None and time.time() - state["started_at"] > 60 * settings.max_minutes:
+        return "wall-time budget"
+    return None
+
+
+def decide(state: State, runtime: Runtime[Resources]) -> Command[Literal["approve", "next_group"]]:
+    """The LLM's next move for the group (agent/proposer.py): a proposal to approve, or the
+    end of the group (its finish, or a budget: trials, LLM calls, wall time)."""
+    settings, group = Settings.from_json(state["settings"]), state["group"]
+    found = resources(runtime, settings)
+    history = records(state, group)
+    stop = _stop_reason(state, settings, history)
+    if stop:
+        return Command(goto="next_group", update={"finished": {**state["finished"], group: stop}})
+    pipeline, calls = state["selection"][group]["pipeline"], state["llm_calls"].get(group, 0)
+    proposer = LLMProposer(settings.seed, llm=chat(found, settings), groups=list(found.runner.groups.labels),
+                           may_finish=settings.may_finish, max_calls=settings.max_llm_calls - calls,
+                           evaluate=evaluator(found, settings, group, pipeline), echo=found.echo)
+    context = ProposerContext(settings.study_context(group, pipeline), found.runner.space, settings.budget)
+    outcome = proposer.propose(history, context)
+    cost = proposer.last
+    update = {"llm_calls": {**state["llm_calls"], group: calls + cost["calls"]},
+              "invalid_calls": {**state["invalid_calls"], group: state["invalid_calls"].get(group, 0) + cost["refused"]},
+              "usage": _added(state.get("usage") or {}, cost)}
+    if isinstance(outcome, Finish):
+        found.echo(f"[tune] {group}: the LLM finished — {outcome.reason}")
+        return Command(goto="next_group", update={**update, "finished": {**state["finished"], group: f"finish: {outcome.reason}"}})
+    best = best_record(history)
+    pending = {"id": f"{group}-{calls + cost['calls']}", "params": outcome.params, "rationale": outcome.rationale,
+               "changes": {k: v for k, v in outcome.params.items() if best.params.get(k) != v}, "meta": outcome.meta}
+    return Command(goto="approve", update={**update, "pending": pending, "approval_error": ""})
+
+
+def _added(usage: dict, cost: dict) -> dict:
+    return {"calls": usage.get("calls", 0) + cost["calls"], "seconds": usage.get("seconds", 0.0) + cost.get("llm_seconds", 0.0),
+            "input_tokens": usage.get("input_tokens", 0) + cost.get("input_tokens", 0),
+            "output_tokens": usage.get("output_tokens", 0) + cost.get("output_tokens", 0)}
+
+
+def evaluator(found: Resources, settings: Settings, group: str, pipeline: str):
+    """evaluate_group for the LLM: (other group, the current best record, key) → its metrics
+    there, logged once as a nested MLflow run."""
+    def evaluate(other: str, best, key: str) -> dict:
+        result = found.runner.run(settings.study_context(other, pipeline).spec(best.params))
+        # The configuration is the current best, so whoever chose it (default or llm) is its tuner.
+        log_once(found, settings, result, best.tuner, f"evaluate-{key}", phase="evaluate_group", best_of=group)
+        found.echo(f"[tune] {group}: the LLM looked at group {other}")
+        return metrics_row(result.metrics[other], settings.objective, best.params["top_n"])
+
+    return evaluate
+
+
+def approve(state: State, runtime: Runtime[Resources]) -> Command[Literal["run_trial", "decide", "approve"]]:
+    """A person approves, edits or rejects the proposal (`approve=ask`); a reject is recorded
+    in the ledger, so the proposal counts as tried and the LLM sees it in the history."""
+    settings, group, proposal = Settings.from_json(state["settings"]), state["group"], state["pending"]
+    if settings.approve == "auto":
+        return Command(goto="run_trial")
+    history = records(state, group)
+    best = best_record(history)
+    answer = interrupt({
+        "group": group, "pipeline": state["selection"][group]["pipeline"],
+        "trial": f"{sum(1 for r in history if r.state in ('complete', 'failed')) + 1}/{settings.budget}",
+        "changes": proposal["changes"], "diff": {k: [best.params.get(k), v] for k, v in proposal["changes"].items()},
+        "rationale": proposal["rationale"], "best": {"trial": best.number, "objective": best.objective},
+        "error": state.get("approval_error", ""),
+    })
+    action = answer.get("action") if isinstance(answer, dict) else None
+    if action == "approve":
+        return Command(goto="run_trial", update={"approval_error": ""})
+    if action == "reject":
+        return _rejected(state, runtime, str(answer.get("comment") or "no reason given"))
+    if action == "edit":
+        return _edited(state, runtime, answer.get("changes"), history)
+    return Command(goto="approve", update={"approval_error": f"answer with approve, edit or reject, not {answer!r}"})
+
+
+def _rejected(state: State, runtime: Runtime[Resources], comment: str) -> Command[Literal["decide"]]:
+    settings, group, proposal = Settings.from_json(state["settings"]), state["group"], state["pending"]
+    found = resources(runtime, settings)
+    found.echo(f"[approve] {group}: rejected — {comment}")
+    pipeline = state["selection"][group]["pipeline"]
+    record = study(found, settings, group, pipeline).reject(_proposal(proposal), comment)
+    return Command(goto="decide", update={"pending": None, "approval_error": "",
+                                          "history": {**state["history"], group: [*state["history"][group], record.to_json()]}})
+
+
+def _edited(state: State, runtime: Runtime[Resources], changes, history: list) -> Command[Literal["run_trial", "approve"]]:
+    from rectune.agent.proposer import tried
+
+    settings, group, proposal = Settings.from_json(state["settings"]), state["group"], state["pending"]
+    if not isinstance(changes, dict) or not changes:
+        # Else an empty edit would run the proposal as if a person had changed it.
+        return Command(goto="approve", update={"approval_error": "an edit needs at least one NAME=VALUE"})
+    space = resources(runtime, settings).runner.space
+    try:
+        params = space.validate(state["selection"][group]["pipeline"], changes, base=proposal["params"])
+    except RectuneError as error:
+        return Command(goto="approve", update={"approval_error": f"the edit was refused: {error}"})
+    from rectune.tools.trial import canonical
+
+    seen = tried(history).get(canonical(params))
+    if seen:
+        return Command(goto="approve", update={"approval_error": f"the edited configuration was already {seen}"})
+    best = best_record(history)
+    edited = {**proposal, "params": params, "changes": {k: v for k, v in params.items() if best.params.get(k) != v},
+              "rationale": proposal["rationale"] + f" [edited by a person: {json_compact(changes)}]"}
+    return Command(goto="run_trial", update={"pending": edited, "approval_error": ""})
+
+
+def _proposal(pending: dict) -> Proposal:
+    return Proposal(pending["params"], "llm", pending["rationale"], pending["id"], pending.get("meta") or {})
+
+
+def run_trial(state: State, runtime: Runtime[Resources]) -> Command[Literal["decide"]]:
+    """The approved proposal's trial, exactly once (found again by its id after a crash)."""
+    settings, group, proposal = Settings.from_json(state["settings"]), state["group"], state["pending"]
+    found = resources(runtime, settings)
+    pipeline = state["selection"][group]["pipeline"]
+    record = study(found, settings, group, pipeline).run(_proposal(proposal), found.runner, found.session)
+    history = [*records(state, group), record]
+    best = best_record(history)
+    spent = sum(1 for r in history if r.state in ("complete", "failed"))
+    found.echo(f"[tune] {group}: trial {spent}/{settings.budget} {json_compact(proposal['changes'])} → "
+               f"{settings.objective} {outcome(record)} (best {outcome(best)})")
+    return Command(goto="decide", update={"history": {**state["history"], group: [r.to_json() for r in history]},
+                                          "pending": None})
+
+
+def _test_metrics(found: Resources, settings: Settings, group: str, pipeline: str, params: dict) -> dict:
+    """The configuration's test metrics on the group, its objective also under the name the
+    settings give it (`f1@topn` is computed as `f1@<its top_n>`)."""
+    result = found.runner.run(settings.study_context(group, pipeline).spec(params), report_test=True)
+    metrics = dict(result.test_metrics[group])
+    return {**metrics, settings.objective: metrics.get(result.metric, float("nan"))}
+
+
+def next_group(state: State) -> Command[Literal["start_group", "report"]]:
+    """The next group, or the report when every group is tuned."""
+    return Command(goto="start_group" if state["queue"] else "report")
+
+
+def report(state: State, runtime: Runtime[Resources]) -> dict:
+    """Default vs tuned configuration per group on the test split, written as markdown (and to MLflow)."""
+    from pathlib import Path
+
+    settings = Settings.from_json(state["settings"])
+    found = resources(runtime, settings)
+    histories = {group: records(state, group) for group in state["history"]}
+    tests, defaults = {}, {}
+    for group, history in histories.items():
+        pipeline = state["selection"][group]["pipeline"]
+        defaults[group] = found.runner.space.defaults(pipeline)
+        best = best_record(history)
+        if best is not None:  # else no configuration of the group produced a number: nothing to report on test
+            tests[group] = {label: _test_metrics(found, settings, group, pipeline, params)
+                            for label, params in (("default", defaults[group]), ("tuned", best.params))}
+    text = session_report(settings, state, histories, tests, defaults)
+    folder = Path(found.report_dir or "reports")
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{settings.session}.md"
+    path.write_text(text + "\n")
+    if found.session is not None:
+        found.session.log_session_artifact(text, "report.md")
+    found.echo(f"[report] {path}")
+    return {"report": str(path), "phase": "done"}
