@@ -65,8 +65,8 @@ class PipelineConfig:
     ranker_epochs: int = _param(2, "ranker", "DeepFM training epochs", ("deepfm",))
     ranker_batch_size: int = _param(2048, "ranker", "DeepFM batch size", ("deepfm",))
     negatives: int = _param(4, "ranker", "DeepFM negatives per positive, drawn from the recall candidates", ("deepfm",))
-    negative_pool: int = _param(2000, "ranker", "DeepFM trains on this many top recall candidates per user; keep it ≥ k",
-                                ("deepfm",))
+    negative_pool: int = _param(500, "ranker", "DeepFM trains on this many top recall candidates per user; serving a "
+                                "larger k than this brings it candidates it never learned from", ("deepfm",))
 
     def __post_init__(self):
         for f in fields(self):
