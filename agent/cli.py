@@ -393,7 +393,7 @@ def compare_command(
     reach: float = typer.Option(0.05, help="Report the trials each tuner needs to beat the default by this share."),
     name: Optional[str] = typer.Option(None, help="Name of the comparison (re-use it to continue an interrupted one)."),
     agent_may_finish: bool = typer.Option(False, "--agent-may-finish/--agent-full-budget", help="Let the agent stop a group early; by default it runs every trial, like the baselines."),
-    tuners: str = typer.Option("llm,tpe,random", help="Comma-separated registered tuners, each run on every group and seed: llm, tpe, random, local."),
+    tuners: str = typer.Option("llm,menu,tpe,random", help="Comma-separated registered tuners, each run on every group and seed: llm, menu (the LLM's candidate menu, first candidate taken: the agent without the LLM), tpe, random, local."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,
     storage: Optional[str] = StorageOption,
@@ -403,7 +403,7 @@ def compare_command(
     checkpoint: str = CheckpointOption,
     report_dir: Path = typer.Option(Path("reports"), help="Where the markdown report and its plots go."),
 ) -> None:
-    """Run tuners (by default the LLM agent, Optuna TPE and random search) on the same budget, space, seeds and first trial, and report."""
+    """Run tuners (by default the LLM agent, its candidate menu without the LLM, Optuna TPE and random search) on the same budget, space, seeds and first trial, and report."""
     from rectune.agent.compare import Comparison, compare
     from rectune.agent.context import Settings
     from rectune.models.config import tracking_uri as resolve_tracking_uri

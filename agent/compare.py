@@ -7,7 +7,8 @@ through the one study loop (tools.study.run_study) and ledger. Every curve is re
 the ledger. Everything is resumable: the picks continue from their checkpoint, the
 studies from the ledger. The report compares best-so-far validation curves, test metrics
 of each tuner's best configuration (paired by seed, bootstrap intervals), trials needed to
-beat the default by a margin, and wall time and tokens.
+beat the default by a margin, in how many seeds each tuner's gain over the default on
+validation is within noise (paired over the group's users), and wall time and tokens.
 """
 
 from __future__ import annotations
@@ -22,9 +23,10 @@ import numpy as np
 
 from rectune.agent import proposer as _registers_llm  # noqa: F401 — `llm` is a tuner once this module is loaded
 from rectune.agent.context import Resources, Settings
-from rectune.agent.report import best_record
+from rectune.agent.report import best_record, gain_over_default
 from rectune.models.errors import ConfigError, RectuneError
 from rectune.models.groups import make_groups
+from rectune.tools.noise import Interval
 from rectune.tools.plots import best_so_far
 from rectune.tools.runner import TrialRunner
 
@@ -40,7 +42,7 @@ class Comparison:
     settings: Settings
     """Dataset, groups, objective, budget, stores, LLM; `may_finish` says whether the agent may stop a group early."""
     seeds: tuple[int, ...]
-    tuners: tuple[str, ...] = ("llm", "tpe", "random")
+    tuners: tuple[str, ...] = ("llm", "menu", "tpe", "random")
     """Registered proposers (tools.proposers), each run on every group and seed."""
     reach: float = 0.05
     """Report the trials each tuner needs to beat the default by this share."""
@@ -70,6 +72,8 @@ class Run:
     llm_seconds: float = 0.0
     tokens: int = 0
     test: float = float("nan")
+    gain: Interval | None = None
+    """The best minus the default on validation, paired over the group's users (None without per-user values)."""
 
 
 def bootstrap_interval(values: np.ndarray, seed: int = 0, level: float = 0.95,
@@ -196,7 +200,6 @@ def _pick(spec: Comparison, seed: int, found: Resources) -> dict:
 
 def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, found: Resources, tracker) -> Run:
     """One tuner's study of one group and seed, run or continued to its budget; read from the ledger."""
-    from rectune.agent.nodes import evaluator
     from rectune.tools.baseline import run_baseline
     from rectune.tools.proposers import make_proposer, unattended
     from rectune.tools.study import Study
@@ -212,9 +215,8 @@ def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, fou
         study = Study.open(settings.storage, name, context)
         stopped = study.optuna.user_attrs.get("finished")
         if study.spent() < context.budget and not stopped:
-            proposer = make_proposer(tuner, seed=0, llm=found.llm, groups=list(found.runner.groups.labels),
-                                     may_finish=settings.may_finish, call_budget=settings.max_llm_calls,
-                                     evaluate=evaluator(found, settings, group, pipeline), echo=found.echo)
+            proposer = make_proposer(tuner, seed=0, llm=found.llm, may_finish=settings.may_finish,
+                                     call_budget=settings.max_llm_calls, echo=found.echo)
             _run_attended(study, proposer, found, tracker)
     history = study.history()
     best = best_record(history)
@@ -228,7 +230,8 @@ def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, fou
                sum(r.result.train_seconds + r.result.eval_seconds for r in history if r.result is not None),
                sum(m.get("llm_seconds", 0.0) for m in meta) + pick.get("seconds", 0.0),
                int(sum(m.get("input_tokens", 0) + m.get("output_tokens", 0) for m in meta)
-                   + pick.get("input_tokens", 0) + pick.get("output_tokens", 0)))
+                   + pick.get("input_tokens", 0) + pick.get("output_tokens", 0)),
+               gain=gain_over_default(history, found.runner.space.defaults(pipeline), seed))
 
 
 def _run_attended(study, proposer, found: Resources, tracker) -> None:
@@ -280,6 +283,21 @@ def _tests(spec: Comparison, runs: list[Run], labels: list[str]) -> list[str]:
                     "over the groups) is counted in the llm rows. Tuners run in the order listed, so the models the first "
                     "trains (trial 0's included) are in the cache when the others need them: compare trial seconds with "
                     "that in mind."]
+
+
+def _noise(spec: Comparison, runs: list[Run], labels: list[str]) -> list[str]:
+    """Per tuner and group: how many seeds' tuned best beat the default by no more than noise."""
+    lines = ["", f"## Gain of each tuner's best over the default on validation {spec.settings.objective}", "",
+             "Best − default, paired over the group's validation users, with its 95% bootstrap interval over the users; "
+             "within noise = the interval holds 0 (a tuner whose best is the default gains +.0000 within noise).", "",
+             "| group | tuner | mean gain | within noise | per seed |", "|---|---|---|---|---|"]
+    for group in labels:
+        for tuner in spec.tuners:
+            gains = [r.gain for r in runs if r.tuner == tuner and r.group == group and r.gain is not None]
+            if gains:
+                lines.append(f"| {group} | {tuner} | {np.mean([g.diff for g in gains]):+.5f} | "
+                             f"{sum(g.within_noise for g in gains)}/{len(gains)} | {'; '.join(g.text() for g in gains)} |")
+    return lines
 
 
 def _differences(spec: Comparison, runs: list[Run], labels: list[str]) -> list[str]:
@@ -335,7 +353,7 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
              f"test (reporting), budget {settings.budget} trials per group and tuner (trial 0 = the default configuration for "
              f"every tuner), tuners {', '.join(spec.tuners)}, seeds {list(spec.seeds)}, same search space and runner; the agent "
              + ("could stop a group before its budget." if settings.may_finish else "had to use its whole budget (no finish tool)."),
-             "", *curves, *_tests(spec, runs, labels), *_differences(spec, runs, labels)]
+             "", *curves, *_tests(spec, runs, labels), *_noise(spec, runs, labels), *_differences(spec, runs, labels)]
     if tables:
         lines += _selection(spec, runs, tables, runner, labels)
     text = "\n".join(lines) + "\n"

@@ -58,6 +58,8 @@ class Completion:
     finish_reason: str
     prompt_tokens: int
     completion_tokens: int
+    cached_tokens: int = 0
+    """Prompt tokens whose KV entries were reused from the previous request (a shared prefix)."""
 
 
 class Backend(Protocol):
@@ -248,7 +250,8 @@ def chat_completion(backend: Backend, body: Any, cancelled: Callable[[], bool] =
         "id": f"chatcmpl-{uuid.uuid4().hex}", "object": "chat.completion", "created": int(time.time()), "model": MODEL_ID,
         "choices": [{"index": 0, "message": message, "finish_reason": finish_reason, "logprobs": None}],
         "usage": {"prompt_tokens": result.prompt_tokens, "completion_tokens": result.completion_tokens,
-                  "total_tokens": result.prompt_tokens + result.completion_tokens},
+                  "total_tokens": result.prompt_tokens + result.completion_tokens,
+                  "prompt_tokens_details": {"cached_tokens": result.cached_tokens}},
     }
 
 
@@ -414,6 +417,7 @@ class LlamaBackend:
             room = self.llm.n_ctx() - len(tokens)
             if room < 1:
                 raise BadRequest(f"the prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}")
+            cached = _shared_prefix(self.llm._input_ids, tokens)
             out = self.llm.create_completion(tokens, max_tokens=min(max_tokens, room), temperature=temperature,
                                              top_p=top_p, stop=STOP + stop, grammar=grammar, seed=seed,
                                              stopping_criteria=StoppingCriteriaList([lambda ids, logits: cancelled()]))
@@ -422,7 +426,19 @@ class LlamaBackend:
         finally:
             self.lock.release()
         choice, usage = out["choices"][0], out["usage"]
-        return Completion(choice["text"], choice["finish_reason"] or "stop", usage["prompt_tokens"], usage["completion_tokens"])
+        return Completion(choice["text"], choice["finish_reason"] or "stop", usage["prompt_tokens"], usage["completion_tokens"],
+                          cached)
+
+
+def _shared_prefix(previous, tokens: list[int]) -> int:
+    """How many prompt tokens llama.cpp reuses from the previous request's KV cache: the common
+    prefix, less the one token it evaluates again when the whole prompt matches."""
+    shared = 0
+    for old, new in zip(previous, tokens):
+        if old != new:
+            break
+        shared += 1
+    return max(0, min(shared, len(tokens) - 1))
 
 
 def _exit_with_parent(parent: int) -> None:

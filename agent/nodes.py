@@ -17,11 +17,11 @@ from langgraph.runtime import Runtime
 from langgraph.types import Command, interrupt
 
 from rectune.agent.context import Resources, Settings
-from rectune.agent.llm_tools import read_select_call, select_tool
 from rectune.agent.prompts import render
 from rectune.agent.llm import answered_in_text, bind_decision_tools, text_replies_stop
 from rectune.agent.proposer import LLMProposer, call_llm
-from rectune.agent.report import best_record, json_compact, metrics_row, outcome, selection_table, session_report, table_rows
+from rectune.agent.report import best_record, json_compact, metrics_row, outcome, selection_table, session_report
+from rectune.agent.selection import decided, group_table, pick_tool, read_pick, tied
 from rectune.agent.state import State
 from rectune.models.errors import RectuneError
 from rectune.models.pipeline import PIPELINES
@@ -84,65 +84,76 @@ def records(state: State, group: str) -> list:
 
 
 def select(state: State, runtime: Runtime[Resources]) -> dict:
-    """Model selection: every pipeline's default configuration on every group (validation)."""
+    """Model selection: every pipeline's default configuration on every group (validation),
+    with each pipeline's paired difference to the group's best (agent/selection.py)."""
+    from rectune.tools.noise import paired_interval, vector
+
+    began_at = time.time()
     settings = Settings.from_json(state["settings"])
     found = resources(runtime, settings)
     runner, space, labels = found.runner, found.runner.space, list(found.runner.groups.labels)
-    table: dict = {}
+    table, users = {}, {}
     for pipeline in PIPELINES:
         for group in labels:
             result = runner.run(settings.study_context(group, pipeline, "default").spec(space.defaults(pipeline)))
             log_once(found, settings, result, "default", f"select-{group}-{pipeline}", phase="select")
             table.setdefault(group, {})[pipeline] = metrics_row(result.metrics[group], result.spec.objective,
                                                                 space.defaults(pipeline)["top_n"]) | {
-                "objective": round(result.objective, 5)}
+                "objective": round(result.objective, 5), "fit_seconds": round(result.train_seconds, 1),
+                "ms_per_user": round(result.latency_ms_per_user, 3)}
+            users[group, pipeline] = result.per_user
         found.echo(f"[select] {pipeline}: default configuration evaluated on {len(labels)} groups")
-    return {"table": table, "phase": "select", "started_at": time.time()}
+    for group, rows in table.items():
+        best = max(rows, key=lambda p: rows[p]["objective"])
+        for pipeline, row in rows.items():
+            if users[group, pipeline] is not None and users[group, best] is not None:
+                # An objective of the whole list (coverage, novelty) has no per-user values: no band, the best wins.
+                row["vs_best"] = paired_interval(vector(users[group, pipeline]), vector(users[group, best]),
+                                                 seed=settings.seed).to_json()
+    return {"table": table, "phase": "select", "began_at": began_at, "started_at": time.time()}
 
 
 def pick(state: State, runtime: Runtime[Resources]) -> dict:
-    """The LLM picks a pipeline per group from the table (three attempts, each told why the
-    last was refused); a group it failed gets the best objective. Beside each pick, the
-    paper's check: what the objective, and F1@TopN, would have picked."""
+    """A pipeline per group: the best, or — where other pipelines are within noise of it — the
+    LLM's choice among those (three attempts, each told why the last was refused; a group it
+    failed gets the best). Beside each pick, the paper's check: what the objective, and
+    F1@TopN, would have picked."""
     from langchain_core.messages import HumanMessage
 
     settings = Settings.from_json(state["settings"])
     found = resources(runtime, settings)
     labels, table = list(found.runner.groups.labels), state["table"]
-    prompt = render("select", dataset=settings.dataset, objective=settings.objective, table=table_rows(table),
-                    groups=", ".join(labels), pipelines=", ".join(PIPELINES))
-    llm = bind_decision_tools(chat(found, settings), [select_tool(labels)])
+    bands = {group: tied(table[group]) for group in labels}
+    ties = {group: band for group, band in bands.items() if len(band) > 1}
     feedback, picked, calls, in_text, usage = "", {}, 0, 0, state.get("usage")
-    while calls < SELECT_ATTEMPTS and not picked:
-        calls += 1
-        refused = "\n" + render("select_refused", problems=feedback) if feedback else ""
-        reply, usage = call_llm(llm, [HumanMessage(prompt + refused)], usage)
-        in_text += answered_in_text(reply)
-        picked, feedback = read_select_call(reply, labels)
-    if in_text == SELECT_ATTEMPTS:
-        # Not a pick the LLM got wrong: an endpoint that makes no tool calls would fail every later turn too.
-        raise text_replies_stop(in_text)
-    selection = {group: _checked_pick(table[group], picked.get(group), feedback, found.runner.space) for group in labels}
-    found.echo("[pick] " + "; ".join(f"{g}: {s['pipeline']}{'' if s['agrees'] else ' (argmax ' + s['argmax'] + ')'}"
+    if ties:
+        tables = "\n\n".join(group_table(group, table[group], settings.objective) for group in labels)
+        prompt = render("select", dataset=settings.dataset, objective=settings.objective, table=tables,
+                        groups=", ".join(ties))
+        llm = bind_decision_tools(chat(found, settings), [pick_tool(ties)])
+        while calls < SELECT_ATTEMPTS and not picked:
+            calls += 1
+            refused = "\n" + render("select_refused", problems=feedback) if feedback else ""
+            reply, usage = call_llm(llm, [HumanMessage(prompt + refused)], usage)
+            in_text += answered_in_text(reply)
+            picked, feedback = read_pick(reply, ties)
+        if in_text == SELECT_ATTEMPTS:
+            # Not a pick the LLM got wrong: an endpoint that makes no tool calls would fail every later turn too.
+            raise text_replies_stop(in_text)
+    selection = {group: decided(table[group], bands[group], picked.get(group), feedback, found.runner.space)
+                 for group in labels}
+    found.echo("[pick] " + "; ".join(f"{g}: {s['pipeline']} ({s['chosen_by']}{'' if s['agrees'] else ', argmax ' + s['argmax']})"
                                      for g, s in selection.items()))
     if found.session is not None:
-        found.session.log_session_artifact(table_rows(table) + "\n\n" + selection_table(selection, settings.objective), "selection.md")
+        found.session.log_session_artifact("\n\n".join(group_table(g, table[g], settings.objective) for g in labels)
+                                           + "\n\n" + selection_table(selection, settings.objective), "selection.md")
         # Tags, not params: a pick re-run after a crash may choose otherwise, and params cannot change.
         found.session.log_session_tags({f"select/{g}/{name}": value for g, s in selection.items() for name, value in (
-            ("pipeline", s["pipeline"]), ("chosen_by", "llm" if s["llm"] else "fallback"), ("objective_argmax", s["argmax"]),
-            ("agrees_objective", s["agrees"]), ("f1_argmax", s["f1_argmax"]), ("agrees_f1", s["f1_agrees"]))})
+            ("pipeline", s["pipeline"]), ("chosen_by", s["chosen_by"]), ("objective_argmax", s["argmax"]),
+            ("within_noise", ",".join(s["band"])), ("agrees_objective", s["agrees"]), ("f1_argmax", s["f1_argmax"]),
+            ("agrees_f1", s["f1_agrees"]))})
     return {"selection": selection, "queue": labels, "phase": "tune", "history": {}, "finished": {}, "usage": usage,
             "llm_calls": {"select": calls}, "invalid_calls": {"select": calls - bool(picked)}}
-
-
-def _checked_pick(metrics: dict, choice: dict | None, feedback: str, space) -> dict:
-    """The pick of one group (the LLM's, or the fallback's) beside the argmax of the objective and of F1@TopN."""
-    argmax = max(metrics, key=lambda p: metrics[p]["objective"])
-    f1 = {p: m.get(f"f1@{space.defaults(p)['top_n']}") for p, m in metrics.items()}
-    f1_argmax = max(f1, key=lambda p: f1[p] or 0.0)
-    llm, choice = choice is not None, choice or {"pipeline": argmax, "reason": f"fallback to the best objective: the LLM failed ({feedback})"}
-    return {**choice, "argmax": argmax, "agrees": choice["pipeline"] == argmax, "llm": llm,
-            "f1_argmax": f1_argmax, "f1_agrees": choice["pipeline"] == f1_argmax}
 
 
 def start_group(state: State, runtime: Runtime[Resources]) -> dict:
@@ -179,9 +190,7 @@ def decide(state: State, runtime: Runtime[Resources]) -> Command[Literal["approv
     if stop:
         return Command(goto="next_group", update={"finished": {**state["finished"], group: stop}})
     pipeline, calls = state["selection"][group]["pipeline"], state["llm_calls"].get(group, 0)
-    proposer = LLMProposer(settings.seed, llm=chat(found, settings), groups=list(found.runner.groups.labels),
-                           may_finish=settings.may_finish, max_calls=settings.max_llm_calls - calls,
-                           evaluate=evaluator(found, settings, group, pipeline), echo=found.echo)
+    proposer = LLMProposer(settings.seed, llm=chat(found, settings), may_finish=settings.may_finish, echo=found.echo)
     context = ProposerContext(settings.study_context(group, pipeline), found.runner.space, settings.budget)
     outcome = proposer.propose(history, context)
     cost = proposer.last
@@ -199,21 +208,7 @@ def decide(state: State, runtime: Runtime[Resources]) -> Command[Literal["approv
 
 def _added(usage: dict, cost: dict) -> dict:
     return {"calls": usage.get("calls", 0) + cost["calls"], "seconds": usage.get("seconds", 0.0) + cost.get("llm_seconds", 0.0),
-            "input_tokens": usage.get("input_tokens", 0) + cost.get("input_tokens", 0),
-            "output_tokens": usage.get("output_tokens", 0) + cost.get("output_tokens", 0)}
-
-
-def evaluator(found: Resources, settings: Settings, group: str, pipeline: str):
-    """evaluate_group for the LLM: (other group, the current best record, key) → its metrics
-    there, logged once as a nested MLflow run."""
-    def evaluate(other: str, best, key: str) -> dict:
-        result = found.runner.run(settings.study_context(other, pipeline).spec(best.params))
-        # The configuration is the current best, so whoever chose it (default or llm) is its tuner.
-        log_once(found, settings, result, best.tuner, f"evaluate-{key}", phase="evaluate_group", best_of=group)
-        found.echo(f"[tune] {group}: the LLM looked at group {other}")
-        return metrics_row(result.metrics[other], settings.objective, best.params["top_n"])
-
-    return evaluate
+            **{name: usage.get(name, 0) + cost.get(name, 0) for name in ("input_tokens", "cached_tokens", "output_tokens")}}
 
 
 def approve(state: State, runtime: Runtime[Resources]) -> Command[Literal["run_trial", "decide", "approve"]]:
@@ -321,7 +316,8 @@ def report(state: State, runtime: Runtime[Resources]) -> dict:
         if best is not None:  # else no configuration of the group produced a number: nothing to report on test
             tests[group] = {label: _test_metrics(found, settings, group, pipeline, params)
                             for label, params in (("default", defaults[group]), ("tuned", best.params))}
-    text = session_report(settings, state, histories, tests, defaults)
+    text = session_report(settings, state, histories, tests, defaults,
+                          "\n\n".join(group_table(g, rows, settings.objective) for g, rows in state["table"].items()))
     folder = Path(found.report_dir or "reports")
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{settings.session}.md"

@@ -44,9 +44,10 @@ class State(InputState, total=False):
     table: dict[str, dict[str, dict[str, float]]]
     """Model selection: group → pipeline → validation metrics of the default configuration."""
     selection: dict[str, dict[str, Any]]
-    """group → {pipeline, reason, llm, argmax, agrees, f1_argmax, f1_agrees}: the pick (by the LLM, or
-    the fallback when it failed) and the paper's check — the pipelines the objective and F1@TopN
-    would pick, and whether the pick is each."""
+    """group → {pipeline, reason, chosen_by, llm, band, argmax, agrees, in_band, f1_argmax, f1_agrees}:
+    the pick (by the rule when one pipeline is within noise of the best, else by the LLM, or the
+    fallback when it failed), the noise band, and the paper's check — the pipelines the objective
+    and F1@TopN would pick, and whether the pick is each."""
     queue: list[str]
     """Groups still to tune."""
     group: str | None
@@ -64,6 +65,8 @@ class State(InputState, total=False):
     """group → why tuning stopped (budget, finish: reason, llm-call budget, wall-time budget)."""
     usage: dict[str, float]
     """LLM calls, seconds and tokens over the session (for the wall-time split and the report)."""
+    began_at: float
+    """When model selection began (epoch seconds): the report's LLM share of the session's wall time."""
     started_at: float
     """When model selection finished (epoch seconds), for the wall-time budget."""
     report: str | None

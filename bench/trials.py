@@ -4,7 +4,7 @@
    (cached models, new candidates and DeepFM ranking) and a TopN-only change (cached
    ranking), each beside its floor — the FLOPs of scoring the candidates at the
    machine's measured matrix-multiply rate.
-2. The tuners that need no LLM (`--tuners`, default TPE, random and local search), `--budget`
+2. The tuners that need no LLM (`--tuners`, default TPE, random, local search and the menu), `--budget`
    trials × `--seeds` seeds, each starting from the default configuration (trial 0), each
    through the one study loop: best-so-far validation objective per trial.
 
@@ -62,7 +62,7 @@ def main() -> None:
     parser.add_argument("--budget", type=int, default=20)
     parser.add_argument("--seeds", type=int, default=3)
     parser.add_argument("--objective", default="ndcg@20")
-    parser.add_argument("--tuners", default="tpe,random,local", help="Registered tuners, comma-separated.")
+    parser.add_argument("--tuners", default="tpe,random,local,menu", help="Registered tuners, comma-separated.")
     args = parser.parse_args()
 
     work = Path(tempfile.mkdtemp(prefix="rectune-bench-"))

@@ -58,6 +58,24 @@ def modality_weights(modalities: tuple[str, ...], text_weight: float) -> dict[st
     return {m: w / total for m, w in raw.items()} if len(modalities) > 1 else {m: 1.0 for m in modalities}
 
 
+def inert_parameters(dataset: Dataset, fewest_neighbors: int) -> dict[str, str]:
+    """The heuristic's parameters that change nothing on `dataset`, each with why; a tuner that
+    moves one spends a trial on a repeat. `fewest_neighbors`: the lowest value tuners may give
+    `neighbors`."""
+    graphs = dataset.content.graphs if dataset.content is not None else {}
+    if not graphs:
+        return {}
+    inert = {"embedding_dim": "the heuristic reads the item content graphs; embedding_dim only sizes the SVD "
+                              "fallback of datasets without content"}
+    listed = max(int(np.diff(graph.indptr).max(initial=0)) for graph in graphs.values())
+    if listed <= fewest_neighbors:
+        inert["neighbors"] = (f"the content graphs list at most {listed} neighbours per item, and neighbors keeps at "
+                              f"least {fewest_neighbors}")
+    if len(graphs) == 1:
+        inert["text_weight"] = f"one content modality ({next(iter(graphs))}): nothing to fuse"
+    return inert
+
+
 @dataclass
 class HeuristicRecall(RecallModel):
     """Fused content graphs blended with EASE item-CF, applied to the history, plus popularity."""

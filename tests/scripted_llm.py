@@ -3,9 +3,9 @@
 The real langchain-openai client talks to it over HTTP. Each request is answered by the
 next scripted reply: a tool call, several calls, arguments that are not JSON, plain text,
 an HTTP error (whose message may echo the request's Authorization header, as many proxies'
-401s do), a 200 whose JSON body is cut off, any of these after a delay, or a function of the
-request that returns one of these. Every request body and its headers are kept for the
-test to inspect.
+401s do), a 200 whose JSON body is cut off, any of these after a delay or with the usage an
+endpoint reports, or a function of the request that returns one of these. Every request
+body and its headers are kept for the test to inspect.
 """
 
 from __future__ import annotations
@@ -46,19 +46,44 @@ def delayed(seconds: float, reply: dict) -> dict:
     return {**reply, "delay": seconds}
 
 
-def named_tool_only(reply: dict) -> "callable":
-    """As a server that honours only a tool_choice naming a function answers: `reply` when it
-    names one, text otherwise (a stock llama-cpp-python server with chatml-function-calling
-    answers "auto" so; Ollama ignores tool_choice altogether)."""
+def with_usage(reply: dict, **usage) -> dict:
+    """`reply` with the usage an endpoint reports, e.g. prompt_tokens_details={"cached_tokens": 90}
+    as llama.cpp, vLLM and OpenAI report a prompt prefix served from their cache (default:
+    10 prompt and 5 completion tokens)."""
+    return {**reply, "usage": usage}
+
+
+def named_tool_only(reply) -> "callable":
+    """As a server that honours only a tool_choice naming a function answers: `reply` (or, for a
+    function of the request, what it returns) when it names one, text otherwise (a stock
+    llama-cpp-python server with chatml-function-calling answers "auto" so; Ollama ignores
+    tool_choice altogether)."""
     def answer(body: dict) -> dict:
-        choice = body.get("tool_choice")
-        return reply if isinstance(choice, dict) else text("I would change k to 80 because it helps recall.")
+        if not isinstance(body.get("tool_choice"), dict):
+            return text("I would change k to 80 because it helps recall.")
+        return reply(body) if callable(reply) else reply
     return answer
 
 
+def pick_first(body: dict) -> dict:
+    """The pick answered from the request itself: for every group its tool asks about, the first
+    pipeline within noise of the best (which pipelines tie depends on the data, not the script)."""
+    [tool] = [t["function"] for t in body["tools"] if t["function"]["name"] == "choose_pipelines"]
+    return call("choose_pipelines", **{group: {"pipeline": spec["properties"]["pipeline"]["enum"][0], "reason": "cheapest"}
+                                       for group, spec in tool["parameters"]["properties"].items()})
+
+
+def is_pick(body: dict) -> bool:
+    return any(t["function"]["name"] == "choose_pipelines" for t in body.get("tools") or [])
+
+
 class ScriptedLLM:
-    def __init__(self, replies: list[dict], on_request=None):
+    """`replies` answer the tuning calls in order; `picks` the model-selection calls (those that
+    offer choose_pipelines, made only when pipelines tie), `pick_first` once they run out."""
+
+    def __init__(self, replies: list[dict], on_request=None, picks: list | None = None):
         self.replies = list(replies)
+        self.picks = list(picks or [])
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.on_request = on_request
@@ -75,7 +100,10 @@ class ScriptedLLM:
                     owner.requests.append(body)
                     owner.headers.append(dict(self.headers))
                     index = len(owner.requests)
-                    reply = owner.replies.pop(0) if owner.replies else call("finish", reason="script exhausted")
+                    if is_pick(body):
+                        reply = owner.picks.pop(0) if owner.picks else pick_first
+                    else:
+                        reply = owner.replies.pop(0) if owner.replies else call("finish", reason="script exhausted")
                 if callable(reply):  # a reply that depends on what was asked
                     reply = reply(body)
                 if owner.on_request:
@@ -92,7 +120,7 @@ class ScriptedLLM:
                                              for i, (name, arguments) in enumerate(reply["calls"])]
                 self._send(200, {"id": f"chatcmpl-{index}", "object": "chat.completion", "created": 0, "model": body.get("model"),
                                  "choices": [{"index": 0, "message": message, "finish_reason": "tool_calls" if "calls" in reply else "stop"}],
-                                 "usage": {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15}},
+                                 "usage": reply.get("usage", {"prompt_tokens": 10, "completion_tokens": 5, "total_tokens": 15})},
                            cut=reply.get("cut_off", False))
 
             def _send(self, code: int, payload: dict, cut: bool = False):

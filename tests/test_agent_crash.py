@@ -13,9 +13,9 @@ from optuna.trial import TrialState
 from rectune.agent.session import run
 from rectune.tools.tracking import Tracker
 from scripted_llm import ScriptedLLM, call
-from test_agent import assert_exactly_the_budget, cli, no_real_keys, settings, start  # noqa: F401 (a fixture)
+from test_agent import assert_exactly_the_budget, cli, no_real_keys, settings, start, tuning  # noqa: F401 (a fixture)
 
-PICK = call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}])
+# The tuning calls, one per trial; a pick, where the objective leaves pipelines tied, is answered by the server itself.
 TUNE = [call("propose_change", changes={"neighbors": 20}, rationale="denser"),
         call("propose_change", changes={"neighbors": 30}, rationale="denser still")]
 
@@ -48,7 +48,7 @@ def logged_trials(tracking_uri: str, study: str) -> list[int]:
 def test_killed_between_the_ledger_and_mlflow_then_resume_logs_each_trial_once(tmp_path, baby_format_dir):
     storage, tracking_uri = f"sqlite:///{tmp_path / 'optuna.db'}", f"sqlite:///{tmp_path / 'mlflow.db'}"
     (tmp_path / "dies.py").write_text(DIES_BEFORE_MLFLOW)
-    with ScriptedLLM([PICK, *TUNE]) as llm:
+    with ScriptedLLM(TUNE) as llm:
         command = cli(tmp_path, baby_format_dir, llm.base_url, "tune", "--approve", "auto", "--session", "c1")
         process = start([sys.executable, str(tmp_path / "dies.py"), *command[3:]], tmp_path,
                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -64,7 +64,9 @@ def test_killed_between_the_ledger_and_mlflow_then_resume_logs_each_trial_once(t
     trials = assert_exactly_the_budget(storage, "c1-all", 3)
     # One MLflow run per complete ledger trial: the one the kill skipped is there, none twice.
     assert sorted(logged_trials(tracking_uri, "c1-all")) == [t.number for t in trials if t.state == TrialState.COMPLETE]
-    assert len(llm.requests) == 3  # the pick and two proposals: the killed trial was not proposed again
+    # Two proposals, each run once: the killed trial was not proposed again, nor the pick (if any) asked again.
+    assert len(tuning(llm)) == 2 and len(llm.requests) - len(tuning(llm)) <= 1
+    assert [t.user_attrs["params"]["neighbors"] for t in trials[1:]] == [20, 30]
 
 
 def test_a_trial_in_the_ledger_but_not_the_checkpoint_is_reused_on_resume(tmp_path, baby_format_dir, shared_cache, monkeypatch):
@@ -85,7 +87,7 @@ def test_a_trial_in_the_ledger_but_not_the_checkpoint_is_reused_on_resume(tmp_pa
         if line.startswith("[tune] all: trial 2/3"):
             raise Killed
 
-    with ScriptedLLM([PICK, *TUNE]) as llm:
+    with ScriptedLLM(TUNE) as llm:
         config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=3), "cache_dir": shared_cache}
         options = {"checkpoint": str(tmp_path / "sessions.db"), "tracker": Tracker(config["tracking_uri"]), "report_dir": tmp_path / "r"}
         try:
@@ -99,7 +101,7 @@ def test_a_trial_in_the_ledger_but_not_the_checkpoint_is_reused_on_resume(tmp_pa
         values = run(config, None, echo=lambda line: None, resume=True, **options)
 
     assert values["phase"] == "done"
-    assert len(llm.requests) == 3  # the pick and two proposals: the first was not asked for again
+    assert len(llm.requests) == 2  # two proposals (no pick under ndcg@20): the first was not asked for again
     trials = assert_exactly_the_budget(config["storage"], "s1-all", 3)
     assert len(trials) == 3  # no failed or abandoned extra either
     configurations = [canonical(t.user_attrs["params"]) for t in trials]
@@ -136,13 +138,13 @@ def test_no_test_split_metric_reaches_the_llm_or_the_ledger(tmp_path, baby_forma
         return result
 
     monkeypatch.setattr(TrialRunner, "run", watched)
-    with ScriptedLLM([PICK, *TUNE]) as llm:
+    with ScriptedLLM(TUNE) as llm:
         config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=3), "cache_dir": shared_cache}
         values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"),
                      tracker=Tracker(config["tracking_uri"]), report_dir=tmp_path / "r")
-    assert values["phase"] == "done" and len(llm.requests) == 3
+    assert values["phase"] == "done" and len(llm.requests) == 2
     # The report evaluated on test (default and tuned), after the LLM's last call.
-    assert len(test_runs) == 2 and all(asked == 3 for asked, _ in test_runs)
+    assert len(test_runs) == 2 and all(asked == 2 for asked, _ in test_runs)
     bodies = [json.dumps(body) for body in llm.requests]
     # Test metrics are `test/<group>/<metric>` in MLflow and `test_metrics` in a result.
     assert not [body for body in bodies if re.search(r"test[/_]|\btest\b", body, re.IGNORECASE)]

@@ -5,15 +5,15 @@ import re
 
 from rectune.agent.session import run
 from rectune.tools.study import Study
-from scripted_llm import ScriptedLLM, call
+from scripted_llm import ScriptedLLM, call, is_pick
 from test_agent import settings
-
-CHOOSE_ALL = call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}])
 
 
 def test_a_trial_that_fails_counts_and_the_session_goes_on(tmp_path, baby_format_dir, shared_cache):
     # recall@100 needs 100 candidates: K = 60 is inside the search space, so only the runner can refuse it.
-    script = [CHOOSE_ALL, call("propose_change", changes={"k": 60}, rationale="fewer candidates"),
+    # Under recall@100 every pipeline recalls all of the fixture's 80 items: all tie, and the pick
+    # (answered by the server: the first of the band) keeps the heuristic.
+    script = [call("propose_change", changes={"k": 60}, rationale="fewer candidates"),
               call("propose_change", changes={"neighbors": 20}, rationale="denser")]
     lines = []
     with ScriptedLLM(script) as llm:
@@ -21,17 +21,20 @@ def test_a_trial_that_fails_counts_and_the_session_goes_on(tmp_path, baby_format
                   "objective": "recall@100", "cache_dir": shared_cache}
         values = run(config, None, echo=lines.append, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
     history = Study.open(config["storage"], "s1-all").history()
+    assert values["selection"]["all"]["pipeline"] == "heuristic"
     assert [r.state for r in history] == ["complete", "failed", "complete"]
+    assert [r.params["k"] for r in history[1:]] == [60, history[0].params["k"]]  # each proposal ran as the LLM sent it
     assert "K=60" in history[1].error
     assert [r["state"] for r in values["history"]["all"]] == ["complete", "failed", "complete"]
     assert any("failed (" in line and "K=60" in line for line in lines), lines
     # The LLM was told, and its next proposal ran: the failed trial cost one slot of the budget, no more.
-    assert "K=60" in llm.prompt(3)
+    second = [i for i, body in enumerate(llm.requests, 1) if not is_pick(body)][1]
+    assert "K=60" in llm.prompt(second)
     assert values["finished"]["all"] == "budget" and values["phase"] == "done"
 
 
 def test_the_report_reads_an_objective_named_by_top_n(tmp_path, baby_format_dir, shared_cache):
-    script = [CHOOSE_ALL, call("propose_change", changes={"top_n": 30}, rationale="longer lists")]
+    script = [call("propose_change", changes={"top_n": 30}, rationale="longer lists")]
     with ScriptedLLM(script) as llm:
         config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=2),
                   "objective": "f1@topn", "cache_dir": shared_cache}
@@ -42,18 +45,41 @@ def test_the_report_reads_an_objective_named_by_top_n(tmp_path, baby_format_dir,
     assert default > 0 and tuned > 0 and not re.search(r"\bnan\b", row)
 
 
-def test_a_free_tool_not_offered_on_a_turn_is_refused_at_no_cost():
+def test_a_tool_not_offered_on_a_turn_is_refused_whatever_its_name():
+    """Only choose (with a menu), propose_change and finish (when the session may finish) exist;
+    a call of anything else — finish in a full-budget session, the tools of the old design — is
+    a reply that cannot be used (agent/proposer.py then runs candidate A, at no extra call)."""
     from langchain_core.messages import AIMessage
 
-    from rectune.agent.llm_tools import Scope, offered, read_tune_call
+    from rectune.agent.llm_tools import LETTERS, Scope, offered, read_tune_call, tune_tools
+    from rectune.tools.proposers.menu import Candidate
     from rectune.tools.space import SearchSpace
 
+    def reply(name: str, **args) -> AIMessage:
+        return AIMessage(content="", tool_calls=[{"name": name, "args": args, "id": "c1"}])
+
     space = SearchSpace.load()
-    scope = Scope(space, "heuristic", space.defaults("heuristic"), {}, ["cold", "heavy"], may_finish=False)
-    again = AIMessage(content="", tool_calls=[{"name": "evaluate_group", "args": {"group": "heavy"}, "id": "c1"}])
-    assert read_tune_call(again, scope, free=True).kind == "evaluate_group"
-    refused = read_tune_call(again, scope, free=False)
-    assert refused.kind == "invalid" and "must decide" in refused.message
-    assert "evaluate_group" not in offered(scope, free=False) and "finish" not in offered(scope, free=False)
-    prose = read_tune_call(AIMessage(content="k should go up"), scope, free=False)
-    assert prose.kind == "invalid" and prose.message.endswith(f"one call of: {', '.join(offered(scope, free=False))}.")
+    best = space.defaults("heuristic")
+    denser = Candidate(space.validate("heuristic", {"neighbors": 20}, base=best), "neighbour", {"neighbors": [best["neighbors"], 20]})
+    full_budget = Scope(space, "heuristic", "ndcg@20", best, {}, [denser], may_finish=False)
+    assert offered(full_budget) == ["choose", "propose_change"]
+    assert [tool["function"]["name"] for tool in tune_tools(full_budget)] == ["choose", "propose_change"]
+    for name, args in (("finish", {"reason": "converged"}), ("evaluate_group", {"group": "heavy"}),
+                       ("get_history", {}), ("train_model", {"params": {"k": 80}})):
+        refused = read_tune_call(reply(name, **args), full_budget)
+        assert refused.kind == "invalid"
+        assert refused.message == f"there is no tool {name!r} on this turn; the tools are choose, propose_change"
+    prose = read_tune_call(AIMessage(content="k should go up"), full_budget)
+    assert prose.kind == "invalid" and prose.message == "the reply was text ('k should go up'), not a call of choose, propose_change"
+    # The choose tool always lists every letter (a stable prompt prefix); a letter past the menu is refused.
+    [choose] = [t for t in tune_tools(full_budget) if t["function"]["name"] == "choose"]
+    assert choose["function"]["parameters"]["properties"]["candidate"]["enum"] == list(LETTERS)
+    assert read_tune_call(reply("choose", candidate="B", rationale="r"), full_budget).kind == "invalid"
+    chosen = read_tune_call(reply("choose", candidate="A", rationale="denser"), full_budget)
+    assert (chosen.kind, chosen.params, chosen.candidate) == ("choose", denser.params, 0)
+
+    # A session that may finish offers finish; without a menu there is nothing to choose.
+    empty_menu = Scope(space, "heuristic", "ndcg@20", best, {}, [], may_finish=True)
+    assert offered(empty_menu) == ["propose_change", "finish"]
+    assert read_tune_call(reply("finish", reason="converged"), empty_menu).kind == "finish"
+    assert read_tune_call(reply("choose", candidate="A", rationale="r"), empty_menu).kind == "invalid"

@@ -350,3 +350,27 @@ def test_the_model_cache_key_changes_with_the_content_and_features():
     assert dataset_fingerprint(base) == dataset_fingerprint(with_content(replace(dataset, item_features=features), {"text": graph}))
     for name, other in changed.items():
         assert dataset_fingerprint(other) != dataset_fingerprint(base), name
+
+
+def test_what_content_makes_inert_no_tuner_searches(tmp_path):
+    from rectune.models.heuristic import inert_parameters
+    from rectune.tools.space import SearchSpace
+
+    write_baby_tsv(tmp_path)
+    write_item_knn(tmp_path)
+    both = load_amazon_baby(tmp_path)
+    # At most 2 neighbours listed per item: every neighbors value from 10 up keeps them all.
+    assert set(inert_parameters(both, 10)) == {"embedding_dim", "neighbors"}
+    assert set(inert_parameters(both, 1)) == {"embedding_dim"}
+    write_item_knn(tmp_path, [row for row in item_knn_rows() if row[2] == "text"])
+    text_only = inert_parameters(load_amazon_baby(tmp_path), 10)
+    assert set(text_only) == {"embedding_dim", "neighbors", "text_weight"} and "one content modality (text)" in text_only["text_weight"]
+    bare = tmp_path / "bare"
+    write_baby_tsv(bare)
+    assert inert_parameters(load_amazon_baby(bare), 10) == {}  # the SVD fallback reads embedding_dim and neighbors
+
+    space = SearchSpace.load().with_inert({"heuristic": text_only})
+    tunable = {p.name for p in space.tunable("heuristic+deepfm", "ndcg@20")}
+    assert not tunable & set(text_only) and "cf_weight" in tunable
+    assert "embedding_dim" in {p.name for p in space.tunable("two_tower", "ndcg@20")}  # only the heuristic's
+    assert "embedding_dim" not in space.describe("heuristic", "ndcg@20") and "embedding_dim" in space.describe("heuristic")

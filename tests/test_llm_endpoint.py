@@ -15,8 +15,8 @@ import rectune.models.config
 from rectune.tools.loopback import pick_free_port
 from rectune.agent.llm import DEEPSEEK_BASE_URL, EMBEDDED_MODEL, OPENAI_BASE_URL, LLMSettings, chat_model, resolve_llm
 from rectune.models.errors import ConfigError
-from scripted_llm import ScriptedLLM, call, cut_off, delayed, named_tool_only, status, text
-from test_agent import assert_exactly_the_budget, settings
+from scripted_llm import ScriptedLLM, call, cut_off, delayed, is_pick, named_tool_only, pick_first, status, text
+from test_agent import TWO_TOWER_TIES, assert_exactly_the_budget, settings
 
 DEEPSEEK_KEY = "sk-deepseek-0123456789-secret"
 OPENAI_KEY = "sk-openai-0123456789-secret"
@@ -24,7 +24,9 @@ CUSTOM_KEY = "rk-custom-0123456789-secret"
 KEYS = {"DEEPSEEK_API_KEY": DEEPSEEK_KEY, "OPENAI_API_KEY": OPENAI_KEY, "RECTUNE_LLM_API_KEY": CUSTOM_KEY}
 ENVS = (*KEYS, "RECTUNE_LLM_BASE_URL", "RECTUNE_LLM_MODEL", "RECTUNE_LLM_TIMEOUT", "OPENAI_BASE_URL", "OPENAI_API_BASE",
         "MLFLOW_TRACKING_URI")
-CHOOSE_ALL = call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}])
+DENSER = call("propose_change", changes={"neighbors": 20}, rationale="denser")
+"""A tuning reply. The sessions here tune all users under ndcg@20, where the fixture's
+heuristic beats every other pipeline beyond noise: the pick is the rule's, no request."""
 
 
 @pytest.fixture(autouse=True)
@@ -167,11 +169,10 @@ def test_over_the_wire_only_the_opted_in_key_reaches_a_custom_endpoint(monkeypat
 def test_a_429_is_retried_transparently(tmp_path, baby_format_dir, fast_retries, shared_cache):
     from rectune.agent.session import run
 
-    script = [CHOOSE_ALL, status(429), call("propose_change", changes={"neighbors": 20}, rationale="denser")]
-    with ScriptedLLM(script) as llm:
+    with ScriptedLLM([status(429), DENSER]) as llm:
         config = session_settings(tmp_path, baby_format_dir, llm.base_url, shared_cache)
         values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
-    assert len(llm.requests) == 3 and llm.requests[2]["messages"] == llm.requests[1]["messages"]  # the same call, again
+    assert len(llm.requests) == 2 and llm.requests[1]["messages"] == llm.requests[0]["messages"]  # the same call, again
     assert values["phase"] == "done"
     assert values["llm_calls"]["all"] == 1 and not values["invalid_calls"].get("all")  # the graph never saw the 429
     trials = assert_exactly_the_budget(config["storage"], "s1-all", 2)
@@ -200,11 +201,11 @@ def test_a_dead_endpoint_stops_resumably_and_resume_can_move_it(tmp_path, baby_f
     assert errors[0].endswith("`rectune resume moved` (with --llm-base-url URL if the endpoint moved)")
     assert [s["session"] for s in list_sessions(checkpoint)] == ["moved"]
 
-    with ScriptedLLM([CHOOSE_ALL, call("propose_change", changes={"neighbors": 20}, rationale="denser")]) as llm:
+    with ScriptedLLM([DENSER]) as llm:
         resumed = cli.invoke(app, ["resume", "moved", "--llm-base-url", llm.base_url, *common])
     assert resumed.exit_code == 0, resumed.output
     assert f"LLM: scripted at {llm.base_url}" in resumed.output and "report:" in resumed.output
-    assert len(llm.requests) == 2
+    assert len(llm.requests) == 1
     assert_exactly_the_budget(storage, "moved-all", 2)
     # The override was for that run: the session's own settings are unchanged.
     assert load_settings("moved", checkpoint)["llm_base_url"] == dead
@@ -236,9 +237,8 @@ def test_mlflow_traces_and_stores_hold_no_key(tmp_path, baby_format_dir, monkeyp
 
     monkeypatch.setattr(socket, "getaddrinfo", loopback_only)
     previous_uri = mlflow.get_tracking_uri()
-    script = [CHOOSE_ALL, call("propose_change", changes={"neighbors": 20}, rationale="denser")]
     try:
-        with ScriptedLLM(script) as llm:
+        with ScriptedLLM([DENSER]) as llm:
             config = session_settings(tmp_path, baby_format_dir, llm.base_url, shared_cache)
             values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"),
                          tracker=Tracker(config["tracking_uri"]), report_dir=tmp_path / "r", trace=True)
@@ -258,7 +258,7 @@ def test_mlflow_traces_and_stores_hold_no_key(tmp_path, baby_format_dir, monkeyp
     spans = [span for trace in traces for span in trace.data.spans]
     assert any(span.span_type == "CHAT_MODEL" for span in spans)
     traced = json.dumps([[span.inputs, span.outputs, span.attributes] for span in spans], default=str)
-    assert "choose_pipelines" in traced  # the scan reads the LLM calls' content
+    assert '"neighbors": 20' in traced  # the scan reads the LLM calls' content
     files = [path for path in Path(tmp_path).rglob("*") if path.is_file()]
     assert any(path.name == "mlflow.db" for path in files)
     for secret in KEYS.values():
@@ -269,11 +269,11 @@ def test_mlflow_traces_and_stores_hold_no_key(tmp_path, baby_format_dir, monkeyp
 
 # --- endpoint faults: what is retried, what stops, and what the stop says ---------------------
 
-def cli_tune(tmp_path, data_dir, cache: str, session: str, base_url: str, *options: str):
+def cli_tune(tmp_path, data_dir, cache: str, session: str, base_url: str, *options: str, budget: int = 2):
     from rectune.agent.cli import app
 
     return CliRunner().invoke(app, [
-        "tune", "--session", session, "--dataset", "baby", "--groups", "all", "--budget", "2", "--approve", "auto",
+        "tune", "--session", session, "--dataset", "baby", "--groups", "all", "--budget", str(budget), "--approve", "auto",
         "--llm-base-url", base_url, "--llm-model", "scripted", "--storage", f"sqlite:///{tmp_path / 'optuna.db'}",
         "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}", "--data-dir", str(data_dir), "--cache-dir", cache,
         "--checkpoint", str(tmp_path / "sessions.db"), *options])
@@ -311,14 +311,14 @@ def test_a_cut_off_reply_is_retried_then_stops_resumably(tmp_path, baby_format_d
     from rectune.agent.cli import app
 
     monkeypatch.chdir(tmp_path)
-    with ScriptedLLM([CHOOSE_ALL, cut_off(), cut_off()]) as llm:
+    with ScriptedLLM([cut_off(), cut_off()]) as llm:
         started = cli_tune(tmp_path, baby_format_dir, shared_cache, "cut", llm.base_url, "--no-trace-llm")
     assert started.exit_code == 2, started.output
     assert "Traceback" not in started.output and "JSONDecodeError" not in started.output
     errors = [line for line in started.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and errors[0].endswith("`rectune resume cut` (with --llm-base-url URL if the endpoint moved)")
-    assert len(llm.requests) == 3 and llm.requests[2]["messages"] == llm.requests[1]["messages"]  # the same turn, again
-    with ScriptedLLM([call("propose_change", changes={"neighbors": 20}, rationale="denser")]) as llm:
+    assert len(llm.requests) == 2 and llm.requests[1]["messages"] == llm.requests[0]["messages"]  # the same turn, again
+    with ScriptedLLM([DENSER]) as llm:
         resumed = CliRunner().invoke(app, ["resume", "cut", "--llm-base-url", llm.base_url, "--checkpoint",
                                            str(tmp_path / "sessions.db"), "--no-trace-llm"])
     assert resumed.exit_code == 0, resumed.output
@@ -401,21 +401,22 @@ def test_llm_timeouts_default_by_kind_of_endpoint(monkeypatch):
 
 def test_a_decision_is_asked_for_the_way_a_stock_llama_cpp_server_understands():
     from rectune.agent.llm import answered_in_text, bind_decision_tools, text_replies_stop
+    from rectune.agent.llm_tools import Scope, tune_tools
+    from rectune.agent.selection import pick_tool
+    from rectune.tools.space import SearchSpace
 
-    def tool(name: str, **properties) -> dict:
-        return {"type": "function", "function": {"name": name, "description": name, "parameters": {
-            "type": "object", "properties": {k: {"type": v} for k, v in properties.items()}, "required": list(properties)}}}
-
-    pick = call("choose_pipelines", choices="heuristic")
-    with ScriptedLLM([named_tool_only(pick), named_tool_only(call("finish", reason="done"))]) as llm:
+    space = SearchSpace.load()
+    # A tuning turn of a session that may finish, with no menu left: propose_change and finish.
+    scope = Scope(space, "heuristic", "ndcg@20", space.defaults("heuristic"), {}, [], may_finish=True)
+    with ScriptedLLM([named_tool_only(call("finish", reason="done"))], picks=[named_tool_only(pick_first)]) as llm:
         model = chat_model(resolve_llm(llm.base_url, "scripted"))
-        picked = bind_decision_tools(model, [tool("choose_pipelines", choices="string")]).invoke("pick")
-        tuned = bind_decision_tools(model, [tool("propose_change", changes="object"), tool("finish", reason="string")]).invoke("tune")
+        picked = bind_decision_tools(model, [pick_tool({"all": ["heuristic", "two_tower"]})]).invoke("pick")
+        tuned = bind_decision_tools(model, tune_tools(scope)).invoke("tune")
     # One tool: named, which such a server obeys. Several: "required", which it ignores (and says so in text).
     assert llm.requests[0]["tool_choice"] == {"type": "function", "function": {"name": "choose_pipelines"}}
     assert llm.requests[1]["tool_choice"] == "required"
-    assert picked.tool_calls[0]["name"] == "choose_pipelines" and not answered_in_text(picked)
-    assert answered_in_text(tuned)
+    assert picked.tool_calls[0]["args"] == {"all": {"pipeline": "heuristic", "reason": "cheapest"}}
+    assert not answered_in_text(picked) and answered_in_text(tuned)
     stop = str(text_replies_stop(3))
     assert stop.startswith("the LLM endpoint answered 3 turns in a row with text, not the tool call each one required")
     assert "resume the session" in stop and "\n" not in stop
@@ -423,21 +424,33 @@ def test_a_decision_is_asked_for_the_way_a_stock_llama_cpp_server_understands():
 
 def test_an_endpoint_that_answers_in_text_stops_resumably_instead_of_reporting_a_tuned_session(
         tmp_path, baby_format_dir, fast_retries, shared_cache, monkeypatch):
+    import optuna
+
     from rectune.agent.cli import app
 
     monkeypatch.chdir(tmp_path)
-    # As a stock llama-cpp-python server: the pick, whose tool_choice names its one tool, works;
-    # every tuning turn ("required", several tools) comes back as text.
+    # As a stock llama-cpp-python server: the pick, whose tool_choice names its one tool, works
+    # (under TWO_TOWER_TIES pipelines tie on all users, so the pick is asked); every tuning turn
+    # ("required", several tools) comes back as text. A text reply cannot be used: candidate A
+    # runs instead, until the third text reply in a row stops the session.
     prose = named_tool_only(call("finish", reason="never reached"))
-    with ScriptedLLM([named_tool_only(CHOOSE_ALL), prose, prose, prose, prose]) as llm:
-        stopped = cli_tune(tmp_path, baby_format_dir, shared_cache, "prose", llm.base_url, "--no-trace-llm")
+    with ScriptedLLM([prose] * 4, picks=[named_tool_only(pick_first)]) as llm:
+        stopped = cli_tune(tmp_path, baby_format_dir, shared_cache, "prose", llm.base_url, "--no-trace-llm",
+                           "--objective", TWO_TOWER_TIES, budget=4)
     assert stopped.exit_code == 2, stopped.output
     errors = [line for line in stopped.stderr.splitlines() if line.startswith("error:")]
     assert len(errors) == 1 and "answered 3 turns in a row with text" in errors[0] and "rectune resume prose" in errors[0]
-    assert len(llm.requests) == 4  # the pick and three tuning turns, then the stop: no fourth turn
+    # The pick and three tuning turns, then the stop: no fourth turn.
+    assert [is_pick(body) for body in llm.requests] == [True, False, False, False]
     assert not (tmp_path / "reports" / "prose.md").exists()  # no report of a session that tuned nothing
-    with ScriptedLLM([call("propose_change", changes={"neighbors": 20}, rationale="denser")]) as llm:
+    storage = f"sqlite:///{tmp_path / 'optuna.db'}"
+    ran = [t.user_attrs["meta"] for t in optuna.load_study(study_name="prose-all", storage=storage).get_trials()[1:]]
+    assert [(m["in_text"], m["candidate"], m["calls"]) for m in ran] == [(True, "A", 1)] * 2
+    assert all(m["fallback"].startswith("the reply was text") for m in ran)
+    with ScriptedLLM([DENSER]) as llm:
         resumed = CliRunner().invoke(app, ["resume", "prose", "--llm-base-url", llm.base_url, "--checkpoint",
                                            str(tmp_path / "sessions.db"), "--no-trace-llm"])
     assert resumed.exit_code == 0, resumed.output
-    assert_exactly_the_budget(f"sqlite:///{tmp_path / 'optuna.db'}", "prose-all", 2)
+    assert len(llm.requests) == 1  # the pick is not asked again
+    trials = assert_exactly_the_budget(storage, "prose-all", 4)
+    assert trials[3].user_attrs["params"]["neighbors"] == 20

@@ -24,8 +24,8 @@ from langchain_core.utils.function_calling import convert_to_openai_tool
 
 import rectune.agent.local_llm as local_llm
 from rectune.agent.llm_server import (
-    MAX_TOKENS_CAP, MODEL_ID, BadRequest, ChatServer, ClientGone, Completion, chat_completion, compile_template,
-    normalise_messages, render_prompt, select_tools, tool_call_schema,
+    MAX_TOKENS_CAP, MODEL_ID, BadRequest, ChatServer, ClientGone, Completion, _shared_prefix, chat_completion,
+    compile_template, normalise_messages, render_prompt, select_tools, tool_call_schema,
 )
 
 
@@ -205,8 +205,8 @@ def test_tool_choice_selects_what_is_shown_and_what_must_be_called():
 class StubBackend:
     """Stands in for llama.cpp: answers a constrained request with the first allowed call."""
 
-    def __init__(self, text: str | None = None, finish_reason: str = "stop"):
-        self.text, self.finish_reason, self.requests = text, finish_reason, []
+    def __init__(self, text: str | None = None, finish_reason: str = "stop", cached_tokens: int = 0):
+        self.text, self.finish_reason, self.cached_tokens, self.requests = text, finish_reason, cached_tokens, []
 
     def complete(self, messages, tools, schema, **options) -> Completion:
         self.requests.append({"messages": messages, "tools": tools, "schema": schema, **options})
@@ -217,7 +217,7 @@ class StubBackend:
             text = json.dumps({"name": name, "arguments": {"changes": {"k": 80}, "rationale": "wider recall"} if name == "propose_change" else {"reason": "done"}})
         else:
             text = " Plain answer. "
-        return Completion(text, self.finish_reason, 40, 12)
+        return Completion(text, self.finish_reason, 40, 12, self.cached_tokens)
 
 
 def test_a_constrained_reply_becomes_an_openai_tool_call():
@@ -229,7 +229,8 @@ def test_a_constrained_reply_becomes_an_openai_tool_call():
     assert call["type"] == "function" and call["id"].startswith("call_")
     assert call["function"]["name"] == "propose_change"
     assert json.loads(call["function"]["arguments"]) == {"changes": {"k": 80}, "rationale": "wider recall"}
-    assert response["usage"] == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52}
+    assert response["usage"] == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52,
+                                 "prompt_tokens_details": {"cached_tokens": 0}}
     assert backend.requests[0]["max_tokens"] == MAX_TOKENS_CAP
 
     plain = chat_completion(backend, {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 7})
@@ -354,6 +355,56 @@ def test_http_errors_are_json(stub_server, monkeypatch):
     assert status == 413 and "over 10 bytes" in body["error"]["message"]
     status, body = post(base_url + "/nowhere", b"{}")
     assert status == 404 and "no route" in body["error"]["message"]
+
+
+# --- prompt-cache accounting ------------------------------------------------------------------
+
+def test_the_reused_prefix_is_the_common_one_less_the_token_evaluated_again():
+    import numpy as np
+
+    # llama.cpp keeps the previous request's tokens (prompt and reply) as a numpy array.
+    previous = np.array([5, 6, 7, 8, 9], dtype=np.intc)
+    assert _shared_prefix(previous, [5, 6, 7, 1, 2, 3]) == 3  # the system message and tools, then a new history row
+    assert _shared_prefix(previous, [4, 6, 7]) == 0
+    assert _shared_prefix(np.array([], dtype=np.intc), [5, 6]) == 0  # the first request
+    # A prompt the cache holds whole (or more of): its last token is evaluated again for the logits.
+    assert _shared_prefix(previous, [5, 6, 7]) == 2
+    assert _shared_prefix([5, 6, 7], [5, 6, 7]) == 2
+
+
+def test_the_server_reports_the_reused_prefix_as_openai_does_and_call_llm_counts_it(monkeypatch):
+    from rectune.agent.proposer import call_llm
+
+    with serving(StubBackend(cached_tokens=30), monkeypatch) as (_, port):
+        base_url = f"http://127.0.0.1:{port}/v1"
+        status, body = post(base_url + "/chat/completions", json.dumps({"messages": [{"role": "user", "content": "go"}],
+                                                                        "tools": TOOLS}).encode())
+        assert status == 200
+        assert body["usage"] == {"prompt_tokens": 40, "completion_tokens": 12, "total_tokens": 52,
+                                 "prompt_tokens_details": {"cached_tokens": 30}}
+        # langchain-openai reads it as usage_metadata's input_token_details.cache_read.
+        reply, usage = call_llm(client(base_url).bind_tools([propose_change, finish]), CONVERSATION, None)
+    assert reply.usage_metadata["input_token_details"]["cache_read"] == 30
+    assert {name: usage[name] for name in ("calls", "input_tokens", "cached_tokens", "output_tokens")} == \
+        {"calls": 1, "input_tokens": 40, "cached_tokens": 30, "output_tokens": 12}
+
+
+def test_call_llm_adds_up_cached_tokens_of_any_endpoint_and_counts_none_where_none_are_reported():
+    from scripted_llm import ScriptedLLM, call, with_usage
+
+    from rectune.agent.proposer import call_llm
+
+    finish_call = call("finish", reason="done")
+    # As DeepSeek and vLLM report a cached prefix; then an endpoint that says nothing of a cache.
+    cached = with_usage(finish_call, prompt_tokens=900, completion_tokens=20, total_tokens=920,
+                        prompt_tokens_details={"cached_tokens": 850})
+    with ScriptedLLM([cached, finish_call]) as llm:
+        model = client(llm.base_url).bind_tools([finish])
+        _, usage = call_llm(model, [HumanMessage("tune")], {"calls": 3, "cached_tokens": 100})
+        _, usage = call_llm(model, [HumanMessage("tune")], usage)
+    assert {name: usage[name] for name in ("calls", "input_tokens", "cached_tokens", "output_tokens")} == \
+        {"calls": 5, "input_tokens": 910, "cached_tokens": 950, "output_tokens": 25}
+    assert usage["seconds"] > 0
 
 
 class GeneratingBackend:

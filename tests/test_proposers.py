@@ -17,7 +17,9 @@ from rectune.tools.trial import TrialRecord, TrialResult
 
 TUNERS = sorted(name for name in PROPOSERS if unattended(name))
 SPACE = SearchSpace.load()
-CONTEXT = StudyContext("planted", "activity:2", "cold", "heuristic", budget=12, tuner="tpe")
+# The made-up objective below depends on top_n, so the context's objective is measured at top_n
+# (at a fixed cutoff such as ndcg@20 top_n cannot change it, and no tuner searches it).
+CONTEXT = StudyContext("planted", "activity:2", "cold", "heuristic", objective="ndcg@topn", budget=12, tuner="tpe")
 # A space of 3 × 3 configurations, small enough to be used up.
 TINY = """
 [parameters.top_n]
@@ -60,7 +62,7 @@ def drive(name: str, space: SearchSpace, steps_: int, context: StudyContext = CO
 
 
 def test_every_built_in_tuner_is_registered():
-    assert {"default", "tpe", "random", "local"} <= set(TUNERS)
+    assert {"default", "tpe", "random", "local", "menu"} <= set(TUNERS)
 
 
 @pytest.mark.parametrize("name", TUNERS)
@@ -119,7 +121,7 @@ def test_rejected_queued_and_running_configurations_count_as_tried(name, tmp_pat
 def test_random_search_follows_the_study_seed():
     history = [record(0, SPACE.defaults("heuristic"))]
     proposals = {seed: make_proposer("random").propose(history, ProposerContext(
-        StudyContext("planted", "activity:2", "cold", "heuristic", seed=seed), SPACE, 12)) for seed in (0, 1)}
+        StudyContext("planted", "activity:2", "cold", "heuristic", "ndcg@topn", seed=seed), SPACE, 12)) for seed in (0, 1)}
     assert proposals[0].params != proposals[1].params
 
 
@@ -128,7 +130,7 @@ def test_neighbouring_seeds_draw_independent_proposals(name):
     # With seed + trials as the sampler seed, seed 1 replayed seed 0 one trial later: the seeds a
     # comparison pairs over would share their draws.
     def proposals(seed: int) -> list[str]:
-        context = StudyContext("planted", "activity:2", "cold", "heuristic", seed=seed, budget=8, tuner=name)
+        context = StudyContext("planted", "activity:2", "cold", "heuristic", "ndcg@topn", seed=seed, budget=8, tuner=name)
         history = [record(0, SPACE.defaults("heuristic"))]
         for number in range(1, 5):
             drawn = make_proposer(name).propose(list(history), ProposerContext(context, SPACE, 8))
@@ -182,3 +184,42 @@ def test_a_new_tuner_is_one_registration(monkeypatch):
     assert not unattended("needs-a-person") and "needs-a-person" not in PROPOSERS
     with pytest.raises(ConfigError, match="tuner must be one of .*but got 'nope'"):
         make_proposer("nope")
+
+
+def test_tuners_search_only_parameters_that_can_move_the_objective():
+    names = lambda pipeline, objective: {p.name for p in SPACE.tunable(pipeline, objective)}  # noqa: E731
+    everything = {p.name for p in SPACE.parameters_for("heuristic")}
+    # Without a ranker the top-N is taken directly (K changes nothing), and ndcg@20 is scored on 20 items whatever top_n is.
+    assert names("heuristic", "ndcg@20") == everything - {"k", "top_n"}
+    assert names("heuristic", "f1@topn") == everything - {"k"}
+    assert names("heuristic", "candidate_recall@k") == everything - {"top_n"}
+    assert "k" in names("heuristic+deepfm", "ndcg@20") and "top_n" not in names("heuristic+deepfm", "ndcg@20")
+    context = StudyContext("planted", "activity:2", "cold", "heuristic", budget=12, tuner="tpe")
+    for name in ("tpe", "random", "local", "menu"):
+        proposals, _ = drive(name, SPACE, 6, context)
+        assert all((p.params["k"], p.params["top_n"]) == (500, 20) for p in proposals), name
+
+
+def test_the_menu_refines_the_best_and_explores_with_tpe_once_stuck():
+    from rectune.tools.proposers.menu import STUCK, menu
+
+    defaults = SPACE.defaults("heuristic")
+    history = [record(0, defaults), record(1, {**defaults, "top_n": 30}), record(2, {**defaults, "top_n": 40}, state="rejected")]
+    context = ProposerContext(CONTEXT, SPACE, CONTEXT.budget)
+    options = menu(history, context)
+    assert [c.source for c in options] == ["neighbour"] * 4
+    keys = [canonical(c.params) for c in options]
+    assert len(set(keys)) == 4 and not set(keys) & {canonical(r.params) for r in history}
+    best = history[1].params  # top_n 30 scores higher than the default's 20
+    for candidate in options:
+        assert candidate.changes == {k: [best[k], v] for k, v in candidate.params.items() if best[k] != v}
+        assert len(candidate.changes) == 1 and "neighbour of the best" in candidate.describe()
+    assert len({next(iter(c.changes)) for c in options}) == 4  # each on another parameter
+    # Deterministic, and shuffled by the seed: another seed orders (and draws) otherwise.
+    assert menu(history, context) == options
+    assert [canonical(c.params) for c in menu(history, context, seed=1)] != keys
+    assert make_proposer("menu").propose(history, context).params == options[0].params
+    # STUCK complete trials without a new best: one candidate is a TPE sample.
+    worse = [record(3 + i, {**best, "neighbors": 20 + i}) for i in range(STUCK)]
+    assert all(r.objective < history[1].objective for r in worse)
+    assert sorted(c.source for c in menu(history + worse, context)) == ["neighbour", "neighbour", "neighbour", "tpe"]

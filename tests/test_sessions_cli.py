@@ -8,7 +8,7 @@ from rectune.agent.cli import app
 from rectune.agent.session import list_sessions, load_settings, run
 from scripted_llm import ScriptedLLM, call
 from test_agent import assert_exactly_the_budget
-from test_llm_endpoint import CHOOSE_ALL, session_settings
+from test_llm_endpoint import DENSER, session_settings
 
 
 class Killed(Exception):
@@ -22,8 +22,7 @@ def listed(checkpoint: str) -> str:
 
 
 def test_sessions_tells_an_approval_wait_from_a_trial_cut_short(tmp_path, baby_format_dir, shared_cache, monkeypatch):
-    script = [CHOOSE_ALL, call("propose_change", changes={"neighbors": 20}, rationale="denser"),
-              call("propose_change", changes={"neighbors": 30}, rationale="denser still")]
+    script = [DENSER, call("propose_change", changes={"neighbors": 30}, rationale="denser still")]
     checkpoint = str(tmp_path / "sessions.db")
     options = {"echo": lambda line: None, "checkpoint": checkpoint, "report_dir": tmp_path / "r"}
     approve = lambda payload: {"action": "approve"}  # noqa: E731
@@ -53,7 +52,7 @@ def test_sessions_tells_an_approval_wait_from_a_trial_cut_short(tmp_path, baby_f
 def test_tune_max_latency_ms_marks_slower_trials_infeasible(tmp_path, baby_format_dir, shared_cache, monkeypatch):
     monkeypatch.chdir(tmp_path)  # the session's report goes to ./reports
     checkpoint, storage = str(tmp_path / "sessions.db"), f"sqlite:///{tmp_path / 'optuna.db'}"
-    with ScriptedLLM([CHOOSE_ALL, call("propose_change", changes={"neighbors": 20}, rationale="denser")]) as llm:
+    with ScriptedLLM([DENSER]) as llm:
         result = CliRunner().invoke(app, [
             "tune", "--session", "lat", "--dataset", "baby", "--groups", "all", "--budget", "2", "--approve", "auto",
             "--max-latency-ms", "0.000001", "--llm-base-url", llm.base_url, "--llm-model", "scripted", "--no-trace-llm",
@@ -67,7 +66,8 @@ def test_tune_max_latency_ms_marks_slower_trials_infeasible(tmp_path, baby_forma
         assert trial.user_attrs["latency_ms_per_user"] > 1e-6 and trial.user_attrs["feasible"] is False
     assert optuna.load_study(study_name="lat-all", storage=storage).user_attrs["rectune"]["max_latency_ms"] == pytest.approx(1e-6)
     # The LLM is told the budget, and sees which trials broke it.
-    proposal_prompt = llm.prompt(2)
+    assert len(llm.requests) == 1  # the one tuning call (no pick under ndcg@20)
+    proposal_prompt = llm.prompt(1)
     assert "Only configurations that recommend within 1e-06 ms per user" in proposal_prompt
     assert "(over the latency budget)" in proposal_prompt
 

@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 
-from scripted_llm import ScriptedLLM, call
+from scripted_llm import ScriptedLLM, call, is_pick
+from test_agent import TWO_TOWER_TIES
 
 ROOT = Path(__file__).resolve().parents[1]
 NODES = {"select", "pick", "start_group", "decide", "approve", "run_trial", "next_group", "report"}
-SCRIPT = [call("choose_pipelines", choices=[{"group": "all", "pipeline": "heuristic", "reason": "fast"}]),
-          call("propose_change", changes={"neighbors": 20}, rationale="denser")]
+SCRIPT = [call("propose_change", changes={"neighbors": 20}, rationale="denser")]
+PICK = call("choose_pipelines", all={"pipeline": "heuristic", "reason": "fastest of the tied"})
+"""Under TWO_TOWER_TIES several pipelines tie with the heuristic on all users: a thread asks the
+LLM for the pick, then for its first proposal."""
 
 
 @pytest.fixture(autouse=True)
@@ -29,7 +32,7 @@ def factory():
 
 
 def studio_settings(tmp_path, data_dir, base_url, cache: str) -> dict:
-    return {"session": "studio", "dataset": "baby", "groups": "all", "budget": 2, "approve": "ask",
+    return {"session": "studio", "dataset": "baby", "groups": "all", "objective": TWO_TOWER_TIES, "budget": 2, "approve": "ask",
             "storage": f"sqlite:///{tmp_path / 'optuna.db'}", "tracking_uri": f"sqlite:///{tmp_path / 'mlflow.db'}",
             "data_dir": str(data_dir), "cache_dir": cache, "llm_base_url": base_url, "llm_model": "scripted"}
 
@@ -49,13 +52,15 @@ def test_the_factory_draws_the_graph_without_an_llm_and_a_thread_stops_at_its_fi
     # As the server runs a thread: its own checkpointer, the input from Studio's form, no context.
     graph = graph.copy(update={"checkpointer": InMemorySaver()})
     thread = {"configurable": {"thread_id": "t1"}}
-    with ScriptedLLM(SCRIPT) as llm:
+    with ScriptedLLM(SCRIPT, picks=[PICK]) as llm:
         graph.invoke({"settings": studio_settings(tmp_path, baby_format_dir, llm.base_url, shared_cache)}, thread)
     state = graph.get_state(thread)
     assert state.next == ("approve",)
     [waiting] = state.interrupts
     assert waiting.value["changes"] == {"neighbors": 20} and waiting.value["rationale"] == "denser"
-    assert len(llm.requests) == 2 and state.values["selection"]["all"]["pipeline"] == "heuristic"
+    assert [is_pick(body) for body in llm.requests] == [True, False]
+    picked = state.values["selection"]["all"]
+    assert (picked["pipeline"], picked["chosen_by"], picked["reason"]) == ("heuristic", "llm", "fastest of the tied")
 
 
 def test_a_thread_without_an_endpoint_says_how_to_give_one(tmp_path, baby_format_dir, shared_cache, monkeypatch):
@@ -108,7 +113,7 @@ def test_langgraph_dev_serves_the_graph_and_runs_a_thread_to_its_first_approval(
         assert "settings" in schemas["input_schema"]["properties"]
 
         thread = api.post("/threads", json={}).raise_for_status().json()["thread_id"]
-        with ScriptedLLM(SCRIPT) as llm:
+        with ScriptedLLM(SCRIPT, picks=[PICK]) as llm:
             settings = {**studio_settings(tmp_path, baby_format_dir, llm.base_url, shared_cache), "session": "served"}
             api.post(f"/threads/{thread}/runs/wait", json={"assistant_id": assistant["assistant_id"],
                                                            "input": {"settings": settings}}).raise_for_status()
@@ -118,4 +123,5 @@ def test_langgraph_dev_serves_the_graph_and_runs_a_thread_to_its_first_approval(
         server.wait(timeout=60)
     assert state["next"] == ["approve"], (state, (tmp_path / "server.log").read_text()[-3000:])
     [waiting] = state["interrupts"]
-    assert waiting["value"]["changes"] == {"neighbors": 20} and len(llm.requests) == 2
+    assert waiting["value"]["changes"] == {"neighbors": 20} and [is_pick(body) for body in llm.requests] == [True, False]
+    assert state["values"]["selection"]["all"]["chosen_by"] == "llm"

@@ -7,6 +7,7 @@ import json
 import math
 from dataclasses import replace
 
+import numpy as np
 import optuna
 import pytest
 from mlflow import MlflowClient
@@ -64,8 +65,11 @@ def test_the_loop_runs_the_default_first_then_the_proposer_to_the_budget(runner,
     runs = children(tracker)
     assert sorted(r.data.tags["run_key"] for r in runs) == [f"s/trial-{n}" for n in range(5)]
     # Whatever each trial's TopN, every trial has the same MLflow columns; TopN is a param.
+    # Trial 0 has no best before it to be compared with.
     assert {r.data.params["top_n"] for r in runs} == {"20", "30"}
-    assert len({frozenset(r.data.metrics) for r in runs}) == 1
+    paired = {"vs_best_diff", "vs_best_low", "vs_best_high"}
+    assert len({frozenset(r.data.metrics) - paired for r in runs}) == 1
+    assert [paired <= set(r.data.metrics) for r in sorted(runs, key=lambda r: int(r.data.tags["trial_number"]))] == [False] + [True] * 4
     metrics = next(r for r in runs if r.data.tags["run_key"] == f"s/trial-{longer.number}").data.metrics
     assert {"val/cold/ndcg_at_20", "val/cold/f1_at_topn", "val/overall/precision_at_topn", "objective"} <= set(metrics)
     assert metrics["val/cold/f1_at_topn"] == pytest.approx(longer.result.metrics["cold"]["f1@30"])
@@ -180,3 +184,45 @@ def test_a_proposal_queued_twice_at_once_runs_once(runner, tmp_path):
     record = study.run(Proposal(params, "llm", id="p"), runner)
     assert record.number == older and study.ran == 1
     assert [r.number for r in study.history()] == [older] and study.queued() == []
+
+
+def test_each_trial_is_paired_with_the_best_before_it_and_the_ledger_keeps_both(runner, tmp_path):
+    from rectune.tools.noise import Interval, paired_interval, vector
+
+    study = open_study(tmp_path, tuner="local", budget=3, seed=5)
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    with tracker.session("planted", "s", "local") as session:
+        run_study(study, make_proposer("local"), runner, session, progress=False)
+    stored = Study.open(study.storage, "s").history()
+    first, second, third = stored
+    users = int(first.result.metrics["cold"]["users"])
+    assert first.result.vs_best is None and first.result.per_user["n"] == users == second.result.per_user["n"]
+    # The per-user values are the runner's, in the order of the group's evaluated users.
+    assert np.allclose(vector(first.result.per_user), runner.per_user(first.result.spec)[1], atol=5e-7)
+    assert vector(first.result.per_user).mean() == pytest.approx(first.objective, abs=1e-6)
+    # Trial 1 against trial 0 (the only one before it); trial 2 against the better of the two.
+    expected = paired_interval(vector(second.result.per_user), vector(first.result.per_user), seed=5)
+    assert second.result.vs_best == {**expected.to_json(), "trial": 0}
+    best = max((first, second), key=lambda r: r.objective)
+    assert third.result.vs_best["trial"] == best.number
+    assert Interval.from_json(third.result.vs_best).diff == pytest.approx(third.objective - best.objective, abs=1e-6)
+
+    run = next(r for r in children(tracker) if r.data.tags["trial_number"] == "1")
+    assert {k: run.data.metrics[f"vs_best_{k}"] for k in ("diff", "low", "high")} == expected.to_json()
+    assert run.data.tags["within_noise"] == str(expected.within_noise) and run.data.tags["vs_best_trial"] == "0"
+    # The per-user values stay in the ledger.
+    assert not any(name.startswith("per_user") for name in (*run.data.metrics, *run.data.params, *run.data.tags))
+    assert not any("nonzero" in value for value in (*run.data.params.values(), *run.data.tags.values()))
+
+
+def test_a_trial_stored_before_per_user_values_reads_back_without_them(tmp_path):
+    from optuna.trial import TrialState, create_trial
+
+    study = open_study(tmp_path)
+    params = {"top_n": 20}
+    old = {"tuner": "tpe", "params": params, "latency_ms_per_user": 0.1, "train_seconds": 1.0, "eval_seconds": 1.0,
+           "cache": "none", "metrics": {"cold": {"ndcg@20": 0.1}}, "test_metrics": None}
+    study.optuna.add_trial(create_trial(state=TrialState.COMPLETE, value=0.1, params={}, distributions={}, user_attrs=old))
+    (record,) = study.history()
+    assert record.result.per_user is None and record.result.vs_best is None and record.result.metric == ""
+    assert TrialRecord.from_json(json.loads(json.dumps(record.to_json()))) == record

@@ -170,6 +170,29 @@ def test_resume_appends_to_the_same_parent(tmp_path, monkeypatch):
     assert client.get_run(parent_id).info.status == "FAILED"
 
 
+def test_a_trial_run_shows_its_difference_to_the_best_before_it(tmp_path):
+    from dataclasses import replace
+
+    from rectune.tools.noise import per_user_vector
+
+    tracker = Tracker(f"sqlite:///{tmp_path / 'runs.db'}")
+    per_user = per_user_vector([0.0] * 400 + [0.5] * 100)
+    clear = replace(trial(200), per_user=per_user, vs_best={"diff": 0.0021, "low": 0.0004, "high": 0.0039, "trial": 0})
+    tied = replace(trial(300), per_user=per_user, vs_best={"diff": 0.0004, "low": -0.0011, "high": 0.0019, "trial": 1})
+    with tracker.session("baby", "s", "tpe") as session:
+        for number, result in enumerate((trial(100), clear, tied)):
+            log(session, result, number, "tpe", "baby-tpe")
+        parent = session.client.get_run(session.run_id)
+    first, second, third = children(MlflowClient(tracker.tracking_uri), parent)
+    assert not {"vs_best_diff", "vs_best_low", "vs_best_high"} & set(first.data.metrics)
+    assert not {"within_noise", "vs_best_trial"} & set(first.data.tags)
+    assert {k: second.data.metrics[f"vs_best_{k}"] for k in ("diff", "low", "high")} == {"diff": 0.0021, "low": 0.0004, "high": 0.0039}
+    assert (second.data.tags["within_noise"], second.data.tags["vs_best_trial"]) == ("False", "0")
+    assert (third.data.tags["within_noise"], third.data.tags["vs_best_trial"]) == ("True", "1")
+    # Hundreds of per-user values are the ledger's, not the run's.
+    assert len(third.data.metrics) == len(first.data.metrics) + 3 and len(third.data.params) == len(first.data.params)
+
+
 OPENAI = "sk-proj-FAKEopenai0000aaaa1111bbbb2222"
 DEEPSEEK = "sk-FAKEdeepseek3333cccc4444dddd5555"
 LOCAL = "rk-local-FAKE-6666-eeee-7777"  # no recognisable shape: only its env var gives it away

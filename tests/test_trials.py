@@ -85,6 +85,21 @@ def test_trial_result_holds_the_group_objective_and_metrics(runner):
     assert everyone.objective == everyone.metrics["overall"]["ndcg@20"]
 
 
+def test_a_trial_keeps_its_objective_per_evaluated_user_of_its_group(runner):
+    from rectune.tools.noise import vector
+
+    for group, scope in (("cold", "cold"), ("all", "overall")):
+        trial = spec({}, group=group, pipeline="heuristic", objective="recall@20")
+        result = runner.run(trial)
+        users, values = runner.per_user(trial)
+        # Users without validation items are left out: one value per evaluated user, in index order.
+        assert result.per_user["n"] == len(users) == result.metrics[scope]["users"] and np.all(np.diff(users) > 0)
+        assert np.array_equal(vector(result.per_user), np.round(values, 6))
+        assert vector(result.per_user).mean() == pytest.approx(result.objective, abs=1e-6)
+    # Coverage belongs to the whole list: there is nothing per user to pair.
+    assert runner.run(spec({}, pipeline="heuristic", objective="coverage@20")).per_user is None
+
+
 def test_run_trial_is_one_reproducible_trial(planted):
     from rectune.tools.runner import run_trial
 

@@ -31,7 +31,8 @@ STORAGE_ENV = "RECTUNE_STORAGE"
 CONTEXT_ATTR = "rectune"
 SQLITE_BUSY_SECONDS = 60.0
 _PROPOSAL_ATTRS = ("tuner", "rationale", "proposal_id", "meta")
-_RESULT_ATTRS = ("latency_ms_per_user", "train_seconds", "eval_seconds", "cache", "feasible", "metrics", "test_metrics", "metric")
+_RESULT_ATTRS = ("latency_ms_per_user", "train_seconds", "eval_seconds", "cache", "feasible", "metrics", "test_metrics", "metric",
+                 "per_user", "vs_best")
 
 
 def storage_url(explicit: str | None = None) -> str:
@@ -218,7 +219,8 @@ def decode(trial, context: "StudyContext") -> TrialRecord | None:
     params = attrs.get("params") or {**trial.system_attrs.get("fixed_params", {}), **trial.params}
     result = None
     if state == "complete":
-        # Ledgers written before `metric` and `feasible` existed lack them.
+        # Ledgers written before `metric` and `feasible` existed lack them (and before `per_user`
+        # and `vs_best`: None, no interval).
         values = {name: attrs.get(name) for name in _RESULT_ATTRS} | {"feasible": attrs.get("feasible", True),
                                                                        "metric": attrs.get("metric", "")}
         result = TrialResult(context.spec(params), trial.value, **values)

@@ -21,9 +21,11 @@ import numpy as np
 from rectune.models.dataset import Dataset
 from rectune.models.errors import ConfigError
 from rectune.models.groups import UserGroups
+from rectune.models.heuristic import inert_parameters
 from rectune.models.metrics import PER_USER_METRICS, EvalResult
 from rectune.models.pipeline import ANCHOR_CUTOFF, Pipeline, PipelineConfig, Recommendations, fit_ranker, fit_recall, score_lists
 from rectune.tools.cache import ModelCache, cache_key, dataset_fingerprint
+from rectune.tools.noise import per_user_vector
 from rectune.tools.space import SearchSpace
 from rectune.tools.trial import TrialResult, TrialSpec
 
@@ -77,7 +79,9 @@ class TrialRunner:
         self.dataset = dataset
         self.groups = groups
         self.cache = cache or ModelCache()
-        self.space = space or SearchSpace.load()
+        space = space or SearchSpace.load()
+        # What this dataset makes inert, every tuner leaves at its default (a move would repeat a trial).
+        self.space = space.with_inert({"heuristic": inert_parameters(dataset, _lowest(space, "neighbors"))})
         self.max_latency_ms = max_latency_ms
         self.progress = progress
         self._fingerprint = dataset_fingerprint(dataset)
@@ -119,10 +123,14 @@ class TrialRunner:
             raise ConfigError(f"objective {plan.objective!r} is not among the computed metrics: {sorted(metrics[scope])}")
         latency = 1000.0 * sum(served.seconds.values()) / max(len(served.users), 1)
         cache = "ranking" if served_cached else "model" if all(stages_cached) else "recall" if stages_cached[0] else "none"
+        # Users without held-out items are left out, the others in index order (the same for every
+        # trial of the group); coverage and novelty belong to the whole list and have no per-user values.
+        values = result.per_user.get(plan.objective)
         return TrialResult(
             spec=spec, objective=float(metrics[scope][plan.objective]), metrics=metrics, latency_ms_per_user=latency,
             train_seconds=train_seconds, eval_seconds=eval_seconds, cache=cache,
             feasible=self.max_latency_ms is None or latency <= self.max_latency_ms, test_metrics=test_metrics, metric=plan.objective,
+            per_user=None if values is None else per_user_vector(values),
         )
 
     def per_user(self, spec: TrialSpec, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
@@ -182,6 +190,10 @@ class TrialRunner:
     def _by_scope(result: EvalResult) -> dict[str, dict[str, float]]:
         """`overall` and every group with evaluated users → metric → value."""
         return {"overall": result.overall, **{label: values for label, values in result.groups.items() if values["users"] > 0}}
+
+
+def _lowest(space: SearchSpace, name: str) -> int:
+    return next(int(p.low) for p in space.parameters if p.name == name)
 
 
 def run_trial(dataset: Dataset, groups: UserGroups, group: str, pipeline: str, params: dict, seed: int = 0,

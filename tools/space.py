@@ -13,7 +13,7 @@ import difflib
 import numbers
 import re
 import tomllib
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, fields, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -203,6 +203,9 @@ class SearchSpace:
     """In file order, which is also the order of every dict and listing."""
     constraints: tuple[Constraint, ...]
     path: Path
+    inert: tuple[tuple[str, str, str], ...] = ()
+    """(recall model, parameter, why) for parameters that change nothing on the dataset at hand
+    (set by the trial runner, which knows it: `with_inert`); tuners leave them at their defaults."""
 
     @classmethod
     def load(cls, path: str | Path = DEFAULT_FILE) -> SearchSpace:
@@ -235,6 +238,26 @@ class SearchSpace:
         if pipeline not in PIPELINES:
             raise ConfigError(_unknown_pipeline(pipeline))
         return [p for p in self.parameters if p.applies_to(pipeline)]
+
+    def tunable(self, pipeline: str, objective: str) -> list[Parameter]:
+        """The parameters of `pipeline` that can move `objective`: what every tuner searches.
+
+        The others keep their defaults, because a trial that changes only them repeats a
+        tried one: without a ranker the top-N is taken directly, so K changes nothing
+        (unless the objective is measured at K); an objective not measured at the top-N, such
+        as `ndcg@20`, is scored on the first 20 items whatever `top_n` is; and `inert` names
+        what the dataset makes inert."""
+        cutoff = objective.strip().lower().rpartition("@")[2]
+        inert = {name for recall, name, _ in self.inert if recall == PIPELINES[pipeline][0]}
+        if PIPELINES[pipeline][1] == "none" and cutoff != "k":
+            inert.add("k")
+        if cutoff != "topn":
+            inert.add("top_n")
+        return [p for p in self.parameters_for(pipeline) if p.name not in inert]
+
+    def with_inert(self, found: dict[str, dict[str, str]]) -> SearchSpace:
+        """This space with `found` (recall model → parameter → why it changes nothing) as its inert parameters."""
+        return replace(self, inert=tuple((recall, name, why) for recall, names in found.items() for name, why in names.items()))
 
     def defaults(self, pipeline: str) -> dict[str, Value]:
         return {p.name: p.default for p in self.parameters_for(pipeline)}
@@ -274,12 +297,15 @@ class SearchSpace:
         """The validated values over PipelineConfig's defaults (seed and untuned fields included)."""
         return PipelineConfig.from_dict({"pipeline": pipeline, **self.validate(pipeline, values)})
 
-    def distributions(self, pipeline: str) -> dict[str, optuna.distributions.BaseDistribution]:
-        """The fixed distributions `suggest` samples from: for `study.ask(fixed_distributions=...)`."""
-        return {p.name: p.distribution() for p in self.parameters_for(pipeline)}
+    def distributions(self, pipeline: str, objective: str | None = None) -> dict[str, optuna.distributions.BaseDistribution]:
+        """The fixed distributions `suggest` samples from: for `study.ask(fixed_distributions=...)`;
+        with `objective`, only those of the tunable parameters."""
+        parameters = self.parameters_for(pipeline) if objective is None else self.tunable(pipeline, objective)
+        return {p.name: p.distribution() for p in parameters}
 
-    def suggest(self, trial: optuna.trial.BaseTrial, pipeline: str) -> dict[str, Value]:
-        """Sample every parameter of `pipeline`, then repair constraints by moving the left side.
+    def suggest(self, trial: optuna.trial.BaseTrial, pipeline: str, objective: str | None = None) -> dict[str, Value]:
+        """Sample every parameter of `pipeline` (with `objective`: its tunable ones, the others at
+        their defaults), then repair constraints by moving the left side.
 
         Each parameter keeps one fixed distribution (e.g. k always in [50, 3000]) because
         TPE models every parameter from past trials under a single distribution, and LLM
@@ -288,8 +314,8 @@ class SearchSpace:
         k below top_n is raised to top_n: `trial.params` keeps the sample, the returned
         dict is what to evaluate, and the user attribute `space_repairs` records the change.
         """
-        values = {}
-        for p in self.parameters_for(pipeline):
+        values = self.defaults(pipeline)
+        for p in self.parameters_for(pipeline) if objective is None else self.tunable(pipeline, objective):
             if p.type == "categorical":
                 values[p.name] = trial.suggest_categorical(p.name, p.choices)
             elif p.type == "int":
@@ -305,13 +331,14 @@ class SearchSpace:
             trial.set_user_attr("space_repairs", repairs)
         return self.validate(pipeline, values)
 
-    def describe(self, pipeline: str) -> str:
-        """The space of `pipeline` for an LLM prompt: one line per parameter, then the constraints."""
+    def describe(self, pipeline: str, objective: str | None = None) -> str:
+        """The space of `pipeline` for an LLM prompt: one line per parameter (with `objective`:
+        per tunable one), then the constraints."""
         lines = [f"Tunable parameters of {pipeline} (name: domain; default; meaning):"]
-        for p in self.parameters_for(pipeline):
+        for p in self.parameters_for(pipeline) if objective is None else self.tunable(pipeline, objective):
             note = "; serving only, no retraining" if p.stage == "serving" else ""
             lines.append(f"- {p.name}: {p.domain()}; default {p.default!r}{note}; {p.help}")
-        names = {p.name for p in self.parameters_for(pipeline)}
+        names = {p.name for p in (self.parameters_for(pipeline) if objective is None else self.tunable(pipeline, objective))}
         lines += [f"Constraint: {c}" for c in self.constraints if {c.left, c.right} <= names]
         return "\n".join(lines)
 

@@ -3,7 +3,8 @@
 A study is one tuning run of one pipeline on one user group, recorded in the ledger
 (tools/ledger.py). `run_study` takes the next proposal — a queued one, else the default
 configuration as trial 0, else the proposer's — runs it exactly once through the runner,
-tells the ledger, logs MLflow once, until the budget is spent or the proposer finishes.
+pairs it with the best trial so far (tools.noise: the difference over the group's users and
+its interval), tells the ledger, logs MLflow once, until the budget is spent or the proposer finishes.
 The agent drives the same `Study.run` one approved proposal at a time.
 """
 
@@ -17,9 +18,10 @@ from dataclasses import asdict, dataclass, replace
 
 from rectune.models.errors import ConfigError, RectuneError
 from rectune.tools import ledger
+from rectune.tools.noise import paired_interval, vector
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.tracking import trial_key
-from rectune.tools.trial import TrialRecord, TrialSpec, canonical, tried as tried_keys
+from rectune.tools.trial import TrialRecord, TrialResult, TrialSpec, canonical, tried as tried_keys
 
 __all__ = ["Study", "StudyContext", "TrialRecord", "canonical", "run_study"]
 
@@ -189,6 +191,7 @@ class Study:
         self.ran += 1
         try:
             result = runner.run(self.context.spec(queued.params))
+            result = replace(result, vs_best=self.vs_best(result))
         except RectuneError as error:
             return self._fail(queued, str(error))
         except BaseException:
@@ -208,6 +211,16 @@ class Study:
                 _RECONCILED.discard((self.storage, self.name, session.run_id))
                 raise
         return record
+
+    def vs_best(self, result: TrialResult) -> dict | None:
+        """`result` minus the current best complete trial (this one is still running), paired over
+        the group's validation users: tools.noise.Interval as JSON with the best's `trial` number;
+        None when there is no best yet, or either side has no per-user values."""
+        best = self.best()
+        if best is None or best.result.per_user is None or result.per_user is None:
+            return None
+        interval = paired_interval(vector(result.per_user), vector(best.result.per_user), seed=self.context.seed)
+        return {**interval.to_json(), "trial": best.number}
 
     def _fail(self, queued: TrialRecord, error: str) -> TrialRecord:
         ledger.tell_failed(self.optuna, queued.number, queued.params, error)

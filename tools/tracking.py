@@ -24,6 +24,7 @@ from urllib.parse import unquote, urlsplit
 from rectune.models.config import tracking_uri as resolve_tracking_uri
 from rectune.models.errors import ConfigError
 from rectune.tools.cache import file_lock
+from rectune.tools.noise import Interval
 from rectune.tools.trial import TrialResult
 
 if TYPE_CHECKING:
@@ -117,7 +118,8 @@ def metric_columns(values: Mapping[str, float], top_n: int, k: int, fixed: Itera
 
 
 def trial_metrics(result: TrialResult) -> dict[str, float]:
-    """What MLflow records of a trial: the objective, the costs, and every group's metrics on
+    """What MLflow records of a trial: the objective, the costs, its paired difference to the
+    study's best before it (`vs_best_diff`, `vs_best_low`, `vs_best_high`), and every group's metrics on
     each split under stable names (`val/cold/ndcg@20`, `val/cold/f1@topn`, which MLflow shows as
     `val/cold/ndcg_at_20`, `val/cold/f1_at_topn`); TopN is a param."""
     from rectune.models.pipeline import PipelineConfig
@@ -128,6 +130,8 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
     fixed = (int(cutoff),) if cutoff.isdigit() else ()
     metrics = {"objective": result.objective, "latency_ms_per_user": result.latency_ms_per_user,
                "train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds}
+    if result.vs_best is not None:
+        metrics |= {f"vs_best_{name}": result.vs_best[name] for name in ("diff", "low", "high")}
     for split, by_group in (("val", result.metrics), ("test", result.test_metrics or {})):
         for group, values in by_group.items():
             metrics |= {f"{split}/{group}/{name}": value for name, value in metric_columns(values, top_n, k, fixed).items()}
@@ -196,6 +200,9 @@ class TrackingSession:
             "optuna_study": study,
             "cache": result.cache,
             "feasible": result.feasible,
+            # The per-user values (result.per_user) stay in the ledger: thousands of numbers a run page cannot show.
+            **({} if result.vs_best is None else {"within_noise": Interval.from_json(result.vs_best).within_noise,
+                                                 "vs_best_trial": result.vs_best["trial"]}),
             **(extra_tags or {}),
         }
         # The trial has already run: back-date the start so MLflow's duration shows its cost.

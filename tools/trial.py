@@ -56,6 +56,12 @@ class TrialResult:
     """Test metrics in the same shape, only when the trial was asked to report them."""
     metric: str = ""
     """The objective's metric name as computed (`f1@topn` becomes e.g. `f1@20`)."""
+    per_user: dict | None = None
+    """The objective per evaluated user of spec.group on validation (tools.noise.per_user_vector),
+    for paired intervals against other trials; None for a metric of the whole list (coverage, novelty)."""
+    vs_best: dict | None = None
+    """This trial minus the study's best complete trial before it, paired over the users: a
+    tools.noise.Interval as JSON plus `trial`, the best's number; None for the first trial."""
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -13,6 +13,7 @@ from rectune.models.errors import ConfigError
 from rectune.tools.proposer import Proposer
 from rectune.tools.proposers.default import DefaultProposer
 from rectune.tools.proposers.local import LocalProposer
+from rectune.tools.proposers.menu import MenuProposer
 from rectune.tools.proposers.optuna_sampler import OptunaProposer
 
 __all__ = ["PROPOSERS", "make_proposer", "register", "unattended"]
@@ -44,3 +45,4 @@ register("default", DefaultProposer)
 register("tpe", lambda seed=0: OptunaProposer("tpe", seed))
 register("random", lambda seed=0: OptunaProposer("random", seed))
 register("local", LocalProposer)
+register("menu", MenuProposer)

@@ -51,9 +51,10 @@ def steps(parameter: Parameter, value) -> list:
     return below[-1:] + above[:1]
 
 
-def neighbours(params: dict, space: SearchSpace, pipeline: str) -> Iterator[tuple[dict, str]]:
-    """Valid one-parameter neighbours of `params` and what changed, in the space's parameter order."""
-    for parameter in space.parameters_for(pipeline):
+def neighbours(params: dict, space: SearchSpace, pipeline: str, objective: str) -> Iterator[tuple[dict, str]]:
+    """Valid one-parameter neighbours of `params` and what changed, in the space's parameter
+    order, moving only parameters that can change `objective`."""
+    for parameter in space.tunable(pipeline, objective):
         for value in steps(parameter, params.get(parameter.name, parameter.default)):
             try:
                 moved = space.validate(pipeline, {parameter.name: value}, base=params)
@@ -63,10 +64,10 @@ def neighbours(params: dict, space: SearchSpace, pipeline: str) -> Iterator[tupl
 
 
 def untried_neighbour(starts: list[tuple[str, dict]], done: set[str], space: SearchSpace,
-                      pipeline: str) -> tuple[dict, str] | None:
+                      pipeline: str, objective: str) -> tuple[dict, str] | None:
     """The first untried neighbour of the first start that has one: (params, rationale)."""
     for label, params in starts:
-        for moved, change in neighbours(params, space, pipeline):
+        for moved, change in neighbours(params, space, pipeline, objective):
             if canonical(moved) not in done:
                 return moved, f"neighbour of {label}: {change}"
     return None
@@ -88,7 +89,7 @@ class LocalProposer(Proposer):
         pipeline = context.study.pipeline
         starts = [(f"trial {r.number}", r.params) for r in ranked(history)]
         found = untried_neighbour(starts or [("the default", context.space.defaults(pipeline))], tried(history),
-                                  context.space, pipeline)
+                                  context.space, pipeline, context.study.objective)
         if found is None:
             return Finish("every one-parameter neighbour of every complete trial has been tried")
         return Proposal(found[0], self.name, found[1])

@@ -34,31 +34,43 @@ class OptunaProposer(Proposer):
         return optuna.samplers.RandomSampler(seed=seed)
 
     def propose(self, history: list[TrialRecord], context: ProposerContext) -> Proposal | Finish:
-        import optuna
-
-        optuna.logging.set_verbosity(optuna.logging.WARNING)
-        pipeline = context.study.pipeline
-        distributions = context.space.distributions(pipeline)
-        study = optuna.create_study(direction="maximize", sampler=self._sampler(_seed(context.study.seed, self.seed, len(history))))
-        for record in history:
-            frozen = _frozen(record, distributions, context.study.max_latency_ms)
-            if frozen is not None:
-                study.add_trial(frozen)
+        drawn, last = self.draws(history, context, 1)
+        if drawn:
+            return Proposal(drawn[0], self.name, f"{self.name} sample")
         done = tried(history)
-        params = {}
-        for _ in range(RESAMPLES):
-            # A repeat stays RUNNING: TPE's constant liar then moves the next sample away from it.
-            params = context.space.suggest(study.ask(), pipeline)
-            if canonical(params) not in done:
-                return Proposal(params, self.name, f"{self.name} sample")
-        starts = [("the last sample", params), *((f"trial {r.number}", r.params) for r in ranked(history))]
-        found = untried_neighbour(starts, done, context.space, pipeline)
+        starts = [("the last sample", last), *((f"trial {r.number}", r.params) for r in ranked(history))]
+        found = untried_neighbour(starts, done, context.space, context.study.pipeline, context.study.objective)
         if found is None:
             return Finish(f"{self.name} drew only tried configurations and every neighbour has been tried")
         return Proposal(found[0], self.name, f"{self.name} drew only tried configurations; {found[1]}")
 
+    def draws(self, history: list[TrialRecord], context: ProposerContext, count: int) -> tuple[list[dict], dict]:
+        """Up to `count` distinct untried samples, in the order the sampler draws them (each one
+        stays RUNNING, so TPE's constant liar moves the next away from it), and the last sample
+        drawn; fewer when RESAMPLES draws in a row were tried or repeats."""
+        import optuna
 
-def _seed(study_seed: int, proposer_seed: int, trials: int) -> int:
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+        pipeline, objective = context.study.pipeline, context.study.objective
+        distributions = context.space.distributions(pipeline, objective)
+        study = optuna.create_study(direction="maximize", sampler=self._sampler(history_seed(context.study.seed, self.seed, len(history))))
+        for record in history:
+            frozen = _frozen(record, distributions, context.study.max_latency_ms)
+            if frozen is not None:
+                study.add_trial(frozen)
+        done, drawn, params, misses = tried(history), [], {}, 0
+        while len(drawn) < count and misses < RESAMPLES:
+            params = context.space.suggest(study.ask(), pipeline, objective)
+            key = canonical(params)
+            if key in done:
+                misses += 1
+                continue
+            done.add(key)
+            drawn.append(params)
+        return drawn, params
+
+
+def history_seed(study_seed: int, proposer_seed: int, trials: int) -> int:
     """One sampler seed per (study seed, proposer seed, history length). A sum would make seed s
     at n trials replay seed s + 1 at n − 1: the seeds of a comparison would not be independent."""
     import numpy as np

@@ -1,0 +1,98 @@
+"""Model selection with a noise band: the LLM may only pick among pipelines tied with the best.
+
+Every pipeline's default configuration is scored on every group (validation). Per group,
+each pipeline's paired difference to the best is bootstrapped over the group's users
+(tools/noise.py: same users, so the pairing removes most of the noise). The pipelines
+whose 95% interval contains 0 are tied with the best; the LLM chooses among them (by
+cost, robustness, or its reasoning, citing numbers) and anything else is refused. A group
+with one pipeline in its band is decided by the rule alone — no LLM call is spent on it.
+LLMs are unreliable judges of a table of numbers (the 1.5B model picked the same pipeline
+for every group, whatever the numbers); the band leaves them only the choices that the
+numbers do not settle. (AGENT_RESEARCH.md, M1.)
+"""
+
+from __future__ import annotations
+
+from rectune.agent.llm_tools import RATIONALE_CHARACTERS, broken_call, shown, function_schema
+from rectune.agent.report import cell
+
+
+def tied(rows: dict[str, dict]) -> list[str]:
+    """The pipelines of one group within noise of the best (the best first), by objective."""
+    order = sorted(rows, key=lambda p: -rows[p]["objective"])
+    return [p for p in order if p == order[0] or _within_noise(rows[p].get("vs_best"))]
+
+
+def _within_noise(interval: dict | None) -> bool:
+    return interval is not None and interval["low"] <= 0.0 <= interval["high"]
+
+
+def group_table(group: str, rows: dict[str, dict], objective: str) -> str:
+    """One group's pipelines for the pick's prompt and the report, best first."""
+    band = set(tied(rows))
+    extra = [name for name in next(iter(rows.values())) if name.startswith("f1@")]
+    lines = [f"Group {group}:", f"| pipeline | {objective} | difference to the best [95% interval] | within noise | "
+             + "".join(f"{name} | " for name in extra) + "fit s | ms/user |",
+             "|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
+    for pipeline in sorted(rows, key=lambda p: -rows[p]["objective"]):
+        row, interval = rows[pipeline], rows[pipeline].get("vs_best")
+        difference = "best" if interval is None or interval["high"] == interval["low"] == 0.0 else \
+            f"{interval['diff']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+        lines.append(f"| {pipeline} | {row['objective']:.5f} | {difference} | {'yes' if pipeline in band else 'no'} | "
+                     + "".join(f"{row.get(name, float('nan')):.5f} | " for name in extra)
+                     + f"{row.get('fit_seconds', float('nan')):.1f} | {row.get('ms_per_user', float('nan')):.3f} |")
+    return "\n".join(lines)
+
+
+def pick_tool(ties: dict[str, list[str]]) -> dict:
+    """The pick's one tool: for each group with several tied pipelines, one of them and a reason.
+    The enums carry the band, so a grammar-constrained endpoint cannot leave it."""
+    properties = {group: {"type": "object", "properties": {
+        "pipeline": {"type": "string", "enum": pipelines},
+        "reason": {"type": "string", "maxLength": RATIONALE_CHARACTERS}}, "required": ["pipeline", "reason"]}
+        for group, pipelines in ties.items()}
+    return function_schema("choose_pipelines", properties, list(ties))
+
+
+def read_pick(message, ties: dict[str, list[str]]) -> tuple[dict[str, dict], str]:
+    """The LLM's pipeline per open group, or ({}, what was wrong)."""
+    calls = [c for c in (getattr(message, "tool_calls", None) or []) if c["name"] == "choose_pipelines"]
+    if not calls:
+        broken = broken_call(message)
+        if broken:
+            return {}, broken
+        return {}, f"Call choose_pipelines with a choice for every group; you answered {shown(message.content or message.tool_calls)!r}."
+    args, picked, problems = calls[0].get("args") or {}, {}, []
+    for group, band in ties.items():
+        choice = args.get(group)
+        if not isinstance(choice, dict):
+            problems.append(f"no choice for group {group!r} (an object with pipeline and reason)")
+        elif choice.get("pipeline") not in band:
+            problems.append(f"group {group!r}: {shown(choice.get('pipeline'))!r} is not within noise of the best; "
+                            f"choose one of {band}")
+        elif not isinstance(choice.get("reason"), str) or not choice["reason"].strip():
+            problems.append(f"group {group!r}: the reason must be a non-empty string")
+        else:
+            picked[group] = {"pipeline": choice["pipeline"], "reason": choice["reason"].strip()}
+    return ({}, "; ".join(problems)) if problems else (picked, "")
+
+
+def decided(rows: dict[str, dict], band: list[str], choice: dict | None, failure: str, space) -> dict:
+    """The pick of one group — the LLM's, the rule's (one pipeline in the band) or the fallback's
+    (the LLM failed: the best) — beside the argmax of the objective and of F1@TopN."""
+    argmax = band[0]
+    if choice is not None:
+        by = "llm"
+    elif len(band) == 1:
+        runner_up = next(iter(sorted((p for p in rows if p != argmax), key=lambda p: -rows[p]["objective"])), None)
+        interval = rows[runner_up].get("vs_best") if runner_up else None
+        gap = "" if not interval else \
+            f" (next: {runner_up}, {interval['diff']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}])"
+        choice, by = {"pipeline": argmax, "reason": f"the only pipeline within noise of the best{gap}"}, "rule"
+    else:
+        choice, by = {"pipeline": argmax, "reason": f"fallback to the best objective: the LLM failed ({cell(failure)})"}, "fallback"
+    f1 = {p: row.get(f"f1@{space.defaults(p)['top_n']}") or 0.0 for p, row in rows.items()}
+    f1_argmax = max(f1, key=f1.get)
+    return {**choice, "chosen_by": by, "llm": by == "llm", "band": band, "argmax": argmax,
+            "agrees": choice["pipeline"] == argmax, "in_band": choice["pipeline"] in band,
+            "f1_argmax": f1_argmax, "f1_agrees": choice["pipeline"] == f1_argmax}
