@@ -417,7 +417,8 @@ class LlamaBackend:
             room = self.llm.n_ctx() - len(tokens)
             if room < 1:
                 raise BadRequest(f"the prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}")
-            cached = _shared_prefix(self.llm._input_ids, tokens)
+            # A private attribute of llama-cpp-python: if it goes, no cached tokens are reported, nothing fails.
+            cached = _shared_prefix(getattr(self.llm, "_input_ids", ()), tokens)
             out = self.llm.create_completion(tokens, max_tokens=min(max_tokens, room), temperature=temperature,
                                              top_p=top_p, stop=STOP + stop, grammar=grammar, seed=seed,
                                              stopping_criteria=StoppingCriteriaList([lambda ids, logits: cancelled()]))

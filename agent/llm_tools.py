@@ -1,7 +1,7 @@
 """The tools the LLM may call while tuning a group, as one table, and the strict reading of its calls.
 
 One call decides each trial: `choose` runs a candidate of the menu (tools/proposers/menu.py:
-untried TPE samples and neighbours of the best), `propose_change` runs the LLM's own edit
+untried neighbours of the best, and a TPE sample once the study is stuck), `propose_change` runs the LLM's own edit
 of the best configuration, `finish` ends the group when the session allows it. No tool
 only asks for information: the history and the menu are in every prompt, so no turn is
 spent deciding nothing.

@@ -71,7 +71,7 @@ def study(found: Resources, settings: Settings, group: str, pipeline: str):
 
 
 def log_once(found: Resources, settings: Settings, result, tuner: str, name: str, **tags) -> None:
-    """A run the ledger does not hold (select, evaluate_group) as a nested MLflow run named
+    """A run the ledger does not hold (a default run of model selection) as a nested MLflow run named
     `name`, once: a node re-run after a crash finds the run it logged by its key."""
     if found.session is not None:
         found.session.log_trial(result, tuner, f"{settings.session}/{name}", extra_tags=tags, run_name=name)

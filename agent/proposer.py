@@ -4,8 +4,8 @@ Each call shows the LLM the group's history (rejected proposals included, each t
 its noise band) and a menu of untried candidates (tools/proposers/menu.py). The LLM picks
 a candidate, proposes its own change of the best, or finishes. A reply that cannot be used
 — text, a broken call, a repeat, a value out of range — runs the menu's first candidate
-instead, at no extra call, and the next prompt says why: no trial and no call is ever
-spent on a repeated configuration. Everything a call depends on is in the history, so the
+instead, at no extra call, and the next prompt says why: no trial is ever spent on a
+repeated configuration, and no call on asking again. Everything a call depends on is in the history, so the
 same history gives the same call; the system message and the tools depend on the pipeline
 alone and the history only grows at its end, so an endpoint that caches prompt prefixes
 (the embedded llama.cpp server, vLLM, DeepSeek) re-reads only the new rows.

@@ -34,14 +34,20 @@ def group_table(group: str, rows: dict[str, dict], objective: str) -> str:
     lines = [f"Group {group}:", f"| pipeline | {objective} | difference to the best [95% interval] | within noise | "
              + "".join(f"{name} | " for name in extra) + "fit s | ms/user |",
              "|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
-    for pipeline in sorted(rows, key=lambda p: -rows[p]["objective"]):
+    order = sorted(rows, key=lambda p: -rows[p]["objective"])
+    for pipeline in order:
         row, interval = rows[pipeline], rows[pipeline].get("vs_best")
-        difference = "best" if interval is None or interval["high"] == interval["low"] == 0.0 else \
+        difference = "best" if pipeline == order[0] else "-" if interval is None else \
             f"{interval['diff']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
         lines.append(f"| {pipeline} | {row['objective']:.5f} | {difference} | {'yes' if pipeline in band else 'no'} | "
-                     + "".join(f"{row.get(name, float('nan')):.5f} | " for name in extra)
-                     + f"{row.get('fit_seconds', float('nan')):.1f} | {row.get('ms_per_user', float('nan')):.3f} |")
+                     + "".join(f"{_number(row.get(name), '.5f')} | " for name in extra)
+                     + f"{_number(row.get('fit_seconds'), '.1f')} | {_number(row.get('ms_per_user'), '.3f')} |")
     return "\n".join(lines)
+
+
+def _number(value, form: str) -> str:
+    """A table cell; "-" for a value a session checkpointed before it was measured lacks."""
+    return "-" if value is None else format(value, form)
 
 
 def pick_tool(ties: dict[str, list[str]]) -> dict:

@@ -226,3 +226,23 @@ def test_a_trial_stored_before_per_user_values_reads_back_without_them(tmp_path)
     (record,) = study.history()
     assert record.result.per_user is None and record.result.vs_best is None and record.result.metric == ""
     assert TrialRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
+
+
+def test_a_trial_whose_users_cannot_be_paired_with_the_best_still_stands(monkeypatch):
+    """Different users (a dataset changed under a resumed study) give no interval; the finished
+    trial is not turned into a failed one."""
+    import numpy as np
+
+    from rectune.tools.noise import per_user_vector
+    from rectune.tools.study import Study, StudyContext
+    from rectune.tools.trial import TrialRecord, TrialResult
+
+    context = StudyContext("planted", "activity:2", "cold", "heuristic")
+    def result(users: int) -> TrialResult:
+        return TrialResult(context.spec({}), 0.1, {}, 1.0, 0.0, 0.0, "none", per_user=per_user_vector(np.full(users, 0.1)))
+
+    study = Study(None, context, "sqlite://")
+    monkeypatch.setattr(Study, "best", lambda self: TrialRecord(0, "default", "complete", {}, result=result(40)))
+    assert study.vs_best(result(39)) is None
+    paired = study.vs_best(result(40))
+    assert paired["trial"] == 0 and paired["diff"] == 0.0

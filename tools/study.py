@@ -191,13 +191,13 @@ class Study:
         self.ran += 1
         try:
             result = runner.run(self.context.spec(queued.params))
-            result = replace(result, vs_best=self.vs_best(result))
         except RectuneError as error:
             return self._fail(queued, str(error))
         except BaseException:
             # Not the trial's fault (interrupted, a bug): its proposal goes back to the queue.
             ledger.retry(self.optuna, ledger.trial(self.optuna, number))
             raise
+        result = replace(result, vs_best=self.vs_best(result))
         if not math.isfinite(result.objective):
             return self._fail(queued, f"the objective {result.metric or self.context.objective} is {result.objective}: "
                                       "the trial produced no number")
@@ -217,7 +217,9 @@ class Study:
         the group's validation users: tools.noise.Interval as JSON with the best's `trial` number;
         None when there is no best yet, or either side has no per-user values."""
         best = self.best()
-        if best is None or best.result.per_user is None or result.per_user is None:
+        if best is None or best.result.per_user is None or result.per_user is None \
+                or best.result.per_user["n"] != result.per_user["n"]:
+            # Different users (a dataset changed under a resumed study): nothing to pair; the trial stands.
             return None
         interval = paired_interval(vector(result.per_user), vector(best.result.per_user), seed=self.context.seed)
         return {**interval.to_json(), "trial": best.number}

@@ -47,7 +47,7 @@ class OptunaProposer(Proposer):
     def draws(self, history: list[TrialRecord], context: ProposerContext, count: int) -> tuple[list[dict], dict]:
         """Up to `count` distinct untried samples, in the order the sampler draws them (each one
         stays RUNNING, so TPE's constant liar moves the next away from it), and the last sample
-        drawn; fewer when RESAMPLES draws in a row were tried or repeats."""
+        drawn; fewer when RESAMPLES draws in all were tried or repeats."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
