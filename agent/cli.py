@@ -14,7 +14,7 @@ from typing import Optional
 
 import typer
 
-from rectune.models.errors import ConfigError, RectuneError
+from rectune.models.errors import RectuneError
 from rectune.models.formats import FORMAT_NAMES
 
 app = typer.Typer(help="rectune: an LLM-in-the-loop tuner for recommender pipelines.", no_args_is_help=True)
@@ -245,6 +245,7 @@ def baseline(
     progress: bool = typer.Option(True, help="Show a progress bar with the best value so far."),
 ) -> None:
     """Tune one pipeline on one group with a tuner that needs no LLM (TPE, random or local search) for a fixed budget; re-running the same command continues to the budget."""
+    from rectune.tools.adoption import adopt
     from rectune.tools.baseline import check_sampler, run_baseline, study_name
     from rectune.tools.ledger import storage_url
     from rectune.tools.runner import TrialRunner
@@ -273,6 +274,9 @@ def baseline(
         raise typer.Exit(1)
     say(f"study {finished.name} in {url}: best {objective} = {top.objective:.4f} (trial {top.number}, {top.tuner}) "
         f"with {json.dumps(top.params)}")
+    adoption = adopt(finished.history(), runner.space.defaults(pipeline), seed)
+    gain = "" if adoption.gain is None else f" ({adoption.gain.text()} over the default on validation)"
+    say(f"adopted: {'the default' if adoption.kept_default else f'trial {adoption.record.number}'} — {adoption.reason}{gain}")
 
 
 @app.command("worker")
@@ -346,7 +350,7 @@ def tune(
     objective: str = typer.Option("ndcg@20", help="Validation metric to maximise."),
     seed: int = typer.Option(0, help="Seed of every model."),
     session: Optional[str] = typer.Option(None, help="Session name (default: dataset-groups-time)."),
-    max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops (default 3 × budget)."),
+    max_llm_calls: Optional[int] = typer.Option(None, min=1, help="LLM calls per group before tuning it stops: one a trial, and one more for each proposal a person rejects (default 3 × budget)."),
     max_minutes: Optional[float] = typer.Option(None, min=0.0, help="Wall-clock minutes for tuning, counted from the end of model selection (a stopped session's downtime counts too); past it, each remaining group keeps its best trial so far. 0 skips tuning."),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Per-user recommendation latency budget; slower trials are recorded as infeasible in the ledger."),
     may_finish: bool = typer.Option(True, "--may-finish/--full-budget", help="Let the LLM stop a group before its budget (--full-budget: it must use every trial)."),
@@ -419,7 +423,7 @@ def compare_command(
             data_dir=str(data_dir) if data_dir else None, cache_dir=str(cache_dir) if cache_dir else None,
             llm_base_url=llm_base_url, llm_model=llm_model)
         spec = Comparison(settings, tuple(range(seeds)), tuple(t.strip() for t in tuners.split(",") if t.strip()), reach, checkpoint)
-        path = compare(spec, say, report_dir, Tracker(uri), trace=True)
+        path = compare(spec, say, report_dir, Tracker(uri))
     except RectuneError as error:
         fail(error)
     say(f"report: {path}\nMLflow: {uri}")

@@ -6,7 +6,8 @@ same search space, objective, budget, seed and first trial (the default configur
 through the one study loop (tools.study.run_study) and ledger. Every curve is read from
 the ledger. Everything is resumable: the picks continue from their checkpoint, the
 studies from the ledger. The report compares best-so-far validation curves, test metrics
-of each tuner's best configuration (paired by seed, bootstrap intervals), trials needed to
+of each tuner's adopted configuration (its best only when that beats the default beyond noise,
+tools/adoption.py; paired by seed, bootstrap intervals; the ungated bests beside them), trials needed to
 beat the default by a margin, in how many seeds each tuner's gain over the default on
 validation is within noise (paired over the group's users), and wall time and tokens.
 """
@@ -23,12 +24,13 @@ import numpy as np
 
 from rectune.agent import proposer as _registers_llm  # noqa: F401 — `llm` is a tuner once this module is loaded
 from rectune.agent.context import Resources, Settings
-from rectune.agent.report import best_record, gain_over_default
 from rectune.models.errors import ConfigError, RectuneError
 from rectune.models.groups import make_groups
+from rectune.tools.adoption import adopt
 from rectune.tools.noise import Interval
 from rectune.tools.plots import best_so_far
 from rectune.tools.runner import TrialRunner
+from rectune.tools.trial import canonical
 
 BOOTSTRAP_SAMPLES = 5000
 PERMUTATIONS = 1000
@@ -67,11 +69,16 @@ class Run:
     pipeline: str
     curve: list[float]
     """Best validation objective so far, trial by trial (trial 0 = the default)."""
+    adopted_params: dict
+    """The best configuration when it beats the default beyond noise on validation, else the default (tools.adoption)."""
     best_params: dict
     trial_seconds: float
     llm_seconds: float = 0.0
     tokens: int = 0
     test: float = float("nan")
+    """Test objective of the adopted configuration."""
+    best_test: float = float("nan")
+    """Test objective of the best configuration, adopted or not."""
     gain: Interval | None = None
     """The best minus the default on validation, paired over the group's users (None without per-user values)."""
 
@@ -138,7 +145,7 @@ def curve_of(history) -> list[float]:
     return np.maximum.accumulate(values).tolist() if values else []
 
 
-def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tracker=None, trace: bool = False) -> Path:
+def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tracker=None) -> Path:
     """Run (or continue) every tuner on every group and seed, then write the report."""
     from rectune.tools.proposers import PROPOSERS
 
@@ -148,21 +155,28 @@ def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tr
     settings = spec.settings
     runner = TrialRunner.open(settings.dataset, settings.groups, data_dir=settings.data_dir, cache_dir=settings.cache_dir,
                               max_latency_ms=settings.max_latency_ms)
-    runs, tables = [], None
+    runs, selections, table = [], [], None
     with ExitStack() as stack:
         # The LLM starts when a pick or a study first needs it, and stops with the comparison.
         found = Resources(runner, _LazyLLM(stack, settings, echo), None, echo, report_dir)
         for seed in spec.seeds:
             values = _pick(spec, seed, found)
-            tables = tables or (values["table"], values["selection"])
+            table = table or values["table"]
+            selections.append(values["selection"])
             for group in runner.groups.labels:
                 for tuner in spec.tuners:
                     runs.append(_tune(spec, seed, group, tuner, values, found, tracker))
+    tested: dict[tuple, float] = {}  # most tuners keep the default: evaluate each configuration once
     for item in runs:
-        trial = spec.seed_settings(item.seed).study_context(item.group, item.pipeline).spec(item.best_params)
-        result = runner.run(trial, report_test=True)
-        item.test = float(result.test_metrics[item.group][result.metric])
-    return _report(spec, runs, tables, runner, report_dir, tracker, echo)
+        context = spec.seed_settings(item.seed).study_context(item.group, item.pipeline)
+        for params in (item.adopted_params, item.best_params):
+            key = (item.seed, item.group, item.pipeline, canonical(params))
+            if key not in tested:
+                result = runner.run(context.spec(params), report_test=True)
+                tested[key] = float(result.test_metrics[item.group][result.metric])
+        item.test, item.best_test = (tested[(item.seed, item.group, item.pipeline, canonical(p))]
+                                     for p in (item.adopted_params, item.best_params))
+    return _report(spec, runs, (table, selections) if table else None, runner, report_dir, tracker, echo)
 
 
 class _LazyLLM:
@@ -215,23 +229,22 @@ def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, fou
         study = Study.open(settings.storage, name, context)
         stopped = study.optuna.user_attrs.get("finished")
         if study.spent() < context.budget and not stopped:
-            proposer = make_proposer(tuner, seed=0, llm=found.llm, may_finish=settings.may_finish,
-                                     call_budget=settings.max_llm_calls, echo=found.echo)
+            proposer = make_proposer(tuner, seed=0, llm=found.llm, may_finish=settings.may_finish, echo=found.echo)
             _run_attended(study, proposer, found, tracker)
     history = study.history()
-    best = best_record(history)
-    if best is None:
+    adoption = adopt(history, found.runner.space.defaults(pipeline), seed)
+    if adoption is None:
         raise RectuneError(f"{tuner} on group {group} (seed {seed}): no trial produced a number "
                            f"({next((r.error for r in history if r.error), 'no trial ran')}); nothing to compare")
     meta = [r.meta for r in history if r.tuner == tuner]
     # The LLM's model selection, split evenly over the groups, counts in its rows.
     pick = {k: v / len(found.runner.groups.labels) for k, v in (values.get("usage") or {}).items()} if tuner == "llm" else {}
-    return Run(tuner, group, seed, pipeline, curve_of(history), best.params,
+    return Run(tuner, group, seed, pipeline, curve_of(history), adoption.record.params, adoption.best.params,
                sum(r.result.train_seconds + r.result.eval_seconds for r in history if r.result is not None),
                sum(m.get("llm_seconds", 0.0) for m in meta) + pick.get("seconds", 0.0),
                int(sum(m.get("input_tokens", 0) + m.get("output_tokens", 0) for m in meta)
                    + pick.get("input_tokens", 0) + pick.get("output_tokens", 0)),
-               gain=gain_over_default(history, found.runner.space.defaults(pipeline), seed))
+               gain=adoption.gain)
 
 
 def _run_attended(study, proposer, found: Resources, tracker) -> None:
@@ -248,9 +261,12 @@ def _run_attended(study, proposer, found: Resources, tracker) -> None:
         study.optuna.set_user_attr("finished", proposer.finished)
 
 
-def _picks(runs: list[Run], group: str) -> str:
-    counts = Counter(r.pipeline for r in runs if r.tuner == "llm" and r.group == group)
-    return ", ".join(f"{pipeline} ×{n}" for pipeline, n in counts.most_common())
+def _picks(selections: list[dict], group: str) -> str:
+    """The pipelines picked for `group` over the seeds, and who decided: `heuristic ×4 (rule 3, LLM 1)`."""
+    chosen = [s[group] for s in selections]
+    counts, deciders = Counter(c["pipeline"] for c in chosen), Counter(c.get("chosen_by", "llm") for c in chosen)
+    by = ", ".join(f"{'LLM' if who == 'llm' else who} {n}" for who, n in deciders.most_common())
+    return ", ".join(f"{pipeline} ×{n}" for pipeline, n in counts.most_common()) + f" ({by})"
 
 
 def _curves(spec: Comparison, runs: list[Run], labels: list[str], report_dir: Path) -> tuple[list[str], list[Path]]:
@@ -268,15 +284,20 @@ def _curves(spec: Comparison, runs: list[Run], labels: list[str], report_dir: Pa
 
 
 def _tests(spec: Comparison, runs: list[Run], labels: list[str]) -> list[str]:
-    lines = ["", f"## Test {spec.settings.objective} of each tuner's best configuration", "",
-             f"| group | tuner | mean over seeds | per seed | trials used | trials to beat default +{spec.reach:.0%} (median) | "
-             "trial seconds | LLM seconds | LLM tokens |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = ["", f"## Test {spec.settings.objective} of each tuner's adopted configuration", "",
+             "A tuner's best on validation is adopted only when its gain over the default is more than noise (paired "
+             "over the group's users, tools/adoption.py); otherwise the default is kept. The best's own test value, "
+             "adopted or not, is beside it.", "",
+             f"| group | tuner | mean over seeds | per seed | best adopted | best's mean (ungated) | trials used | "
+             f"trials to beat default +{spec.reach:.0%} (median) | trial seconds | LLM seconds | LLM tokens |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for group in labels:
         for tuner in spec.tuners:
             mine = [r for r in runs if r.tuner == tuner and r.group == group]
             reached = [x for x in (trials_to_reach(r.curve, spec.reach) for r in mine) if x is not None]
             lines.append(f"| {group} | {tuner} | {np.mean([r.test for r in mine]):.5f} | {', '.join(f'{r.test:.4f}' for r in mine)} | "
-                         f"{', '.join(str(len(r.curve)) for r in mine)} | "
+                         f"{sum(r.adopted_params == r.best_params for r in mine)}/{len(mine)} | "
+                         f"{np.mean([r.best_test for r in mine]):.5f} | {', '.join(str(len(r.curve)) for r in mine)} | "
                          f"{(str(int(np.median(reached))) + f' ({len(reached)}/{len(mine)} seeds)') if reached else 'never'} | "
                          f"{sum(r.trial_seconds for r in mine):.0f} | {sum(r.llm_seconds for r in mine):.0f} | {sum(r.tokens for r in mine)} |")
     return lines + ["", "Seconds and tokens are summed over the seeds; the LLM's model selection (its seconds split evenly "
@@ -300,16 +321,22 @@ def _noise(spec: Comparison, runs: list[Run], labels: list[str]) -> list[str]:
     return lines
 
 
-def _differences(spec: Comparison, runs: list[Run], labels: list[str]) -> list[str]:
-    """The first tuner (the LLM, by default) against each other one, paired by group and seed."""
+def _differences(spec: Comparison, runs: list[Run], labels: list[str], ungated: bool = False) -> list[str]:
+    """The first tuner (the LLM, by default) against each other one, paired by group and seed, on
+    the adopted configurations — or, `ungated`, on the bests whether adopted or not."""
     first = spec.tuners[0]
-    lines = ["", f"## Paired differences on test ({first} − other tuner, same group and seed)", "",
+    value = (lambda run: run.best_test) if ungated else (lambda run: run.test)
+    title = (f"## Paired differences on test of the best configurations, ungated ({first} − other tuner)"
+             if ungated else f"## Paired differences on test ({first} − other tuner, same group and seed)")
+    note = (" For reference: what adopting every best, within noise or not, would have given." if ungated else
+            " Adopted configurations (a best within noise of the default leaves the default).")
+    lines = ["", title, "",
              "95% bootstrap interval over the seeds (for all groups, the seeds are resampled whole) and the exact "
-             "sign-flip p-value.", "",
+             "sign-flip p-value." + note, "",
              f"| other tuner | group | mean difference | interval | p | {first} better / tied / worse |", "|---|---|---|---|---|---|"]
     for other in spec.tuners[1:]:
         for group in [*labels, "all groups"]:
-            pairs = [(r.test - b.test, r.seed) for r in runs if r.tuner == first and (group == "all groups" or r.group == group)
+            pairs = [(value(r) - value(b), r.seed) for r in runs if r.tuner == first and (group == "all groups" or r.group == group)
                      for b in runs if b.tuner == other and b.group == r.group and b.seed == r.seed]
             differences, seeds = np.array([d for d, _ in pairs]), np.array([seed for _, seed in pairs])
             low, high = bootstrap_interval(differences, clusters=seeds) if len(set(seeds)) > 1 else (float("nan"), float("nan"))
@@ -318,17 +345,19 @@ def _differences(spec: Comparison, runs: list[Run], labels: list[str]) -> list[s
     return lines
 
 
-def _selection(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, labels: list[str]) -> list[str]:
-    table, selection = tables
+def _selection(spec: Comparison, tables, runner: TrialRunner, labels: list[str]) -> list[str]:
+    table, selections = tables
     columns = next(iter(table.values()))
     lines = ["", f"## Model selection (RQ1): default configuration per group × pipeline, validation, seed {spec.seeds[0]}", "",
-             "| group | " + " | ".join(columns) + " | LLM picks (over seeds) | argmax |", "|---|" + "---|" * (len(columns) + 2)]
+             "| group | " + " | ".join(columns) + " | picks over seeds (decided by) | argmax (seed "
+             f"{spec.seeds[0]}) | pick = argmax or within its noise band |", "|---|" + "---|" * (len(columns) + 3)]
     for group, pipelines in table.items():
+        tied = sum(bool(s[group].get("in_band", s[group]["pipeline"] == s[group]["argmax"])) for s in selections)
         lines.append(f"| {group} | " + " | ".join(f"{m['objective']:.5f}" for m in pipelines.values()) +
-                     f" | {_picks(runs, group)} | {selection[group]['argmax']} |")
+                     f" | {_picks(selections, group)} | {selections[0][group]['argmax']} | {tied}/{len(selections)} |")
     if len(labels) < 2:
         return lines
-    pipeline = selection[labels[0]]["argmax"]
+    pipeline = selections[0][labels[0]]["argmax"]
     context = spec.seed_settings(spec.seeds[0]).study_context("all", pipeline)
     users, values = runner.per_user(context.spec({}))
     lines += ["", f"Are the groups distinguishable? Per-user validation {spec.settings.objective} of {pipeline} (default), "
@@ -353,9 +382,10 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
              f"test (reporting), budget {settings.budget} trials per group and tuner (trial 0 = the default configuration for "
              f"every tuner), tuners {', '.join(spec.tuners)}, seeds {list(spec.seeds)}, same search space and runner; the agent "
              + ("could stop a group before its budget." if settings.may_finish else "had to use its whole budget (no finish tool)."),
-             "", *curves, *_tests(spec, runs, labels), *_noise(spec, runs, labels), *_differences(spec, runs, labels)]
+             "", *curves, *_tests(spec, runs, labels), *_noise(spec, runs, labels), *_differences(spec, runs, labels),
+             *_differences(spec, runs, labels, ungated=True)]
     if tables:
-        lines += _selection(spec, runs, tables, runner, labels)
+        lines += _selection(spec, tables, runner, labels)
     text = "\n".join(lines) + "\n"
     path = report_dir / f"{spec.name}.md"
     path.write_text(text)

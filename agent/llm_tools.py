@@ -31,8 +31,9 @@ _KINDS = {"int": "integer", "float": "number", "categorical": "string"}
 LETTERS = "ABCD"
 """Menu positions. The choose tool always offers all of them, so its schema — and with it the
 prompt prefix the endpoint keeps cached — does not change from turn to turn."""
-RATIONALE_CHARACTERS = 100
-"""Short rationales: every generated token costs ~0.1 s on 2 cores."""
+RATIONALE_CHARACTERS = 60
+"""Short rationales: every generated token costs ~0.1 s on 2 cores (the embedded model's
+100-character ones were filler such as "is a neighbour of the best trial")."""
 
 
 @dataclass(frozen=True)
@@ -115,15 +116,20 @@ def _parse_change(args: dict, scope: Scope, note: str) -> Decision:
     if not isinstance(values, dict) or not values:
         problems.append(f"changes must be a non-empty object of parameter: value, but got {shown(values)!r}")
     if not problems:
+        # The schema offers only the tunable parameters, but an endpoint without constrained decoding
+        # may send others: a trial that moves only those would repeat a tried trial's objective.
+        tunable = [p.name for p in scope.space.tunable(scope.pipeline, scope.objective)]
+        inert = [f"{name} cannot move {scope.objective} here (tunable: {', '.join(tunable)})"
+                 for name in values if name not in tunable and name in scope.best]
         try:
             params = scope.space.validate(scope.pipeline, values, base=scope.best)
         except InvalidProposal as error:
-            problems = list(error.problems)
+            problems = [*error.problems, *inert]
         else:
             previous = scope.tried.get(canonical(params))
-            if previous is None:
+            if not inert and previous is None:
                 return Decision("propose_change", params=params, rationale=args["rationale"].strip(), message=note)
-            problems = [f"that configuration was already {previous}"]
+            problems = inert or [f"that configuration was already {previous}"]
     return Decision("invalid", message=f"{note}propose_change was not used: " + "; ".join(problems))
 
 

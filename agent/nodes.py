@@ -20,11 +20,13 @@ from rectune.agent.context import Resources, Settings
 from rectune.agent.prompts import render
 from rectune.agent.llm import answered_in_text, bind_decision_tools, text_replies_stop
 from rectune.agent.proposer import LLMProposer, call_llm
-from rectune.agent.report import best_record, json_compact, metrics_row, outcome, selection_table, session_report
+from rectune.agent.report import json_compact, metrics_row, outcome, selection_table, session_report
 from rectune.agent.selection import decided, group_table, pick_tool, read_pick, tied
 from rectune.agent.state import State
 from rectune.models.errors import RectuneError
 from rectune.models.pipeline import PIPELINES
+from rectune.tools.adoption import adopt, best_record
+from rectune.tools.trial import spent
 from rectune.tools.proposer import Finish, Proposal, ProposerContext
 from rectune.tools.proposers import make_proposer
 
@@ -83,6 +85,15 @@ def records(state: State, group: str) -> list:
     return [TrialRecord.from_json(row) for row in state["history"][group]]
 
 
+def state_row(record) -> dict:
+    """A trial as the checkpointed state keeps it: without its per-user values (thousands of
+    numbers a trial, rewritten at every checkpoint), which the ledger holds for the report."""
+    row = record.to_json()
+    if row.get("result"):
+        row["result"] = {**row["result"], "per_user": None}
+    return row
+
+
 def select(state: State, runtime: Runtime[Resources]) -> dict:
     """Model selection: every pipeline's default configuration on every group (validation),
     with each pipeline's paired difference to the group's best (agent/selection.py)."""
@@ -125,21 +136,25 @@ def pick(state: State, runtime: Runtime[Resources]) -> dict:
     labels, table = list(found.runner.groups.labels), state["table"]
     bands = {group: tied(table[group]) for group in labels}
     ties = {group: band for group, band in bands.items() if len(band) > 1}
-    feedback, picked, calls, in_text, usage = "", {}, 0, 0, state.get("usage")
-    if ties:
-        tables = "\n\n".join(group_table(group, table[group], settings.objective) for group in labels)
+    feedback, picked, calls, refused, in_text, usage = "", {}, 0, 0, 0, state.get("usage")
+    open_ties = dict(ties)
+    while open_ties and calls < SELECT_ATTEMPTS:
+        # Only the groups still open are asked about again: a valid pick is kept.
+        calls += 1
+        tables = "\n\n".join(group_table(group, table[group], settings.objective) for group in open_ties)
         prompt = render("select", dataset=settings.dataset, objective=settings.objective, table=tables,
-                        groups=", ".join(ties))
-        llm = bind_decision_tools(chat(found, settings), [pick_tool(ties)])
-        while calls < SELECT_ATTEMPTS and not picked:
-            calls += 1
-            refused = "\n" + render("select_refused", problems=feedback) if feedback else ""
-            reply, usage = call_llm(llm, [HumanMessage(prompt + refused)], usage)
-            in_text += answered_in_text(reply)
-            picked, feedback = read_pick(reply, ties)
-        if in_text == SELECT_ATTEMPTS:
-            # Not a pick the LLM got wrong: an endpoint that makes no tool calls would fail every later turn too.
-            raise text_replies_stop(in_text)
+                        groups=", ".join(open_ties))
+        told = "\n" + render("select_refused", problems=feedback) if feedback else ""
+        reply, usage = call_llm(bind_decision_tools(chat(found, settings), [pick_tool(open_ties)]),
+                                [HumanMessage(prompt + told)], usage)
+        in_text += answered_in_text(reply)
+        valid, feedback = read_pick(reply, open_ties)
+        picked.update(valid)
+        refused += bool(feedback)
+        open_ties = {group: band for group, band in open_ties.items() if group not in picked}
+    if in_text == SELECT_ATTEMPTS:
+        # Not a pick the LLM got wrong: an endpoint that makes no tool calls would fail every later turn too.
+        raise text_replies_stop(in_text)
     selection = {group: decided(table[group], bands[group], picked.get(group), feedback, found.runner.space)
                  for group in labels}
     found.echo("[pick] " + "; ".join(f"{g}: {s['pipeline']} ({s['chosen_by']}{'' if s['agrees'] else ', argmax ' + s['argmax']})"
@@ -153,7 +168,7 @@ def pick(state: State, runtime: Runtime[Resources]) -> dict:
             ("within_noise", ",".join(s["band"])), ("agrees_objective", s["agrees"]), ("f1_argmax", s["f1_argmax"]),
             ("agrees_f1", s["f1_agrees"]))})
     return {"selection": selection, "queue": labels, "phase": "tune", "history": {}, "finished": {}, "usage": usage,
-            "llm_calls": {"select": calls}, "invalid_calls": {"select": calls - bool(picked)}}
+            "llm_calls": {"select": calls}, "invalid_calls": {"select": refused}}
 
 
 def start_group(state: State, runtime: Runtime[Resources]) -> dict:
@@ -166,12 +181,12 @@ def start_group(state: State, runtime: Runtime[Resources]) -> dict:
     default = make_proposer("default").propose([], context)
     record = study(found, settings, group, pipeline).run(default, found.runner, found.session)
     found.echo(f"[tune] group {group} ({pipeline}): default {settings.objective} = {outcome(record)}")
-    return {"group": group, "queue": queue, "history": {**state["history"], group: [record.to_json()]}, "pending": None}
+    return {"group": group, "queue": queue, "history": {**state["history"], group: [state_row(record)]}, "pending": None}
 
 
 def _stop_reason(state: State, settings: Settings, history: list) -> str | None:
     """Why the group stops before asking the LLM again, or None."""
-    if sum(1 for r in history if r.state in ("complete", "failed")) >= settings.budget:
+    if spent(history) >= settings.budget:
         return "budget"
     if state["llm_calls"].get(state["group"], 0) >= settings.max_llm_calls:
         return "llm-call budget"
@@ -190,7 +205,8 @@ def decide(state: State, runtime: Runtime[Resources]) -> Command[Literal["approv
     if stop:
         return Command(goto="next_group", update={"finished": {**state["finished"], group: stop}})
     pipeline, calls = state["selection"][group]["pipeline"], state["llm_calls"].get(group, 0)
-    proposer = LLMProposer(settings.seed, llm=chat(found, settings), may_finish=settings.may_finish, echo=found.echo)
+    # Proposer seed 0, as in `rectune compare`: the study seed already varies the menus per seed.
+    proposer = LLMProposer(0, llm=chat(found, settings), may_finish=settings.may_finish, echo=found.echo)
     context = ProposerContext(settings.study_context(group, pipeline), found.runner.space, settings.budget)
     outcome = proposer.propose(history, context)
     cost = proposer.last
@@ -201,7 +217,7 @@ def decide(state: State, runtime: Runtime[Resources]) -> Command[Literal["approv
         found.echo(f"[tune] {group}: the LLM finished — {outcome.reason}")
         return Command(goto="next_group", update={**update, "finished": {**state["finished"], group: f"finish: {outcome.reason}"}})
     best = best_record(history)
-    pending = {"id": f"{group}-{calls + cost['calls']}", "params": outcome.params, "rationale": outcome.rationale,
+    pending = {"id": f"{group}-{calls + cost['calls']}", "asked_at": time.time(), "params": outcome.params, "rationale": outcome.rationale,
                "changes": {k: v for k, v in outcome.params.items() if best.params.get(k) != v}, "meta": outcome.meta}
     return Command(goto="approve", update={**update, "pending": pending, "approval_error": ""})
 
@@ -227,46 +243,52 @@ def approve(state: State, runtime: Runtime[Resources]) -> Command[Literal["run_t
         "error": state.get("approval_error", ""),
     })
     action = answer.get("action") if isinstance(answer, dict) else None
+    # From the proposal (or the last answer) to this one, the session waited for a person.
+    waited = {"waited": state.get("waited", 0.0) + time.time() - proposal.get("asked_at", time.time()),
+              "pending": {**proposal, "asked_at": time.time()}}
     if action == "approve":
-        return Command(goto="run_trial", update={"approval_error": ""})
+        return Command(goto="run_trial", update={"approval_error": "", **waited})
     if action == "reject":
-        return _rejected(state, runtime, str(answer.get("comment") or "no reason given"))
+        return _rejected(state, runtime, str(answer.get("comment") or "no reason given"), waited["waited"])
     if action == "edit":
-        return _edited(state, runtime, answer.get("changes"), history)
-    return Command(goto="approve", update={"approval_error": f"answer with approve, edit or reject, not {answer!r}"})
+        return _edited(state, runtime, answer.get("changes"), history, waited)
+    return Command(goto="approve", update={"approval_error": f"answer with approve, edit or reject, not {answer!r}", **waited})
 
 
-def _rejected(state: State, runtime: Runtime[Resources], comment: str) -> Command[Literal["decide"]]:
+def _rejected(state: State, runtime: Runtime[Resources], comment: str, waited: float) -> Command[Literal["decide"]]:
     settings, group, proposal = Settings.from_json(state["settings"]), state["group"], state["pending"]
     found = resources(runtime, settings)
     found.echo(f"[approve] {group}: rejected — {comment}")
     pipeline = state["selection"][group]["pipeline"]
     record = study(found, settings, group, pipeline).reject(_proposal(proposal), comment)
-    return Command(goto="decide", update={"pending": None, "approval_error": "",
-                                          "history": {**state["history"], group: [*state["history"][group], record.to_json()]}})
+    return Command(goto="decide", update={"pending": None, "approval_error": "", "waited": waited,
+                                          "history": {**state["history"], group: [*state["history"][group], state_row(record)]}})
 
 
-def _edited(state: State, runtime: Runtime[Resources], changes, history: list) -> Command[Literal["run_trial", "approve"]]:
+def _edited(state: State, runtime: Runtime[Resources], changes, history: list, waited: dict) -> Command[Literal["run_trial", "approve"]]:
     from rectune.agent.proposer import tried
 
     settings, group, proposal = Settings.from_json(state["settings"]), state["group"], state["pending"]
     if not isinstance(changes, dict) or not changes:
         # Else an empty edit would run the proposal as if a person had changed it.
-        return Command(goto="approve", update={"approval_error": "an edit needs at least one NAME=VALUE"})
+        return Command(goto="approve", update={"approval_error": "an edit needs at least one NAME=VALUE", **waited})
     space = resources(runtime, settings).runner.space
     try:
         params = space.validate(state["selection"][group]["pipeline"], changes, base=proposal["params"])
     except RectuneError as error:
-        return Command(goto="approve", update={"approval_error": f"the edit was refused: {error}"})
+        return Command(goto="approve", update={"approval_error": f"the edit was refused: {error}", **waited})
     from rectune.tools.trial import canonical
 
     seen = tried(history).get(canonical(params))
     if seen:
-        return Command(goto="approve", update={"approval_error": f"the edited configuration was already {seen}"})
+        return Command(goto="approve", update={"approval_error": f"the edited configuration was already {seen}", **waited})
     best = best_record(history)
+    # What the LLM chose no longer ran; what its call cost, and why a reply was not used, still hold.
+    meta = {k: v for k, v in (proposal.get("meta") or {}).items() if k not in ("candidate", "source", "note")}
     edited = {**proposal, "params": params, "changes": {k: v for k, v in params.items() if best.params.get(k) != v},
-              "rationale": proposal["rationale"] + f" [edited by a person: {json_compact(changes)}]"}
-    return Command(goto="run_trial", update={"pending": edited, "approval_error": ""})
+              "rationale": proposal["rationale"] + f" [edited by a person: {json_compact(changes)}]",
+              "meta": {**meta, "source": "person"}}
+    return Command(goto="run_trial", update={"pending": edited, "approval_error": "", "waited": waited["waited"]})
 
 
 def _proposal(pending: dict) -> Proposal:
@@ -281,10 +303,10 @@ def run_trial(state: State, runtime: Runtime[Resources]) -> Command[Literal["dec
     record = study(found, settings, group, pipeline).run(_proposal(proposal), found.runner, found.session)
     history = [*records(state, group), record]
     best = best_record(history)
-    spent = sum(1 for r in history if r.state in ("complete", "failed"))
-    found.echo(f"[tune] {group}: trial {spent}/{settings.budget} {json_compact(proposal['changes'])} → "
+    used = spent(history)
+    found.echo(f"[tune] {group}: trial {used}/{settings.budget} {json_compact(proposal['changes'])} → "
                f"{settings.objective} {outcome(record)} (best {outcome(best)})")
-    return Command(goto="decide", update={"history": {**state["history"], group: [r.to_json() for r in history]},
+    return Command(goto="decide", update={"history": {**state["history"], group: [state_row(r) for r in history]},
                                           "pending": None})
 
 
@@ -302,20 +324,24 @@ def next_group(state: State) -> Command[Literal["start_group", "report"]]:
 
 
 def report(state: State, runtime: Runtime[Resources]) -> dict:
-    """Default vs tuned configuration per group on the test split, written as markdown (and to MLflow)."""
+    """Default vs adopted configuration per group on the test split, written as markdown (and to MLflow)."""
     from pathlib import Path
 
     settings = Settings.from_json(state["settings"])
     found = resources(runtime, settings)
-    histories = {group: records(state, group) for group in state["history"]}
+    # From the ledger, the source of truth: the state's copies have no per-user values to pair.
+    histories = {group: study(found, settings, group, state["selection"][group]["pipeline"]).history()
+                 for group in state["history"]}
     tests, defaults = {}, {}
     for group, history in histories.items():
         pipeline = state["selection"][group]["pipeline"]
         defaults[group] = found.runner.space.defaults(pipeline)
-        best = best_record(history)
-        if best is not None:  # else no configuration of the group produced a number: nothing to report on test
-            tests[group] = {label: _test_metrics(found, settings, group, pipeline, params)
-                            for label, params in (("default", defaults[group]), ("tuned", best.params))}
+        adoption = adopt(history, defaults[group], settings.seed)
+        if adoption is not None:  # else no configuration of the group produced a number: nothing to report on test
+            # The best is evaluated too when it is not adopted: the report shows what keeping the default avoided, or cost.
+            default = _test_metrics(found, settings, group, pipeline, defaults[group])
+            best = default if adoption.best_is_default else _test_metrics(found, settings, group, pipeline, adoption.best.params)
+            tests[group] = {"default": default, "best": best, "adopted": default if adoption.kept_default else best}
     text = session_report(settings, state, histories, tests, defaults,
                           "\n\n".join(group_table(g, rows, settings.objective) for g, rows in state["table"].items()))
     folder = Path(found.report_dir or "reports")

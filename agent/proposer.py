@@ -18,11 +18,12 @@ import time
 from rectune.agent.llm import TEXT_REPLY_LIMIT, answered_in_text, bind_decision_tools, invoke, text_replies_stop
 from rectune.agent.llm_tools import LETTERS, Scope, read_tune_call, tune_tools, unreadable_reply
 from rectune.agent.prompts import render
-from rectune.agent.report import best_record, history_table, json_compact
+from rectune.agent.report import history_table, json_compact
+from rectune.tools.adoption import best_record
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.proposers import register
-from rectune.tools.proposers.menu import menu
-from rectune.tools.trial import canonical
+from rectune.tools.proposers.menu import STUCK, menu
+from rectune.tools.trial import canonical, spent
 
 
 def call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
@@ -66,10 +67,8 @@ class LLMProposer(Proposer):
 
     name = "llm"
 
-    def __init__(self, seed: int = 0, *, llm, may_finish: bool = True, call_budget: int | None = None, echo=None):
+    def __init__(self, seed: int = 0, *, llm, may_finish: bool = True, echo=None):
         self.seed, self.llm, self.may_finish = seed, llm, may_finish
-        # LLM calls over the whole study, counted from the history's meta (a resumed study keeps its count).
-        self.call_budget = call_budget
         self.echo = echo or (lambda line: None)
         self.last: dict = {}
         self.finished = ""
@@ -80,8 +79,6 @@ class LLMProposer(Proposer):
             # Every change is described against the best trial: without one there is nothing to tune from.
             failed = next((r.error for r in history if r.state == "failed"), "")
             outcome = Finish(f"no trial has produced a number yet{f' (trial 0: {failed})' if failed else ''}")
-        elif self.call_budget is not None and sum(r.meta.get("calls", 0) for r in history if r.tuner == self.name) >= self.call_budget:
-            outcome = Finish(f"the LLM-call budget of {self.call_budget} is spent")
         else:
             outcome = self._call(history, context)
         if isinstance(outcome, Finish):
@@ -117,12 +114,12 @@ class LLMProposer(Proposer):
 
         study, space = context.study, context.space
         latency = "" if study.max_latency_ms is None else fragment("tune_latency", max_latency_ms=f"{study.max_latency_ms:g}")
-        system = render("tune_system", pipeline=study.pipeline, dataset=study.dataset, objective=study.objective,
+        system = render("tune_system", pipeline=study.pipeline, dataset=study.dataset, objective=study.objective, stuck=STUCK,
                         space=space.describe(study.pipeline, study.objective), latency=latency,
                         finish=fragment("tune_finish" if self.may_finish else "tune_full_budget"))
         lines = [f"{letter}. {candidate.describe()}" for letter, candidate in zip(LETTERS, options)]
         feedback = _feedback(history, best, self.name)
-        turn = render("tune_turn", group=study.group, used=sum(1 for r in history if r.state in ("complete", "failed")),
+        turn = render("tune_turn", group=study.group, used=spent(history),
                       budget=context.budget, history=history_table(history, space.defaults(study.pipeline), study.objective),
                       best_trial=best.number, objective=study.objective, best_value=f"{best.objective:.5f}",
                       menu="\n".join(lines) or "(empty: every candidate near the best is tried; propose your own change)",
@@ -130,20 +127,15 @@ class LLMProposer(Proposer):
         return [SystemMessage(system), HumanMessage(turn)]
 
     def _fallback(self, history, context: ProposerContext, options, why: str) -> Proposal | Finish:
-        """The menu's first candidate, for a reply that cannot be used; an untried neighbour of the
-        best (the `local` proposer) when the menu is empty."""
-        from rectune.tools.proposers import make_proposer
-
+        """The menu's first candidate, for a reply that cannot be used. The menu is empty only when
+        TPE, too, found nothing untried: then nothing is left to run."""
         why = " ".join(why.split())
-        meta = {**self.last, "fallback": why}
-        if options:
-            self.echo(f"[tune] {context.study.group}: the LLM's reply was not used ({why}); candidate A runs instead")
-            return Proposal(options[0].params, self.name, f"fallback to candidate A ({options[0].describe()}): {why}",
-                            meta={**meta, "candidate": "A", "source": options[0].source})
-        local = make_proposer("local", seed=self.seed).propose(history, context)
-        if isinstance(local, Finish):
-            return Finish(f"the LLM's reply was not used ({why}) and {local.reason}")
-        return Proposal(local.params, self.name, f"fallback: {why}; {local.rationale}", meta={**meta, "source": "neighbour"})
+        if not options:
+            return Finish(f"the LLM's reply was not used ({why}) and the menu is empty: every candidate TPE and the "
+                          "neighbourhood of the best could offer is tried")
+        self.echo(f"[tune] {context.study.group}: the LLM's reply was not used ({why}); candidate A runs instead")
+        return Proposal(options[0].params, self.name, f"fallback to candidate A ({options[0].describe()}): {why}",
+                        meta={**self.last, "fallback": why, "candidate": "A", "source": options[0].source})
 
 
 def _text_replies(history, tuner: str) -> int:
@@ -164,7 +156,8 @@ def _feedback(history, best, tuner: str) -> str:
         changes = {k: v for k, v in last.params.items() if best.params.get(k) != v}
         return fragment("tune_rejected", changes=json_compact(changes), comment=last.comment)
     if last.tuner == tuner and last.meta.get("fallback"):
-        return f"your previous reply was not used ({last.meta['fallback']}); candidate {last.meta.get('candidate', 'A')} ran instead."
+        ran = "a person's edit" if last.meta.get("source") == "person" else f"candidate {last.meta.get('candidate', 'A')}"
+        return f"your previous reply was not used ({last.meta['fallback']}); {ran} ran instead."
     return ""
 
 

@@ -6,8 +6,9 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from rectune.tools.noise import Interval, paired_interval, vector
-from rectune.tools.trial import canonical
+from rectune.tools.adoption import Adoption, adopt
+from rectune.tools.noise import Interval
+from rectune.tools.trial import spent
 
 if TYPE_CHECKING:
     from rectune.agent.context import Settings
@@ -29,27 +30,6 @@ def metrics_row(metrics: dict, objective: str, top_n: int) -> dict:
     """The few metrics the LLM and the tables show, rounded."""
     names = [objective, "recall@20", "ndcg@20", f"precision@{top_n}", f"recall@{top_n}", f"f1@{top_n}"]
     return {name: round(float(metrics[name]), 5) for name in dict.fromkeys(names) if name in metrics}
-
-
-def best_record(history: list["TrialRecord"]) -> "TrialRecord | None":
-    """The best complete trial that met the latency budget; a slower one only when none did."""
-    done = [r for r in history if r.state == "complete" and r.objective is not None]
-    return max(done, key=lambda r: (r.feasible, r.objective), default=None)
-
-
-def default_record(history: list["TrialRecord"], defaults: dict) -> "TrialRecord | None":
-    """The complete trial of the default configuration (trial 0 of every study), if any."""
-    return next((r for r in history if r.state == "complete" and canonical(r.params) == canonical(defaults)), None)
-
-
-def gain_over_default(history: list["TrialRecord"], defaults: dict, seed: int) -> Interval | None:
-    """The best trial minus the default configuration on validation, paired over the group's
-    users; None when either was not run to completion or has no per-user values (a ledger
-    written before they were kept, or an objective such as coverage that has none)."""
-    best, default = best_record(history), default_record(history, defaults)
-    if best is None or default is None or best.result.per_user is None or default.result.per_user is None:
-        return None
-    return paired_interval(vector(best.result.per_user), vector(default.result.per_user), seed=seed)
 
 
 def outcome(record: "TrialRecord | None") -> str:
@@ -100,14 +80,14 @@ def _candidate_recall(record: "TrialRecord") -> float | None:
     return next((value for name, value in metrics.items() if name.startswith("candidate_recall@")), None)
 
 
-def _noise_sentence(gain: Interval | None, best_is_default: bool) -> str:
-    """What the session report says of the tuned configuration's gain over the default on validation."""
-    if gain is None:
-        return ""
-    if best_is_default:
+def _adoption_sentence(adoption: "Adoption") -> str:
+    """What the session report says of the adopted configuration, with the gain over the default on validation."""
+    gain = "" if adoption.gain is None else f" ({adoption.gain.text()} on validation)"
+    if adoption.best_is_default:
         return "; no trial beat the default on validation"
-    verdict = "is within noise" if gain.within_noise else "is more than noise" if gain.diff > 0 else "is a loss beyond noise"
-    return f"; on validation, the gain over the default, {gain.text()}, {verdict}"
+    if adoption.kept_default:
+        return f"; the default is kept: {adoption.reason}{gain}"
+    return f"; trial {adoption.record.number} is adopted: {adoption.reason}{gain}"
 
 
 def selection_table(selection: dict, objective: str) -> str:
@@ -132,8 +112,9 @@ def usage_line(state: dict, histories: dict[str, list["TrialRecord"]]) -> str:
     calls = sum(state.get("llm_calls", {}).values())
     refused = sum(state.get("invalid_calls", {}).values())
     prompt, cached, seconds = usage.get("input_tokens", 0), usage.get("cached_tokens", 0), usage.get("seconds", 0.0)
-    wall = time.time() - state["began_at"] if state.get("began_at") else 0.0
-    share = f" ({seconds / wall:.0%} of the {wall:.0f} s since model selection began)" if wall > 0 else ""
+    wall = time.time() - state["began_at"] - state.get("waited", 0.0) if state.get("began_at") else 0.0
+    waits = ", waits for a person excluded" if state.get("waited") else ""
+    share = f" ({seconds / wall:.0%} of the {wall:.0f} s since model selection began{waits})" if wall > 0 else ""
     return (f"LLM: {calls} calls, {refused} refused ({(calls - refused) / max(calls, 1):.0%} valid), {seconds:.1f} s{share}, "
             f"{prompt} prompt tokens ({prompt / max(calls, 1):.0f} a call; {cached} read from the endpoint's prompt cache, "
             f"{cached / max(prompt, 1):.0%}) + {usage.get('output_tokens', 0)} completion tokens. "
@@ -142,31 +123,32 @@ def usage_line(state: dict, histories: dict[str, list["TrialRecord"]]) -> str:
 
 def session_report(settings: "Settings", state: dict, histories: dict[str, list["TrialRecord"]],
                    tests: dict[str, dict[str, dict]], defaults: dict[str, dict], selection_tables: str = "") -> str:
-    """The session's markdown report. `tests`: group → {default, tuned} → test metrics;
+    """The session's markdown report. `tests`: group → {default, best, adopted} → test metrics;
     `defaults`: group → its pipeline's default configuration; `selection_tables`: the
     pipelines per group as the pick saw them."""
     rows, lines, gains = [], [], []
     # @20 is computed for every configuration, whatever its TopN: compare there.
     names = list(dict.fromkeys([settings.objective, "recall@20", "ndcg@20", "precision@20", "hitrate@20"]))
     for group, history in histories.items():
-        choice, best = state["selection"][group], best_record(history)
-        spent = sum(1 for r in history if r.state in ("complete", "failed"))
-        if best is None:
+        choice, adoption = state["selection"][group], adopt(history, defaults[group], settings.seed)
+        used = spent(history)
+        if adoption is None:
             rows.append(f"| {cell(group)} | {choice['pipeline']} | {settings.objective} | – | – | no trial produced a number |")
-            lines.append(f"- **{cell(group)}**: {choice['pipeline']}: none of its {spent} trials produced a number "
+            lines.append(f"- **{cell(group)}**: {choice['pipeline']}: none of its {used} trials produced a number "
                          f"(trial 0: {cell(history[0].error) if history else '?'}); stopped by {state['finished'].get(group, '?')}")
             continue
         for name in names:
-            before, after = tests[group]["default"].get(name, float("nan")), tests[group]["tuned"].get(name, float("nan"))
-            rows.append(f"| {cell(group)} | {choice['pipeline']} | {name} | {before:.5f} | {after:.5f} | {after - before:+.5f} |")
+            before, best, after = (tests[group][label].get(name, float("nan")) for label in ("default", "best", "adopted"))
+            rows.append(f"| {cell(group)} | {choice['pipeline']} | {name} | {before:.5f} | {best:.5f} | {after:.5f} | "
+                        f"{after - before:+.5f} |")
+        best, default, gain = adoption.best, adoption.default, adoption.gain
         changed = json_compact({k: v for k, v in best.params.items() if defaults[group].get(k) != v}) or "the default"
-        default, gain = default_record(history, defaults[group]), gain_over_default(history, defaults[group], settings.seed)
         lines.append(f"- **{cell(group)}**: {choice['pipeline']} ({cell(choice['reason'])}); best trial {best.number} of "
-                     f"{spent} ({changed}); stopped by {state['finished'].get(group, '?')}" + _noise_sentence(gain, best is default))
+                     f"{used} ({changed}); stopped by {state['finished'].get(group, '?')}" + _adoption_sentence(adoption))
         if gain is not None:
-            verdict = "(the default is the best)" if best is default else "yes" if gain.within_noise else "no"
+            verdict = "(the default is the best)" if adoption.best_is_default else "yes" if gain.within_noise else "no"
             gains.append(f"| {cell(group)} | {choice['pipeline']} | {default.objective:.5f} | {best.objective:.5f} | "
-                         f"{gain.text()} | {verdict} |")
+                         f"{gain.text()} | {verdict} | {'the default' if adoption.kept_default else f'trial {adoption.record.number}'} |")
     return "\n".join([
         f"# rectune session {settings.session}", "",
         f"Dataset {settings.dataset}, groups {settings.groups}, objective {settings.objective} (tuned on validation), "
@@ -177,12 +159,14 @@ def session_report(settings: "Settings", state: dict, histories: dict[str, list[
         "## Pipelines and tuning", "", *lines, "",
         *(line for group, history in histories.items() for line in (
             f"### What was tried on {cell(group)}", "", history_table(history, defaults[group], settings.objective), "")),
-        *([f"## Validation {settings.objective}: default vs tuned, paired over the group's users", "",
-           "Gain = tuned − default per user, averaged, with its 95% bootstrap interval over the users; within noise = "
-           "the interval holds 0.", "",
-           "| group | pipeline | default | tuned | gain [95% interval] | within noise |", "|---|---|---|---|---|---|",
+        *([f"## Validation {settings.objective}: default vs best, paired over the group's users", "",
+           "Gain = best − default per user, averaged, with its 95% bootstrap interval over the users; within noise = "
+           "the interval holds 0. The best is adopted only when its gain is more than noise; otherwise the default is "
+           "kept (a best of several noisy trials within noise of the default tended to fall below it on test).", "",
+           "| group | pipeline | default | best | gain [95% interval] | within noise | adopted |", "|---|---|---|---|---|---|---|",
            *gains, ""] if gains else []),
-        "## Test split: default vs tuned configuration", "",
-        "| group | pipeline | metric | default | tuned | change |", "|---|---|---|---|---|---|", *rows, "",
+        "## Test split: default vs adopted configuration", "",
+        "The best on validation is shown whether adopted or not; change = adopted − default.", "",
+        "| group | pipeline | metric | default | best | adopted | change |", "|---|---|---|---|---|---|---|", *rows, "",
         usage_line(state, histories),
     ])

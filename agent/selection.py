@@ -15,30 +15,27 @@ from __future__ import annotations
 
 from rectune.agent.llm_tools import RATIONALE_CHARACTERS, broken_call, shown, function_schema
 from rectune.agent.report import cell
+from rectune.tools.noise import Interval
 
 
 def tied(rows: dict[str, dict]) -> list[str]:
     """The pipelines of one group within noise of the best (the best first), by objective."""
     order = sorted(rows, key=lambda p: -rows[p]["objective"])
-    return [p for p in order if p == order[0] or _within_noise(rows[p].get("vs_best"))]
-
-
-def _within_noise(interval: dict | None) -> bool:
-    return interval is not None and interval["low"] <= 0.0 <= interval["high"]
+    return [p for p in order if p == order[0] or (rows[p].get("vs_best") and Interval.from_json(rows[p]["vs_best"]).within_noise)]
 
 
 def group_table(group: str, rows: dict[str, dict], objective: str) -> str:
     """One group's pipelines for the pick's prompt and the report, best first."""
     band = set(tied(rows))
-    extra = [name for name in next(iter(rows.values())) if name.startswith("f1@")]
+    # Each pipeline's F1 is at its own default TopN: every TopN present gets a column.
+    extra = list(dict.fromkeys(name for row in rows.values() for name in row if name.startswith("f1@")))
     lines = [f"Group {group}:", f"| pipeline | {objective} | difference to the best [95% interval] | within noise | "
              + "".join(f"{name} | " for name in extra) + "fit s | ms/user |",
              "|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
     order = sorted(rows, key=lambda p: -rows[p]["objective"])
     for pipeline in order:
         row, interval = rows[pipeline], rows[pipeline].get("vs_best")
-        difference = "best" if pipeline == order[0] else "-" if interval is None else \
-            f"{interval['diff']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}]"
+        difference = "best" if pipeline == order[0] else "-" if interval is None else Interval.from_json(interval).text()
         lines.append(f"| {pipeline} | {row['objective']:.5f} | {difference} | {'yes' if pipeline in band else 'no'} | "
                      + "".join(f"{_number(row.get(name), '.5f')} | " for name in extra)
                      + f"{_number(row.get('fit_seconds'), '.1f')} | {_number(row.get('ms_per_user'), '.3f')} |")
@@ -61,7 +58,7 @@ def pick_tool(ties: dict[str, list[str]]) -> dict:
 
 
 def read_pick(message, ties: dict[str, list[str]]) -> tuple[dict[str, dict], str]:
-    """The LLM's pipeline per open group, or ({}, what was wrong)."""
+    """The LLM's valid picks among the open groups, and what was wrong with the others ("" when nothing was)."""
     calls = [c for c in (getattr(message, "tool_calls", None) or []) if c["name"] == "choose_pipelines"]
     if not calls:
         broken = broken_call(message)
@@ -80,7 +77,7 @@ def read_pick(message, ties: dict[str, list[str]]) -> tuple[dict[str, dict], str
             problems.append(f"group {group!r}: the reason must be a non-empty string")
         else:
             picked[group] = {"pipeline": choice["pipeline"], "reason": choice["reason"].strip()}
-    return ({}, "; ".join(problems)) if problems else (picked, "")
+    return picked, "; ".join(problems)
 
 
 def decided(rows: dict[str, dict], band: list[str], choice: dict | None, failure: str, space) -> dict:
@@ -92,8 +89,7 @@ def decided(rows: dict[str, dict], band: list[str], choice: dict | None, failure
     elif len(band) == 1:
         runner_up = next(iter(sorted((p for p in rows if p != argmax), key=lambda p: -rows[p]["objective"])), None)
         interval = rows[runner_up].get("vs_best") if runner_up else None
-        gap = "" if not interval else \
-            f" (next: {runner_up}, {interval['diff']:+.4f} [{interval['low']:+.4f}, {interval['high']:+.4f}])"
+        gap = f" (next: {runner_up}, {Interval.from_json(interval).text()})" if interval else ""
         choice, by = {"pipeline": argmax, "reason": f"the only pipeline within noise of the best{gap}"}, "rule"
     else:
         choice, by = {"pipeline": argmax, "reason": f"fallback to the best objective: the LLM failed ({cell(failure)})"}, "fallback"

@@ -69,6 +69,8 @@ class State(InputState, total=False):
     """When model selection began (epoch seconds): the report's LLM share of the session's wall time."""
     started_at: float
     """When model selection finished (epoch seconds), for the wall-time budget."""
+    waited: float
+    """Seconds spent waiting for a person's answer (`--approve ask`): not the LLM's, not the machine's."""
     report: str | None
     """Path of the written report."""
 

@@ -8,6 +8,7 @@ asked for those groups only."""
 
 import json
 import re
+import time
 from pathlib import Path
 
 import optuna
@@ -17,11 +18,12 @@ from optuna.trial import TrialState
 
 from rectune.agent.session import list_sessions, run
 from scripted_llm import ScriptedLLM, call, calls, is_pick, raw, text
+from rectune.tools.study import Study
 from rectune.tools.tracking import Tracker
 
 TIES = {"groups": "activity:4", "objective": "ndcg@5"}
 """Settings under which the fixture's groups differ: in some several pipelines tie with the best, in one the best is alone."""
-NOT_USED = re.compile(r"Note: your previous reply was not used \((.*)\); candidate ([A-D]) ran instead\.")
+NOT_USED = re.compile(r"Note: your previous reply was not used \((.*)\); (?:candidate ([A-D])|a person's edit) ran instead\.")
 CHOSEN_BY = {"llm": "LLM", "rule": "rule: alone within noise", "fallback": "fallback"}
 """selection[g]["chosen_by"] → how selection.md and the report say it."""
 
@@ -78,7 +80,7 @@ def history_rows(body: dict) -> str:
 
 
 def menu_of(body: dict) -> dict[str, str]:
-    """Letter → candidate of a tuning request's menu ("A. <changes> (TPE sample|neighbour of the best)")."""
+    """Letter → candidate of a tuning request's menu ("A. <changes>", " (TPE sample)" after a sample's)."""
     listed = user_text(body).split("\nMenu:\n", 1)[1]
     return {line[0]: line[3:] for line in listed.splitlines() if re.match(r"[A-D]\. ", line)}
 
@@ -191,6 +193,7 @@ def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_di
 
     def answer(payload):
         shown.append(payload)
+        time.sleep(0.2)  # a person reading the proposal: not the LLM's time, nor the machine's
         return next(answers)
 
     with ScriptedLLM(script) as llm:
@@ -203,6 +206,8 @@ def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_di
     assert {g: (s["pipeline"], s["chosen_by"]) for g, s in values["selection"].items()} == {
         "cold": ("heuristic", "rule"), "heavy": ("heuristic", "rule")}
     assert picks(llm) == [] and len(llm.requests) == 6  # one call per proposal, the finish included
+    assert values["waited"] >= 0.2 * len(shown) and "since model selection began, waits for a person excluded)" in \
+        Path(values["report"]).read_text()
     # Approval payloads carry the diff against the current best and the rationale.
     assert shown[0]["diff"] == {"neighbors": [50, 20]} and shown[0]["rationale"] == "denser similarity graph"
     # The out-of-range call cost no extra call: candidate A was proposed instead, and the next turn says why.
@@ -212,15 +217,22 @@ def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_di
     [change] = [tool["function"] for tool in bodies[0]["tools"] if tool["function"]["name"] == "propose_change"]
     assert "neighbors" in change["parameters"]["properties"]["changes"]["properties"]
     assert not {"k", "top_n"} & set(change["parameters"]["properties"]["changes"]["properties"])
-    assert "k=5 is out of range [50, 3000]" in note(bodies[2]).group(1) and note(bodies[1]) is None
+    told = note(bodies[2]).group(1)
+    assert "k=5 is out of range [50, 3000]" in told and "; k cannot move ndcg@20 here (tunable: " in told
+    assert note(bodies[1]) is None
     assert "A person rejected your proposal neighbors=100: keep the graph sparse" in user_text(bodies[4])
     assert "| llm (own) | neighbors=100 | rejected by a person: keep the graph sparse |" in user_text(bodies[4])
     assert "that configuration was already rejected by a person (keep the graph sparse)" in note(bodies[5]).group(1)
 
+    # The checkpointed state keeps no per-user values (the ledger has them, and the report pairs them from there).
+    assert all(row["result"] is None or row["result"]["per_user"] is None for rows in values["history"].values() for row in rows)
+    assert Study.open(config["storage"], "s1-cold").history()[0].result.per_user["n"] > 0
+    assert "## Validation ndcg@20: default vs best, paired over the group's users" in Path(values["report"]).read_text()
     cold = assert_no_repeats(config["storage"], "s1-cold")
     assert [cold[n]["tuner"] for n in cold] == ["default", "llm", "llm", "llm"]
     assert [cold[n]["params"]["neighbors"] for n in (0, 1, 2)] == [50, 20, 40]  # the person's edit ran, not candidate A
-    assert "edited by a person" in cold[2]["rationale"] and cold[2]["meta"]["candidate"] == "A"
+    assert "edited by a person" in cold[2]["rationale"] and "candidate" not in cold[2]["meta"]
+    assert note(bodies[2]).group(2) is None and cold[2]["meta"]["source"] == "person"  # "a person's edit ran instead"
     assert (cold[1]["meta"]["source"], cold[2]["meta"]["refused"]) == ("own", 1)
     assert_ran_its_candidate(bodies[2], cold, 3)
     heavy = assert_no_repeats(config["storage"], "s1-heavy")
@@ -234,7 +246,7 @@ def test_session_select_tune_approve_edit_reject_report(tmp_path, baby_format_di
     assert assert_cacheable_prefixes(bodies) == 5
 
     report = (tmp_path / "reports" / "s1.md").read_text()
-    assert "Test split: default vs tuned" in report and "| cold | heuristic | ndcg@20 |" in report
+    assert "Test split: default vs adopted" in report and "| cold | heuristic | ndcg@20 |" in report
     assert "LLM: 6 calls, 2 refused (67% valid)" in report
     client = MlflowClient(config["tracking_uri"])
     parent = client.get_run(values["mlflow_run_id"])
@@ -372,7 +384,6 @@ def test_a_full_budget_session_offers_no_finish_and_uses_every_trial(tmp_path, b
 
 def test_only_pipelines_within_noise_of_the_best_may_be_picked(tmp_path, baby_format_dir, shared_cache):
     from rectune.models.pipeline import PIPELINES
-    from rectune.tools.study import Study
 
     refused = {}
 
@@ -399,19 +410,22 @@ def test_only_pipelines_within_noise_of_the_best_may_be_picked(tmp_path, baby_fo
     ties = {group: band for group, band in expected.items() if len(band) > 1}
     # The fixture gives both kinds of group (else this test would prove nothing of one of them).
     assert ties and len(ties) < len(expected) and any(len(band) < len(PIPELINES) for band in ties.values())
-    # One request per attempt, each offering exactly the tied pipelines of exactly the open groups; budget 1: no tuning call.
+    # One request per attempt, each offering exactly the tied pipelines of exactly the open groups: the
+    # second only the refused group's (the others' valid picks are kept); budget 1: no tuning call.
     assert len(picks(llm)) == len(llm.requests) == 2
-    for body in picks(llm):
-        assert bands(body) == ties and offered(body) == ["choose_pipelines"]
+    for body, open_groups in zip(picks(llm), (ties, {refused["group"]: ties[refused["group"]]})):
+        assert bands(body) == open_groups and offered(body) == ["choose_pipelines"]
         assert body["tool_choice"] == {"type": "function", "function": {"name": "choose_pipelines"}}
     first, second = (user_text(body) for body in picks(llm))
     assert f"For each of the groups {', '.join(ties)}, several pipelines are within noise of the best" in first
-    assert second.startswith(first) and "Your previous answer was refused: " in second
+    assert f"For each of the groups {refused['group']}, several" in second and "Your previous answer was refused: " in second
     assert f"group {refused['group']!r}: {refused['pipeline']!r} is not within noise of the best; choose one of {refused['band']}" in second
     for group, band in expected.items():
         choice = selection[group]
-        if group in ties:
+        if group == refused["group"]:
             assert (choice["pipeline"], choice["chosen_by"], choice["reason"]) == (band[-1], "llm", f"cheaper than {band[0]}")
+        elif group in ties:
+            assert (choice["pipeline"], choice["chosen_by"], choice["reason"]) == (band[0], "llm", "the best")
         else:
             assert (choice["pipeline"], choice["chosen_by"]) == (band[0], "rule")
             assert choice["reason"].startswith("the only pipeline within noise of the best (next: ")
@@ -879,7 +893,7 @@ def test_bad_settings_are_refused_before_the_llm_is_called_or_a_checkpoint_writt
 
 
 def test_the_best_trial_is_the_best_that_met_the_latency_budget():
-    from rectune.agent.report import best_record
+    from rectune.tools.adoption import best_record
     from rectune.tools.trial import TrialRecord, TrialResult, TrialSpec
 
     def record(number: int, objective: float, feasible: bool, state: str = "complete") -> TrialRecord:

@@ -12,16 +12,18 @@ from test_agent import settings
 def test_a_trial_that_fails_counts_and_the_session_goes_on(tmp_path, baby_format_dir, shared_cache):
     # recall@100 needs 100 candidates: K = 60 is inside the search space, so only the runner can refuse it.
     # Under recall@100 every pipeline recalls all of the fixture's 80 items: all tie, and the pick
-    # (answered by the server: the first of the band) keeps the heuristic.
+    # takes the heuristic with DeepFM, whose K can move the objective (without a ranker it cannot).
     script = [call("propose_change", changes={"k": 60}, rationale="fewer candidates"),
               call("propose_change", changes={"neighbors": 20}, rationale="denser")]
+    ranked = call("choose_pipelines", all={"pipeline": "heuristic+deepfm", "reason": "a ranker"})
     lines = []
-    with ScriptedLLM(script) as llm:
+    with ScriptedLLM(script, picks=[ranked]) as llm:
         config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=3),
                   "objective": "recall@100", "cache_dir": shared_cache}
         values = run(config, None, echo=lines.append, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
     history = Study.open(config["storage"], "s1-all").history()
-    assert values["selection"]["all"]["pipeline"] == "heuristic"
+    assert values["selection"]["all"]["chosen_by"] == "llm"
+    assert values["selection"]["all"]["pipeline"] == "heuristic+deepfm"
     assert [r.state for r in history] == ["complete", "failed", "complete"]
     assert [r.params["k"] for r in history[1:]] == [60, history[0].params["k"]]  # each proposal ran as the LLM sent it
     assert "K=60" in history[1].error
@@ -41,8 +43,8 @@ def test_the_report_reads_an_objective_named_by_top_n(tmp_path, baby_format_dir,
         values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
     report = open(values["report"]).read()
     row = next(line for line in report.splitlines() if line.startswith("| all | heuristic | f1@topn |"))
-    default, tuned = (float(cell) for cell in row.split("|")[4:6])  # f1@20 for the default, f1@30 for the tuned one
-    assert default > 0 and tuned > 0 and not re.search(r"\bnan\b", row)
+    default, best = (float(cell) for cell in row.split("|")[4:6])  # f1@20 for the default, f1@30 for the best
+    assert default > 0 and best > 0 and not re.search(r"\bnan\b", row)
 
 
 def test_a_tool_not_offered_on_a_turn_is_refused_whatever_its_name():
@@ -77,6 +79,12 @@ def test_a_tool_not_offered_on_a_turn_is_refused_whatever_its_name():
     assert read_tune_call(reply("choose", candidate="B", rationale="r"), full_budget).kind == "invalid"
     chosen = read_tune_call(reply("choose", candidate="A", rationale="denser"), full_budget)
     assert (chosen.kind, chosen.params, chosen.candidate) == ("choose", denser.params, 0)
+
+    # An endpoint that ignores the schema may change what cannot move the objective: that is no new trial.
+    inert = read_tune_call(reply("propose_change", changes={"top_n": 50, "neighbors": 30}, rationale="longer"), full_budget)
+    assert inert.kind == "invalid" and inert.message.startswith("propose_change was not used: top_n cannot move ndcg@20 here (tunable: ")
+    own = read_tune_call(reply("propose_change", changes={"neighbors": 30}, rationale="denser"), full_budget)
+    assert (own.kind, own.params["neighbors"]) == ("propose_change", 30)
 
     # A session that may finish offers finish; without a menu there is nothing to choose.
     empty_menu = Scope(space, "heuristic", "ndcg@20", best, {}, [], may_finish=True)

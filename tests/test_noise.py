@@ -104,7 +104,8 @@ def record(number: int, params: dict, values: np.ndarray, tuner: str = "tpe", vs
 
 def test_the_session_report_says_when_the_gain_over_the_default_is_within_noise():
     from rectune.agent.context import Settings
-    from rectune.agent.report import gain_over_default, history_table, session_report
+    from rectune.agent.report import history_table, session_report
+    from rectune.tools.adoption import adopt
 
     base = sparse_scores(4000, seed=9)
     rng = np.random.default_rng(10)
@@ -119,25 +120,28 @@ def test_the_session_report_says_when_the_gain_over_the_default_is_within_noise(
     choice = {"pipeline": "heuristic", "llm": True, "argmax": "heuristic", "agrees": True, "f1_argmax": "heuristic",
               "f1_agrees": True, "reason": "best"}
     state = {"selection": dict.fromkeys(histories, choice), "finished": dict.fromkeys(histories, "budget")}
-    tests = dict.fromkeys(histories, {"default": {"ndcg@20": 0.03}, "tuned": {"ndcg@20": 0.031}})
+    tests = dict.fromkeys(histories, {"default": {"ndcg@20": 0.03}, "best": {"ndcg@20": 0.031}, "adopted": {"ndcg@20": 0.031}})
     text = session_report(settings, state, histories, tests, dict.fromkeys(histories, defaults))
 
-    within = gain_over_default(histories["cold"], defaults, seed=4)
+    within = adopt(histories["cold"], defaults, seed=4).gain
     assert within == paired_interval(vector(histories["cold"][1].result.per_user), np.round(base, 6), seed=4)
     assert within.within_noise and within.diff != 0
-    assert f"best trial 1 of 2 (k=200); stopped by budget; on validation, the gain over the default, {within.text()}, is within noise" in text
-    beyond = gain_over_default(histories["heavy"], defaults, seed=4)
-    assert f"the gain over the default, {beyond.text()}, is more than noise" in text and beyond.low > 0
+    assert (f"best trial 1 of 2 (k=200); stopped by budget; the default is kept: the best's gain over the default is "
+            f"within noise ({within.text()} on validation)") in text
+    beyond = adopt(histories["heavy"], defaults, seed=4).gain
+    assert (f"trial 1 is adopted: its gain over the default is more than noise ({beyond.text()} on validation)" in text
+            and beyond.low > 0)
     assert "- **light**: heuristic (best); best trial 0 of 2 (the default); stopped by budget; no trial beat the default on validation" in text
-    assert f"| cold | heuristic | {np.mean(base):.5f} | {histories['cold'][1].objective:.5f} | {within.text()} | yes |" in text
-    assert f"| heavy | heuristic | {np.mean(base):.5f} | {histories['heavy'][1].objective:.5f} | {beyond.text()} | no |" in text
-    assert "| +.0000 [+.0000, +.0000] | (the default is the best) |" in text
+    assert f"| cold | heuristic | {np.mean(base):.5f} | {histories['cold'][1].objective:.5f} | {within.text()} | yes | the default |" in text
+    assert f"| heavy | heuristic | {np.mean(base):.5f} | {histories['heavy'][1].objective:.5f} | {beyond.text()} | no | trial 1 |" in text
+    assert "| +.0000 [+.0000, +.0000] | (the default is the best) | trial 0 |" in text
 
     # Without per-user values (a ledger from before they were kept) the report has no verdict.
     old = [TrialRecord(r.number, r.tuner, r.state, r.params,
                        result=TrialResult(SPEC, r.objective, r.result.metrics, 0.5, 1.0, 1.0, "none")) for r in histories["cold"]]
-    assert gain_over_default(old, defaults, seed=4) is None
-    assert "noise" not in session_report(settings, {**state, "selection": {"cold": choice}}, {"cold": old}, tests, {"cold": defaults})
+    assert adopt(old, defaults, seed=4).gain is None
+    unpaired = session_report(settings, {**state, "selection": {"cold": choice}}, {"cold": old}, tests, {"cold": defaults})
+    assert "noise" not in unpaired and "trial 1 is adopted: no per-user values to test the gain" in unpaired
 
     compared = record(1, {"k": 200}, base, vs_best={**Interval(0.0012, -0.0008, 0.0031).to_json(), "trial": 0})
     header, _, first, second = history_table([histories["cold"][0], compared], defaults, "ndcg@20").splitlines()
@@ -150,7 +154,7 @@ def test_the_comparison_counts_the_seeds_whose_gain_is_within_noise():
     from rectune.agent.context import Settings
 
     def run(tuner: str, seed: int, gain: Interval | None) -> Run:
-        return Run(tuner, "cold", seed, "heuristic", [0.1], {}, 1.0, gain=gain)
+        return Run(tuner, "cold", seed, "heuristic", [0.1], {}, {}, 1.0, gain=gain)
 
     spec = Comparison(Settings(session="cmp", budget=2), seeds=(0, 1, 2), tuners=("tpe", "random"))
     runs = [run("tpe", 0, Interval(0.002, 0.001, 0.003)), run("tpe", 1, Interval(0.0004, -0.001, 0.002)),
@@ -160,3 +164,51 @@ def test_the_comparison_counts_the_seeds_whose_gain_is_within_noise():
     assert "| cold | tpe | +0.00080 | 2/3 | +.0020 [+.0010, +.0030]; +.0004 [-.0010, +.0020]; +.0000 [+.0000, +.0000] |" in lines
     # A seed without per-user values (an older ledger) is left out of the count.
     assert "| cold | random | +0.00200 | 1/2 | +.0010 [-.0010, +.0030]; +.0030 [+.0020, +.0040] |" in lines
+
+
+def test_a_best_is_adopted_only_when_it_beats_the_default_beyond_noise():
+    from dataclasses import replace
+
+    from rectune.tools.adoption import adopt
+
+    base = sparse_scores(4000, seed=9)
+    noisy = base + np.where(base > 0, np.random.default_rng(10).normal(0.0005, 0.05, 4000), 0)
+    defaults, better = {"k": 100}, base + np.where(base > 0, 0.05, 0.0)
+    default = record(0, defaults, base, "default")
+
+    within = adopt([default, record(1, {"k": 200}, noisy)], defaults, seed=4)
+    assert within.kept_default and within.record is default and within.best.number == 1 and within.gain.within_noise
+    assert within.reason == "the best's gain over the default is within noise"
+    beyond = adopt([default, record(1, {"k": 200}, noisy), record(2, {"k": 300}, better)], defaults, seed=4)
+    assert not beyond.kept_default and beyond.record.number == 2 and beyond.gain.low > 0
+    alone = adopt([default, record(1, {"k": 50}, base * 0.5)], defaults, seed=4)
+    assert alone.best_is_default and alone.record is default and alone.gain.diff == 0
+
+    # The default over the latency budget cannot be kept: a feasible best is adopted, noise or not.
+    slow = replace(default, result=replace(default.result, feasible=False))
+    assert adopt([slow, record(1, {"k": 200}, noisy)], defaults, seed=4).record.number == 1
+    # No default to compare with (its trial failed), or no per-user values: the best stands, and says why.
+    failed = TrialRecord(0, "default", "failed", defaults, error="out of memory")
+    assert adopt([failed, record(1, {"k": 200}, noisy)], defaults, seed=4).reason == "the default produced no number"
+    bare = [replace(r, result=replace(r.result, per_user=None)) for r in (default, record(1, {"k": 200}, noisy))]
+    assert adopt(bare, defaults, seed=4).reason == "no per-user values to test the gain"
+    assert adopt([failed], defaults, seed=4) is None
+
+
+def test_the_comparison_reports_adopted_configurations_and_the_ungated_bests_beside_them():
+    from rectune.agent.compare import Comparison, Run, _differences, _tests
+    from rectune.agent.context import Settings
+
+    def run(tuner: str, seed: int, test: float, best_test: float) -> Run:
+        # The LLM adopted a tuned configuration in seed 0 only; TPE kept the default in both.
+        adopted = {"k": 200} if (tuner, seed) == ("llm", 0) else {"k": 100}
+        return Run(tuner, "cold", seed, "heuristic", [0.1, 0.1], adopted, {"k": 200}, 1.0, test=test, best_test=best_test)
+
+    spec = Comparison(Settings(session="cmp", budget=2), seeds=(0, 1), tuners=("llm", "tpe"))
+    runs = [run("llm", 0, 0.032, 0.032), run("llm", 1, 0.030, 0.029), run("tpe", 0, 0.030, 0.031), run("tpe", 1, 0.030, 0.031)]
+    table = _tests(spec, runs, ["cold"])
+    assert "| cold | llm | 0.03100 | 0.0320, 0.0300 | 1/2 | 0.03050 | 2, 2 |" in "\n".join(table)
+    assert "| cold | tpe | 0.03000 | 0.0300, 0.0300 | 0/2 | 0.03100 | 2, 2 |" in "\n".join(table)
+    adopted, ungated = "\n".join(_differences(spec, runs, ["cold"])), "\n".join(_differences(spec, runs, ["cold"], ungated=True))
+    assert "| tpe | cold | +0.00100 |" in adopted and "| 1 / 1 / 0 |" in adopted
+    assert "| tpe | cold | -0.00050 |" in ungated and "| 1 / 0 / 1 |" in ungated and "ungated" in ungated

@@ -200,6 +200,22 @@ def test_tuners_search_only_parameters_that_can_move_the_objective():
         assert all((p.params["k"], p.params["top_n"]) == (500, 20) for p in proposals), name
 
 
+def test_a_menu_whose_neighbours_are_all_tried_offers_a_tpe_sample_before_the_search_is_stuck(tmp_path):
+    from rectune.tools.proposers.menu import menu, stuck
+
+    path = tmp_path / "tiny.toml"
+    path.write_text(TINY)
+    tiny = SearchSpace.load(path)
+    best = {"top_n": 20, "neighbors": 50}
+    # Every one-step neighbour of the best was rejected by a person: tried, but no trial ran since the best.
+    around = [{"top_n": t, "neighbors": 50} for t in (10, 30)] + [{"top_n": 20, "neighbors": n} for n in (25, 100)]
+    history = [record(0, best)] + [record(i, params, "rejected") for i, params in enumerate(around, 1)]
+    assert not stuck(history)
+    [sample] = menu(history, ProposerContext(CONTEXT, tiny, CONTEXT.budget))
+    assert sample.source == "tpe" and canonical(sample.params) not in {canonical(r.params) for r in history}
+    assert make_proposer("menu").propose(history, ProposerContext(CONTEXT, tiny, CONTEXT.budget)).params == sample.params
+
+
 def test_the_menu_refines_the_best_and_explores_with_tpe_once_stuck():
     from rectune.tools.proposers.menu import STUCK, menu
 
@@ -213,7 +229,8 @@ def test_the_menu_refines_the_best_and_explores_with_tpe_once_stuck():
     best = history[1].params  # top_n 30 scores higher than the default's 20
     for candidate in options:
         assert candidate.changes == {k: [best[k], v] for k, v in candidate.params.items() if best[k] != v}
-        assert len(candidate.changes) == 1 and "neighbour of the best" in candidate.describe()
+        [(name, (old, new))] = candidate.changes.items()
+        assert candidate.describe() == f"{name} {old:.3g}→{new:.3g}"  # a neighbour is not labelled; a TPE sample is
     assert len({next(iter(c.changes)) for c in options}) == 4  # each on another parameter
     # Deterministic, and shuffled by the seed: another seed orders (and draws) otherwise.
     assert menu(history, context) == options
@@ -222,4 +239,6 @@ def test_the_menu_refines_the_best_and_explores_with_tpe_once_stuck():
     # STUCK complete trials without a new best: one candidate is a TPE sample.
     worse = [record(3 + i, {**best, "neighbors": 20 + i}) for i in range(STUCK)]
     assert all(r.objective < history[1].objective for r in worse)
-    assert sorted(c.source for c in menu(history + worse, context)) == ["neighbour", "neighbour", "neighbour", "tpe"]
+    stuck = menu(history + worse, context)
+    assert sorted(c.source for c in stuck) == ["neighbour", "neighbour", "neighbour", "tpe"]
+    assert [c.describe().endswith(" (TPE sample)") for c in stuck] == [c.source == "tpe" for c in stuck]

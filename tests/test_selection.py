@@ -48,9 +48,11 @@ def test_the_pick_tool_offers_only_the_band_and_refuses_anything_else():
 
     picked, problems = read_pick(reply(cold={"pipeline": "two_tower", "reason": "cheaper: 0.4 ms"},
                                        heavy={"pipeline": "heuristic", "reason": "simple"}), ties)
-    assert picked == {} and "group 'heavy': 'heuristic' is not within noise of the best" in problems
+    # A valid pick is kept; only the group that went wrong is asked about again.
+    assert picked == {"cold": {"pipeline": "two_tower", "reason": "cheaper: 0.4 ms"}}
+    assert problems == "group 'heavy': 'heuristic' is not within noise of the best; choose one of ['two_tower+deepfm', 'two_tower']"
     picked, problems = read_pick(reply(cold={"pipeline": "two_tower", "reason": "cheaper"}), ties)
-    assert picked == {} and "no choice for group 'heavy'" in problems
+    assert list(picked) == ["cold"] and problems == "no choice for group 'heavy' (an object with pipeline and reason)"
     picked, problems = read_pick(reply(cold={"pipeline": "two_tower", "reason": "cheaper: 0.4 ms"},
                                        heavy={"pipeline": "two_tower", "reason": "5x faster to fit"}), ties)
     assert problems == "" and picked["heavy"] == {"pipeline": "two_tower", "reason": "5x faster to fit"}
@@ -67,7 +69,7 @@ def test_alone_in_its_band_the_best_is_picked_by_rule_with_the_runner_up_in_its_
     choice = decided(rows, band, None, "", SPACE)
     assert (choice["pipeline"], choice["chosen_by"], choice["llm"], choice["agrees"], choice["in_band"]) == \
         ("heuristic", "rule", False, True, True)
-    assert choice["reason"].startswith("the only pipeline within noise of the best (next: two_tower, -0.0200 [")
+    assert choice["reason"].startswith("the only pipeline within noise of the best (next: two_tower, -.0200 [")
     # The LLM's pick inside a band is kept; a failed LLM leaves the best, saying why.
     assert decided(rows, ["heuristic", "two_tower"], {"pipeline": "two_tower", "reason": "r"}, "", SPACE)["chosen_by"] == "llm"
     failed = decided(rows, ["heuristic", "two_tower"], None, "no tool call", SPACE)

@@ -17,6 +17,7 @@ import rectune.models.two_tower
 from rectune.models.errors import ConfigError, InvalidProposal
 from rectune.models.groups import make_groups
 from rectune.tools import ledger
+from rectune.tools.adoption import adopt
 from rectune.tools.baseline import run_baseline
 from rectune.tools.cache import ModelCache
 from rectune.tools.ledger import reclaim_orphans
@@ -379,6 +380,9 @@ def test_baseline_command_runs_any_registered_tuner(baby_format_dir, tmp_path):
     assert [r.tuner for r in history] == ["default", "local", "local"]
     assert all(r.rationale.startswith("neighbour of trial ") for r in history[1:])
     assert "best ndcg@20 = " in result.output
+    adoption = adopt(history, SearchSpace.load().defaults("heuristic"), seed=0)
+    kept = "the default" if adoption.kept_default else f"trial {adoption.record.number}"
+    assert f"adopted: {kept} — {adoption.reason}" in result.output
 
 
 def test_worker_on_a_missing_study_says_so(tmp_path):

@@ -18,14 +18,14 @@ from dataclasses import asdict, dataclass, replace
 
 from rectune.models.errors import ConfigError, RectuneError
 from rectune.tools import ledger
+from rectune.tools.adoption import best_record
 from rectune.tools.noise import paired_interval, vector
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.tracking import trial_key
-from rectune.tools.trial import TrialRecord, TrialResult, TrialSpec, canonical, tried as tried_keys
+from rectune.tools.trial import FINISHED, TrialRecord, TrialResult, TrialSpec, canonical, spent, tried as tried_keys
 
 __all__ = ["Study", "StudyContext", "TrialRecord", "canonical", "run_study"]
 
-FINISHED = ("complete", "failed")
 _RECONCILED: set[tuple[str, str, str]] = set()
 """(storage, study, MLflow parent run) already reconciled by this process."""
 
@@ -123,12 +123,11 @@ class Study:
     def spent(self) -> int:
         """Trials that count against the budget: complete ones and those that failed with a
         reason (a trial whose process died is retried instead; a rejected one costs nothing)."""
-        return sum(1 for r in self.records() if r.state in FINISHED)
+        return spent(self.records())
 
     def best(self) -> TrialRecord | None:
         """The best complete trial within the latency budget; a slower one only if none was."""
-        complete = [r for r in self.records() if r.state == "complete"]
-        return max(complete, key=lambda r: (r.feasible, r.objective), default=None)
+        return best_record(self.records())
 
     def find(self, proposal_id: str) -> TrialRecord | None:
         """The trial of a proposal: its finished run if any, else its queued or running one
@@ -303,7 +302,7 @@ def _next(study: Study, proposer: Proposer | None, context: ProposerContext) -> 
     in_flight = sum(1 for r in records if r.state == "running")
     # Parallel workers count each other's running trials; two that check at the same moment may
     # both start one, so together they overshoot the budget by at most one trial each.
-    if sum(1 for r in records if r.state in FINISHED) + in_flight >= context.budget:
+    if spent(records) + in_flight >= context.budget:
         return Finish(f"the budget of {context.budget} trials is spent")
     proposal = (proposer if records else make_proposer("default")).propose(records, context)
     if isinstance(proposal, Proposal) and canonical(proposal.params) in tried_keys(records):

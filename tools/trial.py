@@ -118,6 +118,15 @@ def canonical(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+FINISHED = ("complete", "failed")
+"""The states that count against a budget: a rejected proposal costs nothing, a queued or running one is not done."""
+
+
+def spent(history: Iterable[TrialRecord]) -> int:
+    """Trials of `history` that count against the budget."""
+    return sum(1 for record in history if record.state in FINISHED)
+
+
 def tried(history: Iterable[TrialRecord]) -> set[str]:
     """Canonical keys of every configuration in `history`, rejected proposals included."""
     return {canonical(record.params) for record in history}

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from rectune.models.errors import InvalidProposal
+from rectune.tools.adoption import ranked
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.trial import TrialRecord, canonical, tried
 
@@ -71,12 +72,6 @@ def untried_neighbour(starts: list[tuple[str, dict]], done: set[str], space: Sea
             if canonical(moved) not in done:
                 return moved, f"neighbour of {label}: {change}"
     return None
-
-
-def ranked(history: list[TrialRecord]) -> list[TrialRecord]:
-    """Complete trials, best first: those within the latency budget before slower ones."""
-    complete = [r for r in history if r.state == "complete"]
-    return sorted(complete, key=lambda r: (not r.feasible, -r.objective, r.number))
 
 
 class LocalProposer(Proposer):

@@ -26,7 +26,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
-from rectune.tools.proposers.local import ranked, steps
+from rectune.tools.adoption import ranked
+from rectune.tools.proposers.local import steps
 from rectune.tools.proposers.optuna_sampler import OptunaProposer, history_seed
 from rectune.tools.trial import TrialRecord, canonical, tried
 
@@ -47,25 +48,29 @@ class Candidate:
 
     def describe(self) -> str:
         moves = ", ".join(f"{name} {_short(old)}→{_short(new)}" for name, (old, new) in self.changes.items())
-        return f"{moves or 'no change'} ({'TPE sample' if self.source == 'tpe' else 'neighbour of the best'})"
+        # Only samples are labelled: the prompt says the rest are neighbours, and each label costs every call tokens.
+        return f"{moves or 'no change'}{' (TPE sample)' if self.source == 'tpe' else ''}"
 
 
 def menu(history: list[TrialRecord], context: ProposerContext, seed: int = 0) -> list[Candidate]:
     """Up to SIZE untried, distinct candidates, shuffled; deterministic given (history, context,
-    seed). Fewer when the space near the best is exhausted."""
+    seed). Fewer when the space near the best is exhausted; a TPE sample then stands in for an
+    empty menu even before the search is stuck, so that a chooser always has something to run."""
     pipeline, space = context.study.pipeline, context.space
     order = ranked(history)
     base = order[0].params if order else space.defaults(pipeline)
     rng = np.random.default_rng([history_seed(context.study.seed, seed, len(history)), _MENU_STREAM])
     done = tried(history)
     found = []
-    if stuck(history):
-        for params in OptunaProposer("tpe", seed).draws(history, context, 1)[0]:
-            done.add(canonical(params))
-            found.append(Candidate(params, "tpe", _changes(base, params)))
+    sample = OptunaProposer("tpe", seed).draw(history, context)[0] if stuck(history) else None
+    if sample is not None:
+        done.add(canonical(sample))
+        found.append(Candidate(sample, "tpe", _changes(base, sample)))
     for params in _neighbours(base, context, rng, done, SIZE - len(found)):
         done.add(canonical(params))
         found.append(Candidate(params, "neighbour", _changes(base, params)))
+    if not found and (sample := OptunaProposer("tpe", seed).draw(history, context)[0]) is not None:
+        found.append(Candidate(sample, "tpe", _changes(base, sample)))
     return [found[i] for i in rng.permutation(len(found))]
 
 

@@ -10,7 +10,8 @@ enter as RUNNING, so TPE's constant liar keeps parallel workers apart.
 from __future__ import annotations
 
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
-from rectune.tools.proposers.local import ranked, untried_neighbour
+from rectune.tools.adoption import ranked
+from rectune.tools.proposers.local import untried_neighbour
 from rectune.tools.trial import TrialRecord, canonical, tried
 
 # Pinned (Optuna 5 changed the defaults to multivariate + constant liar): the baseline must
@@ -34,9 +35,9 @@ class OptunaProposer(Proposer):
         return optuna.samplers.RandomSampler(seed=seed)
 
     def propose(self, history: list[TrialRecord], context: ProposerContext) -> Proposal | Finish:
-        drawn, last = self.draws(history, context, 1)
-        if drawn:
-            return Proposal(drawn[0], self.name, f"{self.name} sample")
+        sample, last = self.draw(history, context)
+        if sample is not None:
+            return Proposal(sample, self.name, f"{self.name} sample")
         done = tried(history)
         starts = [("the last sample", last), *((f"trial {r.number}", r.params) for r in ranked(history))]
         found = untried_neighbour(starts, done, context.space, context.study.pipeline, context.study.objective)
@@ -44,10 +45,9 @@ class OptunaProposer(Proposer):
             return Finish(f"{self.name} drew only tried configurations and every neighbour has been tried")
         return Proposal(found[0], self.name, f"{self.name} drew only tried configurations; {found[1]}")
 
-    def draws(self, history: list[TrialRecord], context: ProposerContext, count: int) -> tuple[list[dict], dict]:
-        """Up to `count` distinct untried samples, in the order the sampler draws them (each one
-        stays RUNNING, so TPE's constant liar moves the next away from it), and the last sample
-        drawn; fewer when RESAMPLES draws in all were tried or repeats."""
+    def draw(self, history: list[TrialRecord], context: ProposerContext) -> tuple[dict | None, dict]:
+        """An untried sample (None when RESAMPLES draws in a row were tried configurations), and
+        the last sample drawn."""
         import optuna
 
         optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -58,16 +58,12 @@ class OptunaProposer(Proposer):
             frozen = _frozen(record, distributions, context.study.max_latency_ms)
             if frozen is not None:
                 study.add_trial(frozen)
-        done, drawn, params, misses = tried(history), [], {}, 0
-        while len(drawn) < count and misses < RESAMPLES:
+        done, params = tried(history), {}
+        for _ in range(RESAMPLES):
             params = context.space.suggest(study.ask(), pipeline, objective)
-            key = canonical(params)
-            if key in done:
-                misses += 1
-                continue
-            done.add(key)
-            drawn.append(params)
-        return drawn, params
+            if canonical(params) not in done:
+                return params, params
+        return None, params
 
 
 def history_seed(study_seed: int, proposer_seed: int, trials: int) -> int:
