@@ -26,7 +26,7 @@ from rectune.agent.state import State
 from rectune.models.errors import RectuneError
 from rectune.models.pipeline import PIPELINES
 from rectune.tools.adoption import adopt, best_record
-from rectune.tools.trial import spent
+from rectune.tools.trial import changed, spent
 from rectune.tools.proposer import Finish, Proposal, ProposerContext
 from rectune.tools.proposers import make_proposer
 
@@ -218,7 +218,7 @@ def decide(state: State, runtime: Runtime[Resources]) -> Command[Literal["approv
         return Command(goto="next_group", update={**update, "finished": {**state["finished"], group: f"finish: {outcome.reason}"}})
     best = best_record(history)
     pending = {"id": f"{group}-{calls + cost['calls']}", "asked_at": time.time(), "params": outcome.params, "rationale": outcome.rationale,
-               "changes": {k: v for k, v in outcome.params.items() if best.params.get(k) != v}, "meta": outcome.meta}
+               "changes": changed(outcome.params, best.params), "meta": outcome.meta}
     return Command(goto="approve", update={**update, "pending": pending, "approval_error": ""})
 
 
@@ -285,7 +285,7 @@ def _edited(state: State, runtime: Runtime[Resources], changes, history: list, w
     best = best_record(history)
     # What the LLM chose no longer ran; what its call cost, and why a reply was not used, still hold.
     meta = {k: v for k, v in (proposal.get("meta") or {}).items() if k not in ("candidate", "source", "note")}
-    edited = {**proposal, "params": params, "changes": {k: v for k, v in params.items() if best.params.get(k) != v},
+    edited = {**proposal, "params": params, "changes": changed(params, best.params),
               "rationale": proposal["rationale"] + f" [edited by a person: {json_compact(changes)}]",
               "meta": {**meta, "source": "person"}}
     return Command(goto="run_trial", update={"pending": edited, "approval_error": "", "waited": waited["waited"]})

@@ -23,7 +23,7 @@ from rectune.tools.adoption import best_record
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.proposers import register
 from rectune.tools.proposers.menu import STUCK, menu
-from rectune.tools.trial import canonical, spent
+from rectune.tools.trial import canonical, changed, spent
 
 
 def call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
@@ -153,7 +153,7 @@ def _feedback(history, best, tuner: str) -> str:
     previous reply was not used."""
     last = history[-1]
     if last.state == "rejected":
-        changes = {k: v for k, v in last.params.items() if best.params.get(k) != v}
+        changes = changed(last.params, best.params)
         return fragment("tune_rejected", changes=json_compact(changes), comment=last.comment)
     if last.tuner == tuner and last.meta.get("fallback"):
         ran = "a person's edit" if last.meta.get("source") == "person" else f"candidate {last.meta.get('candidate', 'A')}"

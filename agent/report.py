@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING
 
 from rectune.tools.adoption import Adoption, adopt
 from rectune.tools.noise import Interval
-from rectune.tools.trial import spent
+from rectune.tools.trial import changed, spent
 
 if TYPE_CHECKING:
     from rectune.agent.context import Settings
@@ -48,7 +48,7 @@ def history_table(history: list["TrialRecord"], defaults: dict, objective: str) 
     lines = [f"| trial | tuner | changes from default | {objective} | recall@20 |{extra} latency ms/user | vs best |",
              "|---|---|---|---|---|---|---|" + ("---|" if stage else "")]
     for record in history:
-        changes = json_compact({k: v for k, v in record.params.items() if defaults.get(k) != v}) or "(default)"
+        changes = json_compact(changed(record.params, defaults)) or "(default)"
         blanks = " | -" * (3 + stage)
         if record.state == "rejected":
             outcome = f"rejected by a person: {cell(record.comment)}{blanks}"
@@ -142,9 +142,9 @@ def session_report(settings: "Settings", state: dict, histories: dict[str, list[
             rows.append(f"| {cell(group)} | {choice['pipeline']} | {name} | {before:.5f} | {best:.5f} | {after:.5f} | "
                         f"{after - before:+.5f} |")
         best, default, gain = adoption.best, adoption.default, adoption.gain
-        changed = json_compact({k: v for k, v in best.params.items() if defaults[group].get(k) != v}) or "the default"
+        moves = json_compact(changed(best.params, defaults[group])) or "the default"
         lines.append(f"- **{cell(group)}**: {choice['pipeline']} ({cell(choice['reason'])}); best trial {best.number} of "
-                     f"{used} ({changed}); stopped by {state['finished'].get(group, '?')}" + _adoption_sentence(adoption))
+                     f"{used} ({moves}); stopped by {state['finished'].get(group, '?')}" + _adoption_sentence(adoption))
         if gain is not None:
             verdict = "(the default is the best)" if adoption.best_is_default else "yes" if gain.within_noise else "no"
             gains.append(f"| {cell(group)} | {choice['pipeline']} | {default.objective:.5f} | {best.objective:.5f} | "

@@ -118,6 +118,11 @@ def canonical(params: dict) -> str:
     return json.dumps(params, sort_keys=True, default=str)
 
 
+def changed(params: dict, base: dict) -> dict:
+    """The values of `params` that differ from `base`."""
+    return {name: value for name, value in params.items() if base.get(name) != value}
+
+
 FINISHED = ("complete", "failed")
 """The states that count against a budget: a rejected proposal costs nothing, a queued or running one is not done."""
 
