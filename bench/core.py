@@ -2,6 +2,8 @@
 EASE and popularity, with and without item content, under two protocols.
 
 Train on train, select on validation, report on test (full ranking, train + val masked).
+Every test Recall@20 / NDCG@20 has a 95% bootstrap interval over the test users, and its
+difference to EASE paired over the same users (tools/noise.py).
 Protocols: `ours` scores test users from their train + val history; `mmrec` (MMRec's,
 under which the published anchors were measured) from their train history only. EASE's
 λ is chosen on validation NDCG@20. "Without content" strips item text, categories and
@@ -32,6 +34,7 @@ from rectune.models.features import attach_item_features
 from rectune.models.groups import make_groups
 from rectune.models.loaders import load_dataset
 from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig, Recommendations, score_lists
+from rectune.tools.noise import Interval, paired_interval
 
 # Amazon Baby, Recall@20 / NDCG@20 on MMRec's split (our split is LATTICE's 8:1:1 of the same data).
 ANCHORS = {"BPR": (0.0575, 0.0249), "LightGCN": (0.0754, 0.0328), "VBPR": (0.0663, 0.0284),
@@ -40,6 +43,7 @@ ANCHORS = {"BPR": (0.0575, 0.0249), "LightGCN": (0.0754, 0.0328), "VBPR": (0.066
 
 EASE_LAMBDAS = (50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0)
 SWEEP_K = (100, 500, 1000, 2000)
+INTERVAL_METRICS = ("recall@20", "ndcg@20")
 SERVING_PASSES = 3
 """Timed passes of the serving benchmark; the median is reported (shared machines are noisy)."""
 
@@ -135,9 +139,33 @@ def choose_ease(dataset: Dataset) -> tuple[Pipeline, dict]:
     return best[1], {"chosen_lambda": best[0], "val_ndcg@20_by_lambda": {str(k): round(v, 4) for k, v in scores.items()}}
 
 
-def row(pipeline: Pipeline, dataset: Dataset, groups, cutoffs: tuple[int, ...], keys: list[str]) -> dict:
+def per_user(measured: dict) -> dict[str, dict[str, np.ndarray]]:
+    """Test per-user Recall@20 and NDCG@20 under both protocols (the same users in every row)."""
+    evaluations = {"ours": measured["ours"].metrics, "mmrec": measured["mmrec"]}
+    return {protocol: {name: result.per_user[name] for name in INTERVAL_METRICS} for protocol, result in evaluations.items()}
+
+
+def intervals(values: dict[str, dict[str, np.ndarray]], reference: dict | None) -> dict:
+    """Per protocol and metric: the mean's 95% bootstrap interval over the test users, and the
+    difference to the reference row (EASE) paired over the same users."""
+    out = {}
+    for protocol, metrics in values.items():
+        for name, mine in metrics.items():
+            mean = paired_interval(mine, np.zeros_like(mine))
+            entry = {"mean": round(mean.diff, 5), "low": round(mean.low, 5), "high": round(mean.high, 5)}
+            if reference is not None:
+                versus = paired_interval(mine, reference[protocol][name])
+                entry["vs_ease"] = {k: round(v, 5) for k, v in versus.to_json().items()}
+            out.setdefault(protocol, {})[name] = entry
+    return out
+
+
+def row(pipeline: Pipeline, dataset: Dataset, groups, cutoffs: tuple[int, ...], keys: list[str],
+        reference: dict | None = None) -> tuple[dict, dict]:
+    """The row's numbers, and its per-user test values (for pairing later rows with this one)."""
     reset_peak_memory()
     measured = protocols(pipeline, dataset, groups, cutoffs)
+    users = per_user(measured)
     return {
         "fit_seconds": {k: round(v, 2) for k, v in pipeline.fit_seconds.items()},
         "peak_memory_mb": peak_memory_mb(),
@@ -145,14 +173,18 @@ def row(pipeline: Pipeline, dataset: Dataset, groups, cutoffs: tuple[int, ...], 
         "test_ours": pick(measured["ours"].metrics.overall, keys),
         "test_ours_groups": {g: pick(m, keys) for g, m in measured["ours"].metrics.groups.items()},
         "test_mmrec": pick(measured["mmrec"].overall, keys),
+        "test_intervals": intervals(users, reference),
         "val_seconds_per_1k_users": {k: v * 1000 / dataset.n_users for k, v in measured["val"].seconds.items()},
-    }
+    }, users
 
 
 def print_row(name: str, entry: dict) -> None:
     v, o, m = entry["val"], entry["test_ours"], entry["test_mmrec"]
-    print(f"  {name:<34} val {v['recall@20']:.4f}/{v['ndcg@20']:.4f}  test ours {o['recall@20']:.4f}/{o['ndcg@20']:.4f}  "
-          f"mmrec {m['recall@20']:.4f}/{m['ndcg@20']:.4f}  fit {sum(entry['fit_seconds'].values()):.1f}s", flush=True)
+    ndcg = entry["test_intervals"]["ours"]["ndcg@20"]
+    versus = Interval.from_json(ndcg["vs_ease"]).text() if "vs_ease" in ndcg else "-"
+    print(f"  {name:<34} val {v['recall@20']:.4f}/{v['ndcg@20']:.4f}  test ours {o['recall@20']:.4f}/{o['ndcg@20']:.4f} "
+          f"[{ndcg['low']:.4f}, {ndcg['high']:.4f}] vs EASE {versus}  mmrec {m['recall@20']:.4f}/{m['ndcg@20']:.4f}  "
+          f"fit {sum(entry['fit_seconds'].values()):.1f}s", flush=True)
 
 
 def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) -> tuple[dict, dict, dict]:
@@ -161,17 +193,18 @@ def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) ->
     full = datasets["with content"]
     cutoffs, keys = (20, 50), ["recall@20", "ndcg@20", "recall@50", "ndcg@50", "precision@20"]
     rows, fitted, extra = {}, {}, {}
-    rows["popularity"] = row(prefitted(PopularityRecall(), full), full, groups, cutoffs, keys)
-    print_row("popularity", rows["popularity"])
     ease, extra["ease"] = choose_ease(full)
-    rows[f"EASE (λ={extra['ease']['chosen_lambda']:g}, chosen on val)"] = row(ease, full, groups, cutoffs, keys)
-    print_row("EASE", rows[f"EASE (λ={extra['ease']['chosen_lambda']:g}, chosen on val)"])
+    label = f"EASE (λ={extra['ease']['chosen_lambda']:g}, chosen on val)"
+    rows[label], reference = row(ease, full, groups, cutoffs, keys)
+    print_row("EASE", rows[label])
+    rows["popularity"], _ = row(prefitted(PopularityRecall(), full), full, groups, cutoffs, keys, reference)
+    print_row("popularity", rows["popularity"])
     for name in pipelines:
         config = PipelineConfig.from_dict({"pipeline": name})
         for variant, dataset in datasets.items():
             pipeline = Pipeline(config).fit(dataset)
             label = f"{name} ({variant})"
-            rows[label] = {"config": config.to_dict(), **row(pipeline, dataset, groups, (*cutoffs, config.top_n), keys)}
+            rows[label] = {"config": config.to_dict(), **row(pipeline, dataset, groups, (*cutoffs, config.top_n), keys, reference)[0]}
             note = getattr(pipeline.recall, "content_note", "")
             if note:
                 rows[label]["content_note"] = note
@@ -183,7 +216,7 @@ def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) ->
         for modality in full.content.modalities:
             single = replace(full, content=full.content.only((modality,)))
             label = f"heuristic ({modality} only)"
-            rows[label] = row(Pipeline(config).fit(single), single, groups, cutoffs, keys)
+            rows[label] = row(Pipeline(config).fit(single), single, groups, cutoffs, keys, reference)[0]
             print_row(label, rows[label])
     return rows, fitted, extra
 
@@ -280,10 +313,13 @@ def k_sweep(fitted: dict, dataset: Dataset) -> dict:
 
 def print_tables(report: dict, gflops: float, n_users: int) -> None:
     rows = report["rows"]
-    print(f"\n{'test, full ranking':<40} {'ours R@20':>9} {'N@20':>7} {'R@50':>7} {'mmrec R@20':>10} {'N@20':>7} {'val N@20':>8} {'fit s':>6} {'peak MB':>8}")
+    print(f"\n{'test, full ranking':<40} {'ours R@20':>9} {'N@20':>7} {'N@20 − EASE, paired [95%]':>27} {'R@50':>7} "
+          f"{'mmrec R@20':>10} {'N@20':>7} {'val N@20':>8} {'fit s':>6} {'peak MB':>8}")
     for name, entry in rows.items():
         o, m = entry["test_ours"], entry["test_mmrec"]
-        print(f"{name:<40} {o['recall@20']:>9.4f} {o['ndcg@20']:>7.4f} {o['recall@50']:>7.4f} {m['recall@20']:>10.4f} "
+        ndcg = entry.get("test_intervals", {}).get("ours", {}).get("ndcg@20", {})
+        versus = Interval.from_json(ndcg["vs_ease"]).text() if "vs_ease" in ndcg else "-"
+        print(f"{name:<40} {o['recall@20']:>9.4f} {o['ndcg@20']:>7.4f} {versus:>27} {o['recall@50']:>7.4f} {m['recall@20']:>10.4f} "
               f"{m['ndcg@20']:>7.4f} {entry['val']['ndcg@20']:>8.4f} {sum(entry['fit_seconds'].values()):>6.1f} {entry['peak_memory_mb']:>8.0f}")
     for anchor, (r, n) in report["anchors_recall20_ndcg20"].items():
         print(f"{'  ' + anchor:<40} {'':>9} {'':>7} {'':>7} {r:>10.4f} {n:>7.4f}   (published, MMRec's split and protocol)")
