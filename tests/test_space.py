@@ -259,7 +259,7 @@ def test_describe_lists_exactly_the_pipeline_parameters(space, pipeline):
 def test_describe_shows_choices_and_defaults(space):
     text = space.describe("heuristic+deepfm")
     assert "- hidden: one of ['64', '128,64', '256,128', '512,256,128']; default '128,64'; DeepFM MLP" in text
-    assert "- cf_weight: float in [0.0, 1.0]; default 0.85; weight of EASE item-CF" in text
+    assert "- cf_weight: float in [0.0, 1.0]; default 0.85; EASE item-CF vs content-graph similarity" in text
 
 
 def test_markdown_lists_every_parameter_and_where_it_applies(space):
