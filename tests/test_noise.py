@@ -202,7 +202,8 @@ def test_the_comparison_reports_adopted_configurations_and_the_ungated_bests_bes
     def run(tuner: str, seed: int, test: float, best_test: float) -> Run:
         # The LLM adopted a tuned configuration in seed 0 only; TPE kept the default in both.
         adopted = {"k": 200} if (tuner, seed) == ("llm", 0) else {"k": 100}
-        return Run(tuner, "cold", seed, "heuristic", [0.1, 0.1], adopted, {"k": 200}, 1.0, test=test, best_test=best_test)
+        return Run(tuner, "cold", seed, "heuristic", [0.1, 0.1], adopted, {"k": 200}, 1.0, test=test, best_test=best_test,
+                   adopted_trial=1 if adopted["k"] == 200 else 0)
 
     spec = Comparison(Settings(session="cmp", budget=2), seeds=(0, 1), tuners=("llm", "tpe"))
     runs = [run("llm", 0, 0.032, 0.032), run("llm", 1, 0.030, 0.029), run("tpe", 0, 0.030, 0.031), run("tpe", 1, 0.030, 0.031)]
