@@ -249,19 +249,19 @@ def approve(state: State, runtime: Runtime[Resources]) -> Command[Literal["run_t
     if action == "approve":
         return Command(goto="run_trial", update={"approval_error": "", **waited})
     if action == "reject":
-        return _rejected(state, runtime, str(answer.get("comment") or "no reason given"), waited["waited"])
+        return _rejected(state, runtime, str(answer.get("comment") or "no reason given"), waited)
     if action == "edit":
         return _edited(state, runtime, answer.get("changes"), history, waited)
     return Command(goto="approve", update={"approval_error": f"answer with approve, edit or reject, not {answer!r}", **waited})
 
 
-def _rejected(state: State, runtime: Runtime[Resources], comment: str, waited: float) -> Command[Literal["decide"]]:
+def _rejected(state: State, runtime: Runtime[Resources], comment: str, waited: dict) -> Command[Literal["decide"]]:
     settings, group, proposal = Settings.from_json(state["settings"]), state["group"], state["pending"]
     found = resources(runtime, settings)
     found.echo(f"[approve] {group}: rejected — {comment}")
     pipeline = state["selection"][group]["pipeline"]
     record = study(found, settings, group, pipeline).reject(_proposal(proposal), comment)
-    return Command(goto="decide", update={"pending": None, "approval_error": "", "waited": waited,
+    return Command(goto="decide", update={"pending": None, "approval_error": "", "waited": waited["waited"],
                                           "history": {**state["history"], group: [*state["history"][group], state_row(record)]}})
 
 
