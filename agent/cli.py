@@ -398,6 +398,7 @@ def compare_command(
     name: Optional[str] = typer.Option(None, help="Name of the comparison (re-use it to continue an interrupted one)."),
     agent_may_finish: bool = typer.Option(False, "--agent-may-finish/--agent-full-budget", help="Let the agent stop a group early; by default it runs every trial, like the baselines."),
     tuners: str = typer.Option("llm,menu,tpe,random", help="Comma-separated registered tuners, each run on every group and seed: llm, menu (the LLM's candidate menu, first candidate taken: the agent without the LLM), tpe, random, local."),
+    pipeline: Optional[str] = typer.Option(None, help="Tune this pipeline on every group instead of the agent's pick (heuristic, heuristic+deepfm, two_tower, two_tower+deepfm): e.g. one whose default is far from its optimum."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,
     storage: Optional[str] = StorageOption,
@@ -418,11 +419,13 @@ def compare_command(
     try:
         uri = resolve_tracking_uri(tracking_uri)
         settings = Settings(
-            name or f"compare-{dataset_label(dataset_name)}-{groups_spec.replace(':', '')}-b{budget}", dataset_name, groups_spec,
+            name or f"compare-{dataset_label(dataset_name)}-{groups_spec.replace(':', '')}{f'-{pipeline}' if pipeline else ''}-b{budget}",
+            dataset_name, groups_spec,
             objective, budget, approve="auto", may_finish=agent_may_finish, storage=storage_url(storage), tracking_uri=uri,
             data_dir=str(data_dir) if data_dir else None, cache_dir=str(cache_dir) if cache_dir else None,
             llm_base_url=llm_base_url, llm_model=llm_model)
-        spec = Comparison(settings, tuple(range(seeds)), tuple(t.strip() for t in tuners.split(",") if t.strip()), reach, checkpoint)
+        spec = Comparison(settings, tuple(range(seeds)), tuple(t.strip() for t in tuners.split(",") if t.strip()), reach, checkpoint,
+                          pipeline)
         path = compare(spec, say, report_dir, Tracker(uri))
     except RectuneError as error:
         fail(error)

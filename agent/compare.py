@@ -1,7 +1,8 @@
 """Is the LLM worth it? Any list of tuners (`--tuners llm,tpe,random,local`) on equal terms.
 
 Per seed, the LLM agent's model selection (the graph's select and pick steps, checkpointed)
-picks a pipeline per group; every tuner then tunes that pipeline on that group with the
+picks a pipeline per group, unless `--pipeline` fixes one for every group (a pipeline whose
+default is far from its optimum is where tuners can differ); every tuner then tunes that pipeline on that group with the
 same search space, objective, budget, seed and first trial (the default configuration),
 through the one study loop (tools.study.run_study) and ledger. Every curve is read from
 the ledger. Everything is resumable: the picks continue from their checkpoint, the
@@ -50,6 +51,8 @@ class Comparison:
     """Report the trials each tuner needs to beat the default by this share."""
     checkpoint: str = "rectune-sessions.db"
     """Where the per-seed picks are checkpointed."""
+    pipeline: str | None = None
+    """Tune this pipeline on every group, with no model selection; None: the agent picks per group and seed."""
 
     @property
     def name(self) -> str:
@@ -149,22 +152,29 @@ def curve_of(history) -> list[float]:
 
 def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tracker=None) -> Path:
     """Run (or continue) every tuner on every group and seed, then write the report."""
+    from rectune.models.pipeline import PIPELINES
     from rectune.tools.proposers import PROPOSERS
 
     unknown = [t for t in spec.tuners if t not in PROPOSERS]
     if unknown or not spec.tuners:
         raise ConfigError(f"--tuners must name registered tuners {sorted(PROPOSERS)}, but got {list(spec.tuners)}")
     settings = spec.settings
+    if spec.pipeline is not None and spec.pipeline not in PIPELINES:
+        raise ConfigError(f"--pipeline must be one of {list(PIPELINES)}, but got {spec.pipeline!r}")
     runner = TrialRunner.open(settings.dataset, settings.groups, data_dir=settings.data_dir, cache_dir=settings.cache_dir,
                               max_latency_ms=settings.max_latency_ms)
+    fixed = {"selection": {group: {"pipeline": spec.pipeline} for group in runner.groups.labels}}
     runs, selections, table = [], [], None
     with ExitStack() as stack:
         # The LLM starts when a pick or a study first needs it, and stops with the comparison.
         found = Resources(runner, _LazyLLM(stack, settings, echo), None, echo, report_dir)
         for seed in spec.seeds:
-            values = _pick(spec, seed, found)
-            table = table or values["table"]
-            selections.append(values["selection"])
+            if spec.pipeline is None:
+                values = _pick(spec, seed, found)
+                table = table or values["table"]
+                selections.append(values["selection"])
+            else:
+                values = fixed
             for group in runner.groups.labels:
                 for tuner in spec.tuners:
                     runs.append(_tune(spec, seed, group, tuner, values, found, tracker))
@@ -382,7 +392,9 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
     lines = [f"# Tuners compared — {spec.name}", "",
              f"Dataset {settings.dataset}, groups {settings.groups}, objective {settings.objective} on validation (tuning) and "
              f"test (reporting), budget {settings.budget} trials per group and tuner (trial 0 = the default configuration for "
-             f"every tuner), tuners {', '.join(spec.tuners)}, seeds {list(spec.seeds)}, same search space and runner; the agent "
+             f"every tuner), tuners {', '.join(spec.tuners)}, seeds {list(spec.seeds)}, same search space and runner; "
+             + (f"pipeline {spec.pipeline} on every group (fixed by --pipeline: no model selection); " if spec.pipeline else "")
+             + "the agent "
              + ("could stop a group before its budget." if settings.may_finish else "had to use its whole budget (no finish tool)."),
              "", *curves, *_tests(spec, runs, labels), *_noise(spec, runs, labels), *_differences(spec, runs, labels),
              *_differences(spec, runs, labels, ungated=True)]
@@ -394,7 +406,7 @@ def _report(spec: Comparison, runs: list[Run], tables, runner: TrialRunner, repo
     if tracker is not None:
         with tracker.session(settings.dataset, name=spec.name, tuner="compare", params={
                 "budget": settings.budget, "seeds": list(spec.seeds), "objective": settings.objective, "groups": settings.groups,
-                "tuners": list(spec.tuners)}) as session:
+                "tuners": list(spec.tuners), "pipeline": spec.pipeline or "picked per group"}) as session:
             session.log_session_artifact(text, "comparison.md")
             for plot in plots:
                 session.client.log_artifact(session.run_id, str(plot))

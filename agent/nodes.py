@@ -266,7 +266,7 @@ def _rejected(state: State, runtime: Runtime[Resources], comment: str, waited: d
 
 
 def _edited(state: State, runtime: Runtime[Resources], changes, history: list, waited: dict) -> Command[Literal["run_trial", "approve"]]:
-    from rectune.agent.proposer import tried
+    from rectune.tools.trial import canonical, tried
 
     settings, group, proposal = Settings.from_json(state["settings"]), state["group"], state["pending"]
     if not isinstance(changes, dict) or not changes:
@@ -277,8 +277,6 @@ def _edited(state: State, runtime: Runtime[Resources], changes, history: list, w
         params = space.validate(state["selection"][group]["pipeline"], changes, base=proposal["params"])
     except RectuneError as error:
         return Command(goto="approve", update={"approval_error": f"the edit was refused: {error}", **waited})
-    from rectune.tools.trial import canonical
-
     seen = tried(history).get(canonical(params))
     if seen:
         return Command(goto="approve", update={"approval_error": f"the edited configuration was already {seen}", **waited})
@@ -332,17 +330,17 @@ def report(state: State, runtime: Runtime[Resources]) -> dict:
     # From the ledger, the source of truth: the state's copies have no per-user values to pair.
     histories = {group: study(found, settings, group, state["selection"][group]["pipeline"]).history()
                  for group in state["history"]}
-    tests, defaults = {}, {}
+    tests, defaults, adoptions = {}, {}, {}
     for group, history in histories.items():
         pipeline = state["selection"][group]["pipeline"]
         defaults[group] = found.runner.space.defaults(pipeline)
-        adoption = adopt(history, defaults[group], settings.seed)
+        adoption = adoptions[group] = adopt(history, defaults[group], settings.seed)
         if adoption is not None:  # else no configuration of the group produced a number: nothing to report on test
             # The best is evaluated too when it is not adopted: the report shows what keeping the default avoided, or cost.
             default = _test_metrics(found, settings, group, pipeline, defaults[group])
             best = default if adoption.best_is_default else _test_metrics(found, settings, group, pipeline, adoption.best.params)
             tests[group] = {"default": default, "best": best, "adopted": default if adoption.kept_default else best}
-    text = session_report(settings, state, histories, tests, defaults,
+    text = session_report(settings, state, histories, adoptions, tests, defaults,
                           "\n\n".join(group_table(g, rows, settings.objective) for g, rows in state["table"].items()))
     folder = Path(found.report_dir or "reports")
     folder.mkdir(parents=True, exist_ok=True)

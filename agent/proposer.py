@@ -23,7 +23,7 @@ from rectune.tools.adoption import best_record
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.proposers import register
 from rectune.tools.proposers.menu import STUCK, menu
-from rectune.tools.trial import canonical, changed, spent
+from rectune.tools.trial import changed, spent, tried
 
 
 def call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
@@ -51,12 +51,6 @@ def call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
 def fragment(name: str, **values) -> str:
     """A prompt file filled in, without its final newline: it goes inside other text."""
     return render(name, **values).rstrip("\n")
-
-
-def tried(history) -> dict[str, str]:
-    """Canonical configuration → what became of it, for every configuration in the history."""
-    return {canonical(r.params): (f"rejected by a person ({r.comment})" if r.state == "rejected" else f"tried as trial {r.number}")
-            for r in history}
 
 
 class LLMProposer(Proposer):

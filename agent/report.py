@@ -6,7 +6,7 @@ from __future__ import annotations
 import time
 from typing import TYPE_CHECKING
 
-from rectune.tools.adoption import Adoption, adopt
+from rectune.tools.adoption import Adoption
 from rectune.tools.noise import Interval
 from rectune.tools.trial import changed, spent
 
@@ -122,15 +122,17 @@ def usage_line(state: dict, histories: dict[str, list["TrialRecord"]]) -> str:
 
 
 def session_report(settings: "Settings", state: dict, histories: dict[str, list["TrialRecord"]],
-                   tests: dict[str, dict[str, dict]], defaults: dict[str, dict], selection_tables: str = "") -> str:
-    """The session's markdown report. `tests`: group → {default, best, adopted} → test metrics;
+                   adoptions: dict[str, Adoption | None], tests: dict[str, dict[str, dict]], defaults: dict[str, dict],
+                   selection_tables: str = "") -> str:
+    """The session's markdown report. `adoptions`: group → what tools.adoption.adopt made of its
+    history; `tests`: group → {default, best, adopted} → test metrics;
     `defaults`: group → its pipeline's default configuration; `selection_tables`: the
     pipelines per group as the pick saw them."""
     rows, lines, gains = [], [], []
     # @20 is computed for every configuration, whatever its TopN: compare there.
     names = list(dict.fromkeys([settings.objective, "recall@20", "ndcg@20", "precision@20", "hitrate@20"]))
     for group, history in histories.items():
-        choice, adoption = state["selection"][group], adopt(history, defaults[group], settings.seed)
+        choice, adoption = state["selection"][group], adoptions[group]
         used = spent(history)
         if adoption is None:
             rows.append(f"| {cell(group)} | {choice['pipeline']} | {settings.objective} | – | – | no trial produced a number |")

@@ -769,6 +769,47 @@ def test_compare_any_list_of_tuners_fairly_from_the_ledger(tmp_path, baby_format
     assert all(t.user_attrs["rationale"].startswith("first of ") for t in menu[1:])
 
 
+def test_compare_tunes_a_fixed_pipeline_without_model_selection(tmp_path, baby_format_dir, monkeypatch):
+    from dataclasses import replace
+
+    from rectune.agent.compare import compare
+    from rectune.tools.runner import TrialRunner
+    from rectune.tools.study import Study
+
+    original, pipelines = TrialRunner.run, []
+
+    def recording(self, spec, *args, **kwargs):
+        pipelines.append(spec.pipeline)
+        return original(self, spec, *args, **kwargs)
+
+    monkeypatch.setattr(TrialRunner, "run", recording)
+    with ScriptedLLM([]) as llm:
+        spec = replace(comparison(tmp_path, baby_format_dir, llm.base_url, (0,), ("menu", "tpe")), pipeline="two_tower")
+        path = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports")
+    assert not llm.requests  # no pick to ask for
+    assert set(pipelines) == {"two_tower"}  # no other pipeline was evaluated, not even for a selection table
+    for tuner in ("menu", "tpe"):
+        for group in ("cold", "heavy"):
+            study = Study.open(spec.settings.storage, f"cmp-{tuner}-{group}-seed0")
+            assert study.context.pipeline == "two_tower" and study.spent() == 3
+    text = path.read_text()
+    assert "pipeline two_tower on every group (fixed by --pipeline: no model selection)" in text
+    assert "Model selection (RQ1)" not in text
+
+
+def test_compare_refuses_an_unknown_pipeline_before_writing_anything(tmp_path):
+    from typer.testing import CliRunner
+
+    from rectune.agent.cli import app
+
+    result = CliRunner().invoke(app, ["compare", "--pipeline", "two_towers", "--tuners", "tpe", "--storage", f"sqlite:///{tmp_path / 'o.db'}",
+                                      "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--checkpoint", str(tmp_path / "s.db")])
+    assert result.exit_code == 2
+    assert "--pipeline must be one of ['heuristic', 'heuristic+deepfm', 'two_tower', 'two_tower+deepfm'], but got 'two_towers'" \
+        in result.output
+    assert not (tmp_path / "o.db").exists()
+
+
 class Killed(Exception):
     """Stands in for a kill in the middle of a trial."""
 

@@ -121,7 +121,8 @@ def test_the_session_report_says_when_the_gain_over_the_default_is_within_noise(
               "f1_agrees": True, "reason": "best"}
     state = {"selection": dict.fromkeys(histories, choice), "finished": dict.fromkeys(histories, "budget")}
     tests = dict.fromkeys(histories, {"default": {"ndcg@20": 0.03}, "best": {"ndcg@20": 0.031}, "adopted": {"ndcg@20": 0.031}})
-    text = session_report(settings, state, histories, tests, dict.fromkeys(histories, defaults))
+    adoptions = {group: adopt(history, defaults, seed=4) for group, history in histories.items()}
+    text = session_report(settings, state, histories, adoptions, tests, dict.fromkeys(histories, defaults))
 
     within = adopt(histories["cold"], defaults, seed=4).gain
     assert within == paired_interval(vector(histories["cold"][1].result.per_user), np.round(base, 6), seed=4)
@@ -140,7 +141,8 @@ def test_the_session_report_says_when_the_gain_over_the_default_is_within_noise(
     old = [TrialRecord(r.number, r.tuner, r.state, r.params,
                        result=TrialResult(SPEC, r.objective, r.result.metrics, 0.5, 1.0, 1.0, "none")) for r in histories["cold"]]
     assert adopt(old, defaults, seed=4).gain is None
-    unpaired = session_report(settings, {**state, "selection": {"cold": choice}}, {"cold": old}, tests, {"cold": defaults})
+    unpaired = session_report(settings, {**state, "selection": {"cold": choice}}, {"cold": old},
+                              {"cold": adopt(old, defaults, seed=4)}, tests, {"cold": defaults})
     assert "noise" not in unpaired and "trial 1 is adopted: no per-user values to test the gain" in unpaired
 
     compared = record(1, {"k": 200}, base, vs_best={**Interval(0.0012, -0.0008, 0.0031).to_json(), "trial": 0})

@@ -136,7 +136,7 @@ class Study:
         order = ("complete", "failed", "running", "waiting", "rejected")
         return min(mine, key=lambda r: (order.index(r.state), -r.number), default=None)
 
-    def tried(self) -> set[str]:
+    def tried(self) -> dict[str, str]:
         return tried_keys(self.history(in_flight=True))
 
     def queued(self) -> list[TrialRecord]:

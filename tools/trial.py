@@ -132,6 +132,7 @@ def spent(history: Iterable[TrialRecord]) -> int:
     return sum(1 for record in history if record.state in FINISHED)
 
 
-def tried(history: Iterable[TrialRecord]) -> set[str]:
-    """Canonical keys of every configuration in `history`, rejected proposals included."""
-    return {canonical(record.params) for record in history}
+def tried(history: Iterable[TrialRecord]) -> dict[str, str]:
+    """Canonical key → what became of it, for every configuration in `history`, rejected proposals included."""
+    return {canonical(r.params): (f"rejected by a person ({r.comment})" if r.state == "rejected" else f"tried as trial {r.number}")
+            for r in history}

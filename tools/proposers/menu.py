@@ -60,7 +60,7 @@ def menu(history: list[TrialRecord], context: ProposerContext, seed: int = 0) ->
     order = ranked(history)
     base = order[0].params if order else space.defaults(pipeline)
     rng = np.random.default_rng([history_seed(context.study.seed, seed, len(history)), _MENU_STREAM])
-    done = tried(history)
+    done = set(tried(history))
     found = []
     sample = OptunaProposer("tpe", seed).draw(history, context)[0] if stuck(history) else None
     if sample is not None:
