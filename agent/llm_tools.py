@@ -1,7 +1,8 @@
 """The tools the LLM may call while tuning a group, as one table, and the strict reading of its calls.
 
-One call decides each trial: `choose` runs a candidate of the menu (tools/proposers/menu.py:
-untried neighbours of the best, and a TPE sample once the study is stuck), `propose_change` runs the LLM's own edit
+One call decides each trial, or two: `choose` runs a candidate of the menu (tools/proposers/menu.py:
+untried neighbours of the best, and a TPE sample once the study is stuck) and, with `then`, a
+second one after it without another call; `propose_change` runs the LLM's own edit
 of the best configuration, `finish` ends the group when the session allows it. No tool
 only asks for information: the history and the menu are in every prompt, so no turn is
 spent deciding nothing.
@@ -61,6 +62,8 @@ class Decision:
     rationale: str = ""
     candidate: int | None = None
     """The menu position chosen (choose only)."""
+    then: int | None = None
+    """The menu position to run after it, without another call (choose only; optional)."""
     message: str = ""
     """For `invalid`: what was wrong; for the others: a note such as 'only the first call was read'."""
 
@@ -105,9 +108,13 @@ def _parse_choose(args: dict, scope: Scope, note: str) -> Decision:
     problem = _rationale_problem(args)
     if problem:
         return Decision("invalid", message=f"{note}{problem}")
-    index = offered_letters.index(letter)
+    index, then = offered_letters.index(letter), args.get("then")
+    if then is not None and (then not in offered_letters or then == letter):
+        # The first choice stands on its own: a bad second one only costs the call it would have saved.
+        note += f"then must be another of {list(offered_letters)}, but got {shown(then)!r}: only {letter} runs. "
+        then = None
     return Decision("choose", params=scope.menu[index].params, rationale=args["rationale"].strip(), candidate=index,
-                    message=note)
+                    then=None if then is None else offered_letters.index(then), message=note)
 
 
 def _parse_change(args: dict, scope: Scope, note: str) -> Decision:
@@ -142,7 +149,8 @@ def _parse_finish(args: dict, scope: Scope, note: str) -> Decision:
 
 
 TOOLS: dict[str, LLMTool] = {tool.name: tool for tool in (
-    LLMTool("choose", lambda s: ({"candidate": {"type": "string", "enum": list(LETTERS)}, "rationale": _rationale()},
+    LLMTool("choose", lambda s: ({"candidate": {"type": "string", "enum": list(LETTERS)}, "rationale": _rationale(),
+                                  "then": {"type": "string", "enum": list(LETTERS)}},
                                  ["candidate", "rationale"]), _parse_choose),
     LLMTool("propose_change", lambda s: ({"changes": _values(s), "rationale": _rationale()}, ["changes", "rationale"]),
             _parse_change),

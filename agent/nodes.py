@@ -217,7 +217,8 @@ def decide(state: State, runtime: Runtime[Resources]) -> Command[Literal["approv
         found.echo(f"[tune] {group}: the LLM finished — {outcome.reason}")
         return Command(goto="next_group", update={**update, "finished": {**state["finished"], group: f"finish: {outcome.reason}"}})
     best = best_record(history)
-    pending = {"id": f"{group}-{calls + cost['calls']}", "asked_at": time.time(), "params": outcome.params, "rationale": outcome.rationale,
+    # Numbered by the history, not by calls: the second of a pair costs no call.
+    pending = {"id": f"{group}-{len(history)}", "asked_at": time.time(), "params": outcome.params, "rationale": outcome.rationale,
                "changes": changed(outcome.params, best.params), "meta": outcome.meta}
     return Command(goto="approve", update={**update, "pending": pending, "approval_error": ""})
 
@@ -281,8 +282,9 @@ def _edited(state: State, runtime: Runtime[Resources], changes, history: list, w
     if seen:
         return Command(goto="approve", update={"approval_error": f"the edited configuration was already {seen}", **waited})
     best = best_record(history)
-    # What the LLM chose no longer ran; what its call cost, and why a reply was not used, still hold.
-    meta = {k: v for k, v in (proposal.get("meta") or {}).items() if k not in ("candidate", "source", "note")}
+    # What the LLM chose no longer ran, nor will the second of its pair (it is asked again); what its call
+    # cost, and why a reply was not used, still hold.
+    meta = {k: v for k, v in (proposal.get("meta") or {}).items() if k not in ("candidate", "source", "note", "then")}
     edited = {**proposal, "params": params, "changes": changed(params, best.params),
               "rationale": proposal["rationale"] + f" [edited by a person: {json_compact(changes)}]",
               "meta": {**meta, "source": "person"}}

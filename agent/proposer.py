@@ -1,8 +1,10 @@
-"""The LLM agent as a proposer (tools/proposer.py): one LLM call per trial.
+"""The LLM agent as a proposer (tools/proposer.py): one LLM call per trial, or per two.
 
 Each call shows the LLM the group's history (rejected proposals included, each trial with
 its noise band) and a menu of untried candidates (tools/proposers/menu.py). The LLM picks
-a candidate, proposes its own change of the best, or finishes. A reply that cannot be used
+a candidate — and optionally a second one to run after it, without another call: the second
+is kept in the first trial's meta, so the history alone says what runs next — proposes its
+own change of the best, or finishes. A reply that cannot be used
 — text, a broken call, a repeat, a value out of range — runs the menu's first candidate
 instead, at no extra call, and the next prompt says why: no trial is ever spent on a
 repeated configuration, and no call on asking again. Everything a call depends on is in the history, so the
@@ -23,7 +25,7 @@ from rectune.tools.adoption import best_record
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.proposers import register
 from rectune.tools.proposers.menu import STUCK, menu
-from rectune.tools.trial import changed, spent, tried
+from rectune.tools.trial import FINISHED, canonical, changed, spent, tried
 
 
 def call_llm(llm, messages, usage: dict | None) -> tuple[object, dict]:
@@ -74,7 +76,7 @@ class LLMProposer(Proposer):
             failed = next((r.error for r in history if r.state == "failed"), "")
             outcome = Finish(f"no trial has produced a number yet{f' (trial 0: {failed})' if failed else ''}")
         else:
-            outcome = self._call(history, context)
+            outcome = self._second_of_pair(history) or self._call(history, context)
         if isinstance(outcome, Finish):
             self.finished = outcome.reason
         return outcome
@@ -97,11 +99,24 @@ class LLMProposer(Proposer):
             return Finish(decision.rationale)
         if decision.kind == "choose":
             chosen = options[decision.candidate]
+            then = {} if decision.then is None else {"then": {
+                "params": options[decision.then].params, "candidate": LETTERS[decision.then], "source": options[decision.then].source}}
             return Proposal(decision.params, self.name, decision.rationale, meta={
-                **self.last, "candidate": LETTERS[decision.candidate], "source": chosen.source, "note": decision.message})
+                **self.last, "candidate": LETTERS[decision.candidate], "source": chosen.source, "note": decision.message, **then})
         if decision.kind == "propose_change":
             return Proposal(decision.params, self.name, decision.rationale, meta={**self.last, "source": "own", "note": decision.message})
         return self._fallback(history, context, options, decision.message)
+
+    def _second_of_pair(self, history) -> Proposal | None:
+        """The candidate the LLM chose to run after the latest trial, when that trial ran as it chose
+        (a person's rejection or edit, told to the LLM, asks it again) and nothing has tried it since."""
+        last = history[-1]
+        then = last.meta.get("then") if last.tuner == self.name and last.state in FINISHED else None
+        if not then or canonical(then["params"]) in tried(history):
+            return None
+        return Proposal(then["params"], self.name, f"second of the pair chosen with trial {last.number}: {last.rationale}",
+                        meta={"calls": 0, "refused": 0, "candidate": then["candidate"], "source": then["source"],
+                              "paired_with": last.number})
 
     def _messages(self, history, context: ProposerContext, best, options) -> list:
         from langchain_core.messages import HumanMessage, SystemMessage

@@ -6,8 +6,9 @@ real HTTP with the agent's own client:
 1. Rates: prompt evaluation (a ~1,000-token tuning prompt nothing is cached for, one
    token generated), generation with and without the tool-call grammar (the same prompt
    again, all of it cached, 48 tokens generated).
-2. A tuning session as the main job runs one (`--budget 3`: two calls per group, four
-   groups with the same pipeline), the LLM proposer choosing from the real menu; trial
+2. A tuning session as the main job runs one (`--budget 3`: two trials per group, four
+   groups with the same pipeline), the LLM proposer choosing from the real menu (one call
+   decides one trial, or two when the LLM names a second candidate); trial
    results are synthetic (the default's objective plus seeded noise), so no dataset is
    needed and only the LLM is timed. Per call: seconds, prompt tokens, tokens read from
    the prompt cache, completion tokens, and the seconds the two rates do not explain
@@ -53,18 +54,23 @@ def synthetic_result(spec, objective: float, rng: np.random.Generator, best=None
 
 
 def rates(client, messages, tools) -> dict:
-    """Prompt-evaluation and generation rates of the server on one tuning prompt."""
+    """Prompt-evaluation and generation rates of the server on one tuning prompt: the prompt
+    with its tools evaluated from scratch (one token generated), then again, all of it cached,
+    generating 48 tokens under the tool-call grammar; and the same without tools (free text)."""
     from rectune.agent.llm import bind_decision_tools
 
-    nonce = [{"role": "system", "content": f"Session {time.time_ns()}.\n" + messages[0]["content"]}, *messages[1:]]
-    start = time.perf_counter()
-    cold = client.bind(max_tokens=1).invoke(nonce)
-    prompt_seconds = time.perf_counter() - start
-    prompt_tokens = cold.usage_metadata["input_tokens"]
-    out = {"prompt_tokens": prompt_tokens, "prompt_seconds": prompt_seconds, "prompt_tok_s": prompt_tokens / prompt_seconds}
-    for label, model in (("free", client.bind(max_tokens=48)), ("grammar", bind_decision_tools(client.bind(max_tokens=48), tools))):
+    # A prefix no earlier request had, so nothing of it is cached.
+    fresh = [{"role": "system", "content": f"Session {time.time_ns()}.\n" + messages[0]["content"]}, *messages[1:]]
+    out = {}
+    for label, model in (("grammar", bind_decision_tools(client, tools)), ("free", client)):
         start = time.perf_counter()
-        reply = model.invoke(nonce)
+        cold = model.bind(max_tokens=1).invoke(fresh)
+        seconds = time.perf_counter() - start
+        if label == "grammar":
+            tokens = cold.usage_metadata["input_tokens"]
+            out.update(prompt_tokens=tokens, prompt_seconds=seconds, prompt_tok_s=tokens / seconds)
+        start = time.perf_counter()
+        reply = model.bind(max_tokens=48).invoke(fresh)
         seconds = time.perf_counter() - start
         produced = reply.usage_metadata["output_tokens"]
         out[f"{label}_tokens"], out[f"{label}_seconds"], out[f"{label}_tok_s"] = produced, seconds, produced / seconds
@@ -91,11 +97,13 @@ def session(client, seed: int) -> list[dict]:
         while len(history) < 3:
             proposal = proposer.propose(history, context)
             assert isinstance(proposal, Proposal) and canonical(proposal.params) not in {canonical(r.params) for r in history}
-            calls.append({"group": group, "call": len(history), **{k: proposer.last[k] for k in (
-                "llm_seconds", "input_tokens", "cached_tokens", "output_tokens")}, "refused": proposer.last["refused"]})
+            if proposer.last["calls"]:  # the second of a pair the LLM chose costs none
+                calls.append({"group": group, "trial": len(history), "pair": "then" in proposal.meta, **{
+                    k: proposer.last[k] for k in ("llm_seconds", "input_tokens", "cached_tokens", "output_tokens", "refused")}})
             objective = DEFAULT_OBJECTIVE + float(rng.normal(0, NOISE))
             result = synthetic_result(study.spec(proposal.params), objective, rng, best_record(history))
-            history.append(TrialRecord(len(history), "llm", "complete", proposal.params, proposal.rationale, result=result))
+            history.append(TrialRecord(len(history), "llm", "complete", proposal.params, proposal.rationale, result=result,
+                                       meta=proposal.meta))
     return calls
 
 
@@ -141,12 +149,13 @@ def main() -> None:
     print(f"threads {default_threads()}, load {load:.1f} at start, {platform.processor() or platform.machine()}")
     print(f"prompt evaluation: {measured['prompt_tokens']} tokens in {measured['prompt_seconds']:.1f} s = {prompt_rate:.1f} tok/s")
     print(f"generation: {measured['free_tok_s']:.1f} tok/s free, {grammar_rate:.1f} tok/s with the tool-call grammar")
-    print("\n| group | call | seconds | prompt tokens | cached | completion | unexplained s |\n|---|---|---|---|---|---|---|")
+    print("\n| group | trial | decided two | seconds | prompt tokens | cached | completion | unexplained s |\n"
+          "|---|---|---|---|---|---|---|---|")
     for c in calls:
-        print(f"| {c['group']} | {c['call']} | {c['llm_seconds']:.1f} | {c['input_tokens']} | {c['cached_tokens']} | "
-              f"{c['output_tokens']} | {c['unexplained_seconds']:.1f} |")
+        print(f"| {c['group']} | {c['trial']} | {'yes' if c['pair'] else 'no'} | {c['llm_seconds']:.1f} | {c['input_tokens']} | "
+              f"{c['cached_tokens']} | {c['output_tokens']} | {c['unexplained_seconds']:.1f} |")
     total = sum(c["llm_seconds"] for c in calls)
-    print(f"\n{len(calls)} calls, {total:.1f} s (median {np.median([c['llm_seconds'] for c in calls]):.1f} s a call), "
+    print(f"\n{len(calls)} calls for {2 * len(GROUPS)} trials, {total:.1f} s (median {np.median([c['llm_seconds'] for c in calls]):.1f} s a call), "
           f"{sum(c['refused'] for c in calls)} refused")
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps({"load_at_start": load, "threads": default_threads(), "rates": measured, "calls": calls,

@@ -332,6 +332,44 @@ def test_a_reply_that_cannot_be_used_runs_candidate_a_at_no_extra_call(tmp_path,
     assert assert_cacheable_prefixes(bodies) == 18
 
 
+def test_a_pair_of_candidates_costs_one_call_and_a_person_can_break_it(tmp_path, baby_format_dir, shared_cache):
+    script = [
+        call("choose", candidate="B", then="C", rationale="two directions"),  # trials 1 and 2
+        call("choose", candidate="A", then="A", rationale="A twice"),  # a bad second: only A runs (trial 3)
+        call("choose", candidate="A", then="B", rationale="another pair"),  # its first rejected: B does not run
+        call("choose", candidate="B", rationale="after the rejection"),  # trial 4
+    ]
+    answers = iter([{"action": "approve"}] * 3 + [{"action": "reject", "comment": "not now"}, {"action": "approve"}])
+    shown = []
+
+    def answer(payload):
+        shown.append(payload)
+        return next(answers)
+
+    with ScriptedLLM(script) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, groups="all", budget=5), "cache_dir": shared_cache}
+        values = run(config, answer, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+
+    assert values["phase"] == "done" and values["finished"] == {"all": "budget"}
+    bodies = tuning(llm)
+    # Four trials and a rejected proposal from four calls: the pair's second asked nothing.
+    assert len(bodies) == len(llm.requests) == 4 and values["llm_calls"] == {"select": 0, "all": 4}
+    trials = assert_no_repeats(config["storage"], "s1-all")
+    assert_ran_its_candidate(bodies[0], trials, 1)
+    assert_ran_its_candidate(bodies[0], trials, 2)
+    assert (trials[1]["meta"]["candidate"], trials[2]["meta"]["candidate"]) == ("B", "C")
+    assert (trials[2]["meta"]["calls"], trials[2]["meta"]["paired_with"]) == (0, 1)
+    assert shown[1]["rationale"] == "second of the pair chosen with trial 1: two directions"
+    assert "then must be another of ['A', 'B', 'C', 'D'], but got 'A': only A runs." in trials[3]["meta"]["note"]
+    assert "then" not in trials[3]["meta"] and trials[3]["meta"]["candidate"] == "A"
+    # The person rejected the pair's first: the LLM was asked again, told so, and its second never ran.
+    assert trials[4]["rejected"] and trials[4]["comment"] == "not now"
+    assert "A person rejected your proposal" in user_text(bodies[3])
+    assert_ran_its_candidate(bodies[3], trials, 5)
+    assert sum(1 for t in trials.values() if not t.get("rejected")) == 5
+    assert assert_cacheable_prefixes(bodies) == 3
+
+
 def test_a_model_stuck_on_one_change_never_repeats_a_trial(tmp_path, baby_format_dir, shared_cache):
     """The 1.5B model's commonest failure (250 of 456 calls in the README's comparison): the same
     proposal again and again. Each repeat is replaced by a new candidate at no extra call, a
