@@ -107,5 +107,8 @@ class Resources:
     """Where progress lines go (default: print)."""
     report_dir: Any = None
     """Where the session's report goes (default: ./reports)."""
+    warm_prompt_cache: bool = False
+    """Whether model selection may have the LLM endpoint read the tuning prompt's prefix ahead of
+    the first call: only for the embedded model, which is local, free and idle then."""
     opened: dict = field(default_factory=dict)
     """What was built on first use, by name."""

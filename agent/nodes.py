@@ -103,7 +103,7 @@ def select(state: State, runtime: Runtime[Resources]) -> dict:
     settings = Settings.from_json(state["settings"])
     found = resources(runtime, settings)
     runner, space, labels = found.runner, found.runner.space, list(found.runner.groups.labels)
-    table, users = {}, {}
+    table, users, warmed = {}, {}, None
     for pipeline in PIPELINES:
         for group in labels:
             result = runner.run(settings.study_context(group, pipeline, "default").spec(space.defaults(pipeline)))
@@ -114,6 +114,10 @@ def select(state: State, runtime: Runtime[Resources]) -> dict:
                 "ms_per_user": round(result.latency_ms_per_user, 3)}
             users[group, pipeline] = result.per_user
         found.echo(f"[select] {pipeline}: default configuration evaluated on {len(labels)} groups")
+        leader = _leader(table)
+        if found.warm_prompt_cache and leader != warmed:
+            warmed = leader
+            _warm_in_background(found, settings, leader)
     for group, rows in table.items():
         best = max(rows, key=lambda p: rows[p]["objective"])
         for pipeline, row in rows.items():
@@ -122,6 +126,32 @@ def select(state: State, runtime: Runtime[Resources]) -> dict:
                 row["vs_best"] = paired_interval(vector(users[group, pipeline]), vector(users[group, best]),
                                                  seed=settings.seed).to_json()
     return {"table": table, "phase": "select", "began_at": began_at, "started_at": time.time()}
+
+
+def _leader(table: dict) -> str:
+    """The pipeline best in most groups so far (ties: the first evaluated): the likeliest to be tuned."""
+    wins = [max(rows, key=lambda p: rows[p]["objective"]) for rows in table.values()]
+    return max(dict.fromkeys(wins), key=wins.count)
+
+
+def _warm_in_background(found: Resources, settings: Settings, pipeline: str) -> None:
+    """The tuning prompt's prefix for `pipeline`, read by the endpoint while the next pipelines
+    train, which leave CPU idle: the first tuning call then reads only its own rows. A later
+    leader's warm-up replaces it; a failure costs nothing but the cache."""
+    import threading
+
+    proposer = LLMProposer(0, llm=chat(found, settings), may_finish=settings.may_finish)
+    context = ProposerContext(settings.study_context("all", pipeline), found.runner.space, settings.budget)
+
+    def warm() -> None:
+        try:
+            seconds = proposer.warm(context)
+        except Exception as error:  # the first real call meets (and reports) any endpoint problem
+            found.echo(f"[llm] warming the prompt cache for {pipeline} failed ({type(error).__name__}); the first call reads it")
+            return
+        found.echo(f"[llm] {pipeline}'s tuning prompt prefix cached during model selection ({seconds:.0f} s, overlapped)")
+
+    threading.Thread(target=warm, name=f"warm-{pipeline}", daemon=True).start()
 
 
 def pick(state: State, runtime: Runtime[Resources]) -> dict:

@@ -24,7 +24,7 @@ from rectune.agent.report import history_table, json_compact
 from rectune.tools.adoption import best_record
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.proposers import register
-from rectune.tools.proposers.menu import STUCK, menu
+from rectune.tools.proposers.menu import STUCK, Candidate, menu
 from rectune.tools.trial import FINISHED, canonical, changed, spent, tried
 
 
@@ -118,14 +118,33 @@ class LLMProposer(Proposer):
                         meta={"calls": 0, "refused": 0, "candidate": then["candidate"], "source": then["source"],
                               "paired_with": last.number})
 
+    def warm(self, context: ProposerContext) -> float:
+        """Have the endpoint read the prefix every call of this pipeline shares — the system message
+        and the tools, ~900 tokens, a cold ~30 s on 2 cores — so the first call finds it cached.
+        Decides nothing; returns its seconds."""
+        from langchain_core.messages import HumanMessage, SystemMessage
+
+        defaults = context.space.defaults(context.study.pipeline)
+        # A one-candidate menu: the tools a call with a menu sees (the schema names no candidate).
+        scope = Scope(context.space, context.study.pipeline, context.study.objective, defaults, {},
+                      [Candidate(defaults, "neighbour", {})], self.may_finish)
+        start = time.perf_counter()
+        invoke(bind_decision_tools(self.llm, tune_tools(scope)).bind(max_tokens=1),
+               [SystemMessage(self._system(context)), HumanMessage("")])
+        return time.perf_counter() - start
+
+    def _system(self, context: ProposerContext) -> str:
+        study, space = context.study, context.space
+        latency = "" if study.max_latency_ms is None else fragment("tune_latency", max_latency_ms=f"{study.max_latency_ms:g}")
+        return render("tune_system", pipeline=study.pipeline, dataset=study.dataset, objective=study.objective, stuck=STUCK,
+                      space=space.describe(study.pipeline, study.objective), latency=latency,
+                      finish=fragment("tune_finish" if self.may_finish else "tune_full_budget"))
+
     def _messages(self, history, context: ProposerContext, best, options) -> list:
         from langchain_core.messages import HumanMessage, SystemMessage
 
         study, space = context.study, context.space
-        latency = "" if study.max_latency_ms is None else fragment("tune_latency", max_latency_ms=f"{study.max_latency_ms:g}")
-        system = render("tune_system", pipeline=study.pipeline, dataset=study.dataset, objective=study.objective, stuck=STUCK,
-                        space=space.describe(study.pipeline, study.objective), latency=latency,
-                        finish=fragment("tune_finish" if self.may_finish else "tune_full_budget"))
+        system = self._system(context)
         lines = [f"{letter}. {candidate.describe()}" for letter, candidate in zip(LETTERS, options)]
         feedback = _feedback(history, best, self.name)
         turn = render("tune_turn", group=study.group, used=spent(history),

@@ -132,7 +132,7 @@ def run(settings: Settings | dict, answer: Callable[[dict], dict | None] | None,
         for name in (settings.session, *runner.groups.labels):
             filter_value(name)
         with llm_client(endpoint, settings.cache_dir, echo) as llm:
-            resources = Resources(runner, llm, None, echo, report_dir)
+            resources = Resources(runner, llm, None, echo, report_dir, warm_prompt_cache=endpoint.embedded)
             try:
                 return _drive(build_graph(saver), resources, config, settings, answer, tracker, trace)
             except LLMUnavailable as error:

@@ -77,9 +77,15 @@ def is_pick(body: dict) -> bool:
     return any(t["function"]["name"] == "choose_pipelines" for t in body.get("tools") or [])
 
 
+def is_warm_up(body: dict) -> bool:
+    """A request that only has the endpoint read a prompt prefix (agent/nodes.py, during model selection)."""
+    return body.get("max_completion_tokens", body.get("max_tokens")) == 1 and body["messages"][-1]["content"] == ""
+
+
 class ScriptedLLM:
     """`replies` answer the tuning calls in order; `picks` the model-selection calls (those that
-    offer choose_pipelines, made only when pipelines tie), `pick_first` once they run out."""
+    offer choose_pipelines, made only when pipelines tie), `pick_first` once they run out;
+    warm-ups get one token of text and consume neither."""
 
     def __init__(self, replies: list[dict], on_request=None, picks: list | None = None):
         self.replies = list(replies)
@@ -100,7 +106,9 @@ class ScriptedLLM:
                     owner.requests.append(body)
                     owner.headers.append(dict(self.headers))
                     index = len(owner.requests)
-                    if is_pick(body):
+                    if is_warm_up(body):
+                        reply = text("{")
+                    elif is_pick(body):
                         reply = owner.picks.pop(0) if owner.picks else pick_first
                     else:
                         reply = owner.replies.pop(0) if owner.replies else call("finish", reason="script exhausted")

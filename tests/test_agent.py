@@ -17,7 +17,7 @@ from mlflow import MlflowClient
 from optuna.trial import TrialState
 
 from rectune.agent.session import list_sessions, run
-from scripted_llm import ScriptedLLM, call, calls, is_pick, raw, text
+from scripted_llm import ScriptedLLM, call, calls, is_pick, is_warm_up, raw, text
 from rectune.tools.study import Study
 from rectune.tools.tracking import Tracker
 
@@ -58,8 +58,8 @@ def children(client, run_id: str, **tags) -> list:
 
 
 def tuning(llm) -> list[dict]:
-    """The tuning requests in order (all but the pick's, which offer choose_pipelines)."""
-    return [body for body in llm.requests if not is_pick(body)]
+    """The tuning requests in order (all but the pick's, which offer choose_pipelines, and warm-ups)."""
+    return [body for body in llm.requests if not is_pick(body) and not is_warm_up(body)]
 
 
 def picks(llm) -> list[dict]:
@@ -368,6 +368,30 @@ def test_a_pair_of_candidates_costs_one_call_and_a_person_can_break_it(tmp_path,
     assert_ran_its_candidate(bodies[3], trials, 5)
     assert sum(1 for t in trials.values() if not t.get("rejected")) == 5
     assert assert_cacheable_prefixes(bodies) == 3
+
+
+def test_model_selection_warms_the_prompt_prefix_of_the_first_tuning_call(tmp_path, baby_format_dir, shared_cache, monkeypatch):
+    from rectune.agent import session as session_module
+
+    # The embedded model's sessions warm; a scripted endpoint stands in for it here.
+    original = session_module.Resources
+    monkeypatch.setattr(session_module, "Resources", lambda *a, **k: original(*a, **{**k, "warm_prompt_cache": True}))
+    lines = []
+    with ScriptedLLM([call("choose", candidate="A", then="B", rationale="two neighbours")]) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=3), "cache_dir": shared_cache}
+        values = run(config, None, echo=lines.append, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+
+    assert values["phase"] == "done"
+    warm_ups = [body for body in llm.requests if is_warm_up(body)]
+    [first] = tuning(llm)
+    assert warm_ups and llm.requests.index(warm_ups[0]) < llm.requests.index(first)
+    pipeline = values["selection"]["all"]["pipeline"]
+    # The last warm-up was for the pipeline that is tuned: its system message and tools are the first call's, byte for byte.
+    last = warm_ups[-1]
+    assert json.dumps(last["messages"][0]) == json.dumps(first["messages"][0]) and json.dumps(last["tools"]) == json.dumps(first["tools"])
+    assert f'pipeline "{pipeline}"' in first["messages"][0]["content"]
+    assert len([line for line in lines if "tuning prompt prefix cached during model selection" in line]) == len(warm_ups)
+    assert values["llm_calls"] == {"select": 0, "all": 1}  # a warm-up decides nothing and is no call of the budget
 
 
 def test_a_model_stuck_on_one_change_never_repeats_a_trial(tmp_path, baby_format_dir, shared_cache):
