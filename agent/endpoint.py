@@ -75,6 +75,19 @@ def _examined(request: httpx.Request, response: httpx.Response) -> tuple[httpx.R
     return rebuilt, problem
 
 
+_unattended = threading.local()
+
+
+@contextmanager
+def unattended() -> Iterator[None]:
+    """No "still waiting" lines for the calls this thread makes: nobody waits for them (a warm-up)."""
+    _unattended.on = True
+    try:
+        yield
+    finally:
+        _unattended.on = False
+
+
 class Progress:
     """Lines about a call that takes long or is retried, through `echo` (None: silent)."""
 
@@ -88,7 +101,7 @@ class Progress:
 
     @contextmanager
     def waiting(self, timeout_s: float | None) -> Iterator[None]:
-        if self.echo is None:
+        if self.echo is None or getattr(_unattended, "on", False):
             yield
             return
         done = threading.Event()

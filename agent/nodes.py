@@ -144,8 +144,11 @@ def _warm_in_background(found: Resources, settings: Settings, pipeline: str) -> 
     context = ProposerContext(settings.study_context("all", pipeline), found.runner.space, settings.budget)
 
     def warm() -> None:
+        from rectune.agent.endpoint import unattended
+
         try:
-            seconds = proposer.warm(context)
+            with unattended():
+                seconds = proposer.warm(context)
         except Exception as error:  # the first real call meets (and reports) any endpoint problem
             found.echo(f"[llm] warming the prompt cache for {pipeline} failed ({type(error).__name__}); the first call reads it")
             return

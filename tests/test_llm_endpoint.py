@@ -376,6 +376,14 @@ def test_a_slow_endpoint_is_reported_while_waiting_and_its_timeout_is_a_setting(
         assert chat_model(settings, echo=lines.append).invoke("hello").content == "late"
     waiting = [line for line in lines if line.startswith("[llm] still waiting for the LLM endpoint: ")]
     assert len(waiting) >= 2 and waiting[0].endswith("s so far (gives up after 120 s)"), lines
+    # A call nobody waits for (model selection's warm-up, in its own thread) says nothing while it runs.
+    from rectune.agent.endpoint import unattended
+
+    lines.clear()
+    with ScriptedLLM([delayed(1.5, text("late"))]) as llm, unattended():
+        quiet = replace(resolve_llm(llm.base_url, "scripted"), progress_every_s=0.4)
+        assert chat_model(quiet, echo=lines.append).invoke("hello").content == "late"
+    assert lines == []
 
     monkeypatch.setenv("RECTUNE_LLM_TIMEOUT", "0.5")
     with ScriptedLLM([delayed(3, text("too late")), delayed(3, text("too late"))]) as llm:
