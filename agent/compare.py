@@ -351,8 +351,12 @@ def _differences(spec: Comparison, runs: list[Run], labels: list[str], ungated: 
             pairs = [(value(r) - value(b), r.seed) for r in runs if r.tuner == first and (group == "all groups" or r.group == group)
                      for b in runs if b.tuner == other and b.group == r.group and b.seed == r.seed]
             differences, seeds = np.array([d for d, _ in pairs]), np.array([seed for _, seed in pairs])
-            low, high = bootstrap_interval(differences, clusters=seeds) if len(set(seeds)) > 1 else (float("nan"), float("nan"))
-            lines.append(f"| {other} | {group} | {differences.mean():+.5f} | [{low:+.5f}, {high:+.5f}] | {sign_flip_p(differences, seeds):.3f} | "
+            if len(set(seeds)) > 1:
+                low, high = bootstrap_interval(differences, clusters=seeds)
+                interval = f"[{low:+.5f}, {high:+.5f}]"
+            else:
+                interval = "one seed: none"
+            lines.append(f"| {other} | {group} | {differences.mean():+.5f} | {interval} | {sign_flip_p(differences, seeds):.3f} | "
                          f"{int((differences > 1e-12).sum())} / {int((np.abs(differences) <= 1e-12).sum())} / {int((differences < -1e-12).sum())} |")
     return lines
 

@@ -370,6 +370,41 @@ def test_a_pair_of_candidates_costs_one_call_and_a_person_can_break_it(tmp_path,
     assert assert_cacheable_prefixes(bodies) == 3
 
 
+def test_a_crash_between_the_two_trials_of_a_pair_resumes_with_the_second_and_no_call(tmp_path, baby_format_dir, monkeypatch,
+                                                                                      shared_cache):
+    from rectune.tools.runner import TrialRunner
+
+    original, tuning_runs = TrialRunner.run, []
+
+    def dies_before_the_pairs_second(self, spec, *args, **kwargs):
+        if tuning(llm):  # the pair has been chosen: these are its trials
+            tuning_runs.append(spec)
+            if len(tuning_runs) == 2:
+                raise RuntimeError("killed between the two trials of a pair")
+        return original(self, spec, *args, **kwargs)
+
+    monkeypatch.setattr(TrialRunner, "run", dies_before_the_pairs_second)
+    with ScriptedLLM([call("choose", candidate="B", then="C", rationale="two directions")]) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=3),
+                  "cache_dir": shared_cache}
+        options = {"echo": lambda line: None, "checkpoint": str(tmp_path / "sessions.db"), "report_dir": tmp_path / "r"}
+        with pytest.raises(RuntimeError, match="killed between the two trials of a pair"):
+            run(config, None, **options)
+        assert len(complete(config["storage"], "s1-all")) == 2  # the default and the pair's first
+        values = run(config, None, resume=True, **options)
+
+    assert values["phase"] == "done" and values["finished"] == {"all": "budget"}
+    # The history alone said what ran next: the pair's second, without asking the LLM again.
+    assert len(llm.requests) == 1 and values["llm_calls"] == {"select": 0, "all": 1}
+    default, first, second = complete(config["storage"], "s1-all")
+    assert (first.user_attrs["meta"]["candidate"], second.user_attrs["meta"]["candidate"]) == ("B", "C")
+    assert (second.user_attrs["meta"]["calls"], second.user_attrs["meta"]["paired_with"]) == (0, 1)
+    # The trial the crash cut short is kept as failed, holding the same proposal the resumed run completed.
+    failed = [t for t in optuna.load_study(study_name="s1-all", storage=config["storage"]).get_trials() if t.state == TrialState.FAIL]
+    assert [t.user_attrs["proposal_id"] for t in failed] == [second.user_attrs["proposal_id"]] == ["all-2"]
+    assert second.user_attrs["params"] == first.user_attrs["meta"]["then"]["params"] != default.user_attrs["params"]
+
+
 def test_model_selection_warms_the_prompt_prefix_of_the_first_tuning_call(tmp_path, baby_format_dir, shared_cache, monkeypatch):
     from rectune.agent import session as session_module
 
@@ -857,6 +892,8 @@ def test_compare_tunes_a_fixed_pipeline_without_model_selection(tmp_path, baby_f
     text = path.read_text()
     assert "pipeline two_tower on every group (fixed by --pipeline: no model selection)" in text
     assert "Model selection (RQ1)" not in text
+    # One seed gives no interval over the seeds: the report says so rather than printing NaN.
+    assert "| tpe | all groups | " in text and "one seed: none" in text and "+nan" not in text
 
 
 def test_compare_refuses_an_unknown_pipeline_before_writing_anything(tmp_path):
