@@ -110,6 +110,21 @@ def normalised_graph(graph: sp.csr_matrix) -> sp.csr_matrix:
     return (scale @ adjacency @ scale).tocsr()
 
 
+def modality_weights(modalities: tuple[str, ...], text_weight: float) -> dict[str, float]:
+    """Fusion weights summing to 1: text and image in the ratio text_weight : 1 − text_weight,
+    any other modality as much as both together; a lone modality weighs 1."""
+    raw = {m: {"text": text_weight, "image": 1.0 - text_weight}.get(m, 1.0) for m in modalities}
+    total = sum(raw.values())
+    return {m: w / total for m, w in raw.items()} if len(modalities) > 1 else {m: 1.0 for m in modalities}
+
+
+def fused_graph(graphs: dict[str, sp.csr_matrix], neighbors: int, text_weight: float) -> sp.csr_matrix:
+    """The modalities' graphs, each cut to `neighbors` per item and normalised, summed with
+    `modality_weights`: symmetric, as every normalised graph is."""
+    weights = modality_weights(tuple(sorted(graphs)), text_weight)
+    return sum(weights[m] * normalised_graph(top_neighbours(g, neighbors)) for m, g in graphs.items()).tocsr()
+
+
 def graph_embedding(graphs: dict[str, sp.csr_matrix], dim: int = EMBEDDING_DIM, seed: int = 0) -> np.ndarray:
     """Items × dim spectral embedding of the content graphs (their normalised adjacencies
     averaged): the leading eigenvectors, as in Laplacian eigenmaps, so items with

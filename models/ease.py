@@ -55,7 +55,8 @@ def _fit_ease(train: sp.csr_matrix, lam: float) -> np.ndarray:
 
     n = train.shape[1]
     if n > MAX_ITEMS:
-        raise ConfigError(f"EASE needs a dense {n} × {n} inverse; it is limited to {MAX_ITEMS} items")
+        raise ConfigError(f"EASE needs a dense {n} × {n} inverse; it is limited to {MAX_ITEMS} items "
+                          "(set cf_weight=0, or heuristic_weight=0 for the two-tower, to do without it)")
     if lam <= 0:
         raise ConfigError(f"ease_lambda must be positive, but got {lam}")
     x = sp.csr_matrix(train, dtype=np.float64)

@@ -32,7 +32,7 @@ import numpy as np
 import scipy.sparse as sp
 
 from rectune.models.base import Candidates, FitContext, RecallModel, top_k_in_blocks
-from rectune.models.content import knn_from_features, normalised_graph, top_neighbours
+from rectune.models.content import fused_graph, knn_from_features
 from rectune.models.dataset import Dataset
 from rectune.models.ease import ease_weights, popularity, score_blocks
 from rectune.models.errors import ConfigError
@@ -48,14 +48,6 @@ def reduce_features(features: np.ndarray, dim: int) -> np.ndarray:
         centred = u[:, :dim] * s[:dim]
     norms = np.linalg.norm(centred, axis=1, keepdims=True)
     return (centred / np.maximum(norms, 1e-12)).astype(np.float32)
-
-
-def modality_weights(modalities: tuple[str, ...], text_weight: float) -> dict[str, float]:
-    """Fusion weights summing to 1: text and image in the ratio text_weight : 1 − text_weight,
-    any other modality as much as both together; a lone modality weighs 1."""
-    raw = {m: {"text": text_weight, "image": 1.0 - text_weight}.get(m, 1.0) for m in modalities}
-    total = sum(raw.values())
-    return {m: w / total for m, w in raw.items()} if len(modalities) > 1 else {m: 1.0 for m in modalities}
 
 
 def inert_parameters(dataset: Dataset, fewest_neighbors: int) -> dict[str, str]:
@@ -113,9 +105,7 @@ class HeuristicRecall(RecallModel):
         return {FALLBACK_MODALITY: knn_from_features(reduce_features(features, self.embedding_dim), self.neighbors)}
 
     def fit(self, dataset: Dataset, context: FitContext) -> None:
-        graphs = self.content_graphs(dataset)
-        weights = modality_weights(tuple(sorted(graphs)), self.text_weight)
-        content = sum(weights[m] * normalised_graph(top_neighbours(g, self.neighbors)) for m, g in graphs.items())
+        content = fused_graph(self.content_graphs(dataset), self.neighbors, self.text_weight)
         similarity = np.asarray(content.toarray(), dtype=np.float32) * (1.0 - self.cf_weight)
         if self.cf_weight > 0:
             cf = ease_weights(dataset.train, self.ease_lambda)
@@ -126,6 +116,9 @@ class HeuristicRecall(RecallModel):
         counts = popularity(dataset.train)
         self.prior = (self.popularity_weight * counts / max(counts.max(), 1.0)).astype(np.float32)
 
+    def scores(self, history: sp.csr_matrix) -> np.ndarray:
+        """Dense scores (rows of `history` × items), seen items included."""
+        return np.asarray(history @ self.similarity) + self.prior
+
     def candidates(self, users: np.ndarray, k: int, history: sp.csr_matrix) -> Candidates:
-        return top_k_in_blocks(lambda block: np.asarray(history[block] @ self.similarity) + self.prior,
-                               users, k, history, score_blocks(len(self.prior)))
+        return top_k_in_blocks(lambda block: self.scores(history[block]), users, k, history, score_blocks(len(self.prior)))

@@ -45,12 +45,12 @@ class PipelineConfig:
     k: int = _param(500, "serving", "recall size K: candidates per user passed to the ranker")
     top_n: int = _param(20, "serving", "TopN: length of the final list")
     neighbors: int = _param(50, "recall", "kNN neighbours kept per item in the content graphs (a neighbour file "
-                            "caps it at what it lists: 10 on Baby)", ("heuristic",))
+                            "caps it at what it lists: 10 on Baby)", ("heuristic", "two_tower"))
     cf_weight: float = _param(0.85, "recall", "weight of EASE item-CF similarity vs content similarity (defaults of the "
-                              "heuristic chosen on Baby validation NDCG@20, 2026-12-01)", ("heuristic",))
-    popularity_weight: float = _param(0.005, "recall", "weight of the popularity prior added to heuristic scores", ("heuristic",))
-    text_weight: float = _param(0.9, "recall", "fusion weight of the text graph vs the image graph (image: 1 - text_weight)", ("heuristic",))
-    ease_lambda: float = _param(250.0, "recall", "ridge strength of the EASE item-CF part", ("heuristic",))
+                              "heuristic chosen on Baby validation NDCG@20, 2026-12-01)", ("heuristic", "two_tower"))
+    popularity_weight: float = _param(0.005, "recall", "weight of the popularity prior added to heuristic scores", ("heuristic", "two_tower"))
+    text_weight: float = _param(0.9, "recall", "fusion weight of the text graph vs the image graph (image: 1 - text_weight)", ("heuristic", "two_tower"))
+    ease_lambda: float = _param(250.0, "recall", "ridge strength of the EASE item-CF part", ("heuristic", "two_tower"))
     lr: float = _param(0.003, "recall", "two-tower Adam learning rate", ("two_tower",))
     epochs: int = _param(3, "recall", "two-tower training epochs", ("two_tower",))
     batch_size: int = _param(1024, "recall", "two-tower batch size (= in-batch negatives + 1)", ("two_tower",))
@@ -58,6 +58,11 @@ class PipelineConfig:
     weight_decay: float = _param(0.0, "recall", "two-tower Adam weight decay", ("two_tower",))
     user_id: bool = _param(False, "recall", "add a user-id embedding to the user tower (on Baby it overfits: "
                            "validation Recall@20 .071 with it, .077 without, 2 epochs)", ("two_tower",))
+    content_layers: int = _param(2, "recall", "hops of the item content graph over which the two-tower's item tables are "
+                                 "smoothed, FREEDOM-style (0 = none)", ("two_tower",))
+    heuristic_weight: float = _param(0.2, "recall", "weight of the heuristic recall's scores added to the two-tower's, both "
+                                     "standardised per user (0 = the two-tower alone; chosen on Baby validation, 2026-12-02)",
+                                     ("two_tower",))
     ranker_dim: int = _param(16, "ranker", "DeepFM field embedding size", ("deepfm",))
     hidden: tuple[int, ...] = _param((128, 64), "ranker", "DeepFM MLP hidden sizes", ("deepfm",))
     dropout: float = _param(0.1, "ranker", "DeepFM MLP dropout", ("deepfm",))
@@ -102,6 +107,9 @@ class PipelineConfig:
         for name in ("lr", "ranker_lr", "temperature", "ease_lambda"):
             if getattr(self, name) <= 0:
                 raise ConfigError(f"{name} must be positive, but got {getattr(self, name)}")
+        for name in ("content_layers", "heuristic_weight"):
+            if getattr(self, name) < 0:
+                raise ConfigError(f"{name} must be ≥ 0, but got {getattr(self, name)}")
 
     @classmethod
     def from_dict(cls, values: dict) -> "PipelineConfig":
@@ -145,14 +153,17 @@ class PipelineConfig:
 
 
 def build_recall(config: PipelineConfig) -> RecallModel:
-    if config.recall == "heuristic":
-        from rectune.models.heuristic import HeuristicRecall
+    from rectune.models.heuristic import HeuristicRecall
 
-        return HeuristicRecall(config.embedding_dim, config.neighbors, config.cf_weight, config.popularity_weight,
-                               config.text_weight, config.ease_lambda)
+    heuristic = HeuristicRecall(config.embedding_dim, config.neighbors, config.cf_weight, config.popularity_weight,
+                                config.text_weight, config.ease_lambda)
+    if config.recall == "heuristic":
+        return heuristic
     from rectune.models.two_tower import TwoTowerRecall
 
-    return TwoTowerRecall(config.embedding_dim, config.lr, config.epochs, config.batch_size, config.temperature, config.weight_decay, config.user_id)
+    return TwoTowerRecall(config.embedding_dim, config.lr, config.epochs, config.batch_size, config.temperature, config.weight_decay,
+                          config.user_id, config.content_layers, config.neighbors, config.text_weight,
+                          heuristic if config.heuristic_weight > 0 else None, config.heuristic_weight)
 
 
 def build_ranker(config: PipelineConfig) -> Ranker | None:

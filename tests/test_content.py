@@ -10,12 +10,12 @@ import scipy.sparse as sp
 import rectune.models.content as content
 from fixture_data import BABY_ROWS, item_knn_rows, write_baby_tsv, write_item_knn, write_mmrec
 from rectune.models.base import FitContext
-from rectune.models.content import (attach_content, graph_embedding, item_content_matrix, knn_from_features, normalised_graph,
+from rectune.models.content import (attach_content, graph_embedding, item_content_matrix, knn_from_features, modality_weights, normalised_graph,
                                     read_neighbour_lists, top_neighbours)
 from rectune.models.dataset import ItemContent, ItemFeatures, build_dataset
 from rectune.models.ease import EaseRecall, PopularityRecall, ease_weights
 from rectune.models.errors import ConfigError, DataError
-from rectune.models.heuristic import HeuristicRecall, modality_weights
+from rectune.models.heuristic import HeuristicRecall
 from rectune.models.loaders import load_amazon_baby, load_mmrec
 from rectune.models.pipeline import PipelineConfig, build_recall
 from rectune.models.splits import SplitStrategy

@@ -362,3 +362,63 @@ def test_fm_second_order_equals_the_pairwise_sum():
                   pair[:, :1] * net.pair_embed[0], pair[:, 1:] * net.pair_embed[1]]
         expected = sum((fields[i] * fields[j]).sum(-1) for i in range(8) for j in range(i + 1, 8))
         torch.testing.assert_close(net(user, activity, item, popularity, pair), expected, rtol=1e-5, atol=1e-5)
+
+
+def test_two_tower_smooths_its_item_tables_over_the_content_graph_as_documented():
+    import scipy.sparse as sp
+
+    from rectune.models.two_tower import CONTENT_HOP_WEIGHT
+
+    rng = np.random.default_rng(0)
+    upper = np.triu(rng.random((5, 5)) * (rng.random((5, 5)) < 0.5), 1)
+    graph = (upper + upper.T).astype(np.float32)  # the fused content graph is symmetric
+    net = TwoTowerNet(3, 5, 4, None, [], False, sp.csr_matrix(graph), content_layers=2)
+    table = net.item_id.weight
+    operator = np.eye(5) + CONTENT_HOP_WEIGHT * (graph + graph @ graph)  # E + 2·(S E + S² E)
+    np.testing.assert_allclose(net.smoothed(table).detach().numpy(), operator @ table.detach().numpy(), rtol=1e-5, atol=1e-6)
+    # The hand-written backward gives autograd's gradient of the dense product.
+    upstream = torch.from_numpy(rng.standard_normal((5, 4)).astype(np.float32))
+    (net.smoothed(table) * upstream).sum().backward()
+    np.testing.assert_allclose(table.grad.numpy(), operator.T @ upstream.numpy(), rtol=1e-5, atol=1e-5)
+    # The user tower's history table is smoothed the same way, its padding row left out.
+    bag = (torch.tensor([2]), torch.tensor([0]), torch.tensor([1]))
+    history = net.history.weight.detach().numpy()
+    plain = TwoTowerNet(3, 5, 4, None, [], False)
+    plain.load_state_dict(net.state_dict())
+    with torch.no_grad():
+        plain.history.weight[:5] = torch.from_numpy((operator @ history[:5]).astype(np.float32))
+        torch.testing.assert_close(net.users(torch.tensor([0]), bag, torch.zeros(1, 0, dtype=torch.long), torch.tensor([5])),
+                                   plain.users(torch.tensor([0]), bag, torch.zeros(1, 0, dtype=torch.long), torch.tensor([5])))
+
+
+def test_two_tower_adds_the_standardised_heuristic_scores(planted):
+    from rectune.models.two_tower import standardised
+
+    config = PipelineConfig(recall="two_tower", epochs=1, heuristic_weight=0.7)
+    recall = fit_recall(config, planted)
+    assert recall.heuristic is not None and recall.heuristic_weight == 0.7
+    users = np.arange(planted.n_users)
+    candidates = recall.candidates(users, 30, planted.train)
+    learned = recall.user_vectors(users, planted.train) @ recall.item_vectors.T
+    expected = standardised(learned) + 0.7 * standardised(recall.heuristic.scores(planted.train[users]))
+    np.testing.assert_allclose(candidates.scores, np.take_along_axis(expected, candidates.items, axis=1), rtol=1e-4, atol=1e-4)
+    assert not in_rows(planted.train.tocsr(), candidates.items).any()  # seen items stay out
+    alone = fit_recall(PipelineConfig(recall="two_tower", epochs=1, heuristic_weight=0.0), planted)
+    assert alone.heuristic is None
+    assert not np.array_equal(alone.candidates(users, 30, planted.train).items, candidates.items)
+
+
+def test_content_layers_without_item_content_say_they_change_nothing(planted):
+    recall = fit_recall(PipelineConfig(recall="two_tower", epochs=1, content_layers=2, heuristic_weight=0.0), planted)
+    assert recall.net.content_graph is None
+    assert "no item content" in recall.content_note and "content_layers changes nothing" in recall.content_note
+
+
+def test_moving_the_heuristic_part_reuses_the_trained_towers(planted):
+    first = fit_recall(PipelineConfig(recall="two_tower", epochs=1, heuristic_weight=0.2), planted)
+    reweighted = fit_recall(PipelineConfig(recall="two_tower", epochs=1, heuristic_weight=0.5, cf_weight=0.5), planted)
+    assert reweighted.net is first.net  # no training: the towers depend on nothing that moved
+    retrained = fit_recall(PipelineConfig(recall="two_tower", epochs=1, heuristic_weight=0.2, lr=0.01), planted)
+    assert retrained.net is not first.net
+    reseeded = fit_recall(PipelineConfig(recall="two_tower", epochs=1, heuristic_weight=0.2, seed=1), planted)
+    assert reseeded.net is not first.net and not np.array_equal(reseeded.item_vectors, first.item_vectors)

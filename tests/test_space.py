@@ -17,7 +17,8 @@ from rectune.tools.space import DEFAULT_FILE, SearchSpace
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 HEURISTIC_NAMES = "embedding_dim, k, top_n, neighbors, cf_weight, popularity_weight, text_weight, ease_lambda"
-TWO_TOWER_NAMES = "embedding_dim, k, top_n, lr, epochs, batch_size, temperature, weight_decay"
+TWO_TOWER_NAMES = ("embedding_dim, k, top_n, neighbors, cf_weight, popularity_weight, text_weight, ease_lambda, lr, epochs, "
+                   "batch_size, temperature, weight_decay, content_layers, heuristic_weight")
 
 
 @pytest.fixture(scope="module")
@@ -40,7 +41,7 @@ def test_shipped_file_declares_the_issue_ranges(space):
         "lr": (1e-4, 3e-2, True), "epochs": (1, 20, False), "temperature": (0.02, 1.0, True),
         "weight_decay": (0.0, 1e-3, False), "ranker_dim": (4, 64, False), "dropout": (0.0, 0.5, False),
         "ranker_lr": (1e-4, 1e-2, True), "ranker_epochs": (1, 10, False), "negatives": (1, 16, False),
-        "negative_pool": (100, 2000, True),
+        "negative_pool": (100, 2000, True), "content_layers": (0, 3, False), "heuristic_weight": (0.0, 2.0, False),
     }
     choices = {p.name: p.choices for p in space.parameters if p.type == "categorical"}
     assert choices == {"batch_size": (256, 512, 1024, 2048), "hidden": ("64", "128,64", "256,128", "512,256,128")}

@@ -81,7 +81,9 @@ class TrialRunner:
         self.cache = cache or ModelCache()
         space = space or SearchSpace.load()
         # What this dataset makes inert, every tuner leaves at its default (a move would repeat a trial).
-        self.space = space.with_inert({"heuristic": inert_parameters(dataset, _lowest(space, "neighbors"))})
+        inert = inert_parameters(dataset, _lowest(space, "neighbors"))
+        # The two-tower reads the same content graphs (and blends the heuristic), but sizes its towers by embedding_dim.
+        self.space = space.with_inert({"heuristic": inert, "two_tower": {k: v for k, v in inert.items() if k != "embedding_dim"}})
         self.max_latency_ms = max_latency_ms
         self.progress = progress
         self._fingerprint = dataset_fingerprint(dataset)
