@@ -8,7 +8,8 @@ Protocols: `ours` scores test users from their train + val history; `mmrec` (MMR
 under which the published anchors were measured) from their train history only. EASE's
 λ is chosen on validation NDCG@20. "Without content" strips item text, categories and
 content graphs (features fall back to collaborative SVD factors); the heuristic is also
-run on each content modality alone. Prints tables and writes JSON to
+run on each content modality alone, and the two-tower without its content smoothing and
+without the heuristic's scores. Prints tables and writes JSON to
 bench/results/core_<dataset>.json (dashes become underscores).
 
     python bench/core.py --dataset baby --groups prefix --data-dir ../shared/data
@@ -211,6 +212,13 @@ def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) ->
             print_row(label, rows[label])
             if variant == "with content":
                 fitted[name] = pipeline
+    if "two_tower" in pipelines:
+        # What each part of the two-tower recall adds: the content smoothing, then the heuristic's scores.
+        for label, parts in (("two_tower alone, unsmoothed", {"content_layers": 0, "heuristic_weight": 0.0}),
+                             ("two_tower alone, smoothed", {"heuristic_weight": 0.0})):
+            rows[label] = row(Pipeline(PipelineConfig.from_dict({"pipeline": "two_tower", **parts})).fit(full), full, groups,
+                              cutoffs, keys, reference)[0]
+            print_row(label, rows[label])
     if full.content is not None and len(full.content.modalities) > 1:
         config = PipelineConfig.from_dict({"pipeline": "heuristic"})
         for modality in full.content.modalities:
