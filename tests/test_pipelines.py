@@ -400,7 +400,13 @@ def test_two_tower_adds_the_standardised_heuristic_scores(planted):
     users = np.arange(planted.n_users)
     candidates = recall.candidates(users, 30, planted.train)
     learned = recall.user_vectors(users, planted.train) @ recall.item_vectors.T
-    expected = standardised(learned) + 0.7 * standardised(recall.heuristic.scores(planted.train[users]))
+    closed_form = recall.heuristic.scores(planted.train[users])
+
+    def by_hand(scores):  # the docstring's "standardised per user", in numpy
+        return (scores - scores.mean(axis=1, keepdims=True)) / scores.std(axis=1, keepdims=True)
+
+    expected = by_hand(learned) + 0.7 * by_hand(closed_form)
+    assert torch.allclose(standardised(torch.from_numpy(learned.astype(np.float32))), torch.from_numpy(by_hand(learned)).float(), atol=1e-5)
     np.testing.assert_allclose(candidates.scores, np.take_along_axis(expected, candidates.items, axis=1), rtol=1e-4, atol=1e-4)
     assert not in_rows(planted.train.tocsr(), candidates.items).any()  # seen items stay out
     alone = fit_recall(PipelineConfig(recall="two_tower", epochs=1, heuristic_weight=0.0), planted)
