@@ -167,8 +167,8 @@ class TwoTowerNet(nn.Module):
         """bag: the users' histories from `history_bag`; left_out: an item to remove from
         each history (the training target) or `pad`."""
         items, offsets, lengths = bag
-        table = torch.cat([self.smoothed(self.history.weight[:self.pad]), self.history.weight[self.pad:]])
-        total = F.embedding_bag(items, table, offsets, mode="sum") - table[left_out]
+        history = torch.cat([self.smoothed(self.history.weight[:self.pad]), self.history.weight[self.pad:]])
+        total = F.embedding_bag(items, history, offsets, mode="sum") - history[left_out]
         counts = lengths - (left_out != self.pad).long()
         mean = total / counts.clamp(min=1).unsqueeze(1)
         parts = [mean] + [table(attributes[:, j]) for j, table in enumerate(self.attributes)]
