@@ -7,6 +7,8 @@ items the user has not seen, with scores. A rank stage is fitted after the recal
 
 from __future__ import annotations
 
+import hashlib
+
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -82,3 +84,13 @@ def top_k_in_blocks(scores: Callable[[np.ndarray], object], users: np.ndarray, k
     if not parts:
         return Candidates(np.zeros((0, k), np.int64), np.zeros((0, k), np.float32))
     return Candidates(np.vstack([p.items for p in parts]), np.vstack([p.scores for p in parts]))
+
+
+def matrix_digest(matrix: sp.csr_matrix) -> str:
+    """sha256 of a sparse matrix's shape and canonical CSR content: a key for models fitted on it."""
+    canonical = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
+    canonical.sum_duplicates()
+    digest = hashlib.sha256(str(canonical.shape).encode())
+    for part in (canonical.indptr, canonical.indices, canonical.data):
+        digest.update(np.ascontiguousarray(part).tobytes())
+    return digest.hexdigest()

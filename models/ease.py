@@ -8,13 +8,12 @@ inverse (Cholesky, float64), so it is meant for catalogues up to `MAX_ITEMS` ite
 
 from __future__ import annotations
 
-import hashlib
 from dataclasses import dataclass, field
 
 import numpy as np
 import scipy.sparse as sp
 
-from rectune.models.base import Candidates, FitContext, RecallModel, top_k_in_blocks
+from rectune.models.base import Candidates, FitContext, RecallModel, matrix_digest, top_k_in_blocks
 from rectune.models.dataset import Dataset
 from rectune.models.errors import ConfigError
 
@@ -31,7 +30,7 @@ def ease_weights(train: sp.csr_matrix, lam: float) -> np.ndarray:
     The last `_CACHED` results are kept in memory, keyed by a digest of `train` and λ: a
     tuning study changes the heuristic's other weights far more often than the data or λ,
     and each fit is an items³ inverse (~13 s on Baby's 7,050 items, one core)."""
-    key = (_digest(train), float(lam))
+    key = (matrix_digest(train), float(lam))
     if key not in _cache:
         weights = _fit_ease(train, lam)
         weights.flags.writeable = False
@@ -39,15 +38,6 @@ def ease_weights(train: sp.csr_matrix, lam: float) -> np.ndarray:
         while len(_cache) > _CACHED:
             _cache.pop(next(iter(_cache)))
     return _cache[key]
-
-
-def _digest(matrix: sp.csr_matrix) -> str:
-    canonical = sp.csr_matrix(matrix, dtype=np.float32, copy=True)
-    canonical.sum_duplicates()
-    digest = hashlib.sha256(str(canonical.shape).encode())
-    for part in (canonical.indptr, canonical.indices, canonical.data):
-        digest.update(np.ascontiguousarray(part).tobytes())
-    return digest.hexdigest()
 
 
 def _fit_ease(train: sp.csr_matrix, lam: float) -> np.ndarray:

@@ -44,7 +44,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rectune.models.base import Candidates, FitContext, RecallModel, top_k_in_blocks
+from rectune.models.base import Candidates, FitContext, RecallModel, matrix_digest, top_k_in_blocks
 from rectune.models.content import fused_graph
 from rectune.models.dataset import Dataset
 from rectune.models.heuristic import HeuristicRecall
@@ -266,10 +266,10 @@ class TwoTowerRecall(RecallModel):
         (not the heuristic part's, whose changes then cost no retraining)."""
         digest = hashlib.sha256(repr((self.embedding_dim, self.lr, self.epochs, self.batch_size, self.temperature,
                                       self.weight_decay, self.user_id, self.content_layers, seed, dataset.train.shape)).encode())
-        train = sp.csr_matrix(dataset.train)
+        for matrix in (dataset.train, *([graph] if graph is not None else [])):
+            digest.update(matrix_digest(matrix).encode())
         features = dataset.item_features.matrix if dataset.item_features is not None else np.zeros(0)
-        for part in (train.indptr, train.indices, train.data, features, self.attributes,
-                     *((graph.indptr, graph.indices, graph.data) if graph is not None else ())):
+        for part in (features, self.attributes):
             digest.update(np.ascontiguousarray(part).tobytes())
         return digest.hexdigest()
 
