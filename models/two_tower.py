@@ -32,7 +32,6 @@ the sum at weight .1 / .15 / .2 / .3 / .5 .1065 / .0485, .1080 / .0492, .1071 / 
 from __future__ import annotations
 
 import hashlib
-import warnings
 from collections import OrderedDict
 from dataclasses import dataclass, field
 
@@ -49,7 +48,7 @@ from rectune.models.content import fused_graph
 from rectune.models.dataset import Dataset
 from rectune.models.heuristic import HeuristicRecall
 from rectune.models.metrics import in_rows
-from rectune.models.training import fit_module, history_bag, inference_device, shuffled_batches
+from rectune.models.training import adam, fit_module, history_bag, inference_device, shuffled_batches
 
 _BLOCK = 4096
 # Scores computed per block of users (16 MB of float32): bounds memory for any number of
@@ -124,17 +123,20 @@ def user_attribute_codes(dataset: Dataset) -> np.ndarray:
 
 
 class _SymmetricGraphProduct(torch.autograd.Function):
-    """graph @ x for a symmetric sparse graph, whose gradient is graph @ grad: one more sparse
-    product (torch's generic sparse backward took ~5× the forward here)."""
+    """graph @ x for a symmetric sparse graph given as CSR parts (indices, row starts, weights),
+    whose gradient is graph @ grad: one more product. Each product is a weighted
+    `embedding_bag` over the rows' neighbours — on Baby's fused graph (181k edges) 1.0 ms
+    against 3.8 ms for torch's CSR product, whose generic backward took ~5× its forward."""
 
     @staticmethod
-    def forward(ctx, x, graph):
-        ctx.graph = graph
-        return torch.sparse.mm(graph, x)
+    def forward(ctx, x, indices, starts, weights):
+        ctx.graph = (indices, starts, weights)
+        return F.embedding_bag(indices, x, starts, mode="sum", per_sample_weights=weights)
 
     @staticmethod
     def backward(ctx, grad):
-        return torch.sparse.mm(ctx.graph, grad), None
+        indices, starts, weights = ctx.graph
+        return F.embedding_bag(indices, grad, starts, mode="sum", per_sample_weights=weights), None, None, None
 
 
 class TwoTowerNet(nn.Module):
@@ -142,12 +144,14 @@ class TwoTowerNet(nn.Module):
                  user_id: bool, content_graph: sp.csr_matrix | None = None, content_layers: int = 0):
         super().__init__()
         self.pad = n_items
-        # A scipy matrix, not a buffer: fitted models are pickled, and sparse CSR tensors are not.
-        self.content_graph = None
-        if content_graph is not None and content_layers:
-            # Sorted, duplicate-free rows: the CSR invariants torch's sparse product assumes unchecked.
-            self.content_graph = sp.csr_matrix(content_graph, dtype=np.float32, copy=True)
-            self.content_graph.sum_duplicates()
+        # The graph's CSR arrays as non-persistent buffers: they follow the module's device and
+        # are pickled with it, but are data, not state.
+        self.smooths = content_graph is not None and content_layers > 0
+        if self.smooths:
+            graph = sp.csr_matrix(content_graph, dtype=np.float32)
+            for name, part in (("graph_indices", graph.indices.astype(np.int64)), ("graph_starts", graph.indptr[:-1].astype(np.int64)),
+                               ("graph_weights", graph.data)):
+                self.register_buffer(name, torch.from_numpy(part.copy()), persistent=False)
         self.content_layers = content_layers
         self.user_id = nn.Embedding(n_users, dim) if user_id else None
         self.history = nn.Embedding(n_items + 1, dim, padding_idx=n_items)  # row n_items: "nothing left out"
@@ -178,16 +182,11 @@ class TwoTowerNet(nn.Module):
 
     def smoothed(self, table: torch.Tensor) -> torch.Tensor:
         """`table` plus its propagation over the content graph, CONTENT_HOP_WEIGHT per hop."""
-        if self.content_graph is None:
+        if not self.smooths:
             return table
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message="Sparse CSR tensor support is in beta")  # a line per process otherwise
-            graph = torch.sparse_csr_tensor(*(torch.from_numpy(part).to(table.device) for part in (
-                self.content_graph.indptr.astype(np.int64), self.content_graph.indices.astype(np.int64),
-                self.content_graph.data)), size=self.content_graph.shape, check_invariants=False)
         out = hop = table
         for _ in range(self.content_layers):
-            hop = _SymmetricGraphProduct.apply(hop, graph)
+            hop = _SymmetricGraphProduct.apply(hop, self.graph_indices, self.graph_starts, self.graph_weights)
             out = out + CONTENT_HOP_WEIGHT * hop
         return out
 
@@ -221,7 +220,7 @@ def _lightning_module(net, train: sp.csr_matrix, log_popularity, temperature: fl
             return loss
 
         def configure_optimizers(self):
-            return torch.optim.Adam(self.parameters(), lr=lr, weight_decay=weight_decay)
+            return adam(self.parameters(), lr, weight_decay)
 
     return InBatchSoftmax()
 

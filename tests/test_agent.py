@@ -426,6 +426,11 @@ def test_model_selection_warms_the_prompt_prefix_of_the_first_tuning_call(tmp_pa
     assert json.dumps(last["messages"][0]) == json.dumps(first["messages"][0]) and json.dumps(last["tools"]) == json.dumps(first["tools"])
     assert f'pipeline "{pipeline}"' in first["messages"][0]["content"]
     assert len([line for line in lines if "tuning prompt prefix cached during model selection" in line]) == len(warm_ups)
+    # The ranker-less pipelines are scored first, and the first warm-up waits for both: it is for the better of them.
+    assert [line.split()[1].rstrip(":") for line in lines if line.startswith("[select]")] == [
+        "heuristic", "two_tower", "heuristic+deepfm", "two_tower+deepfm"]
+    rows = values["table"]["all"]
+    assert f'pipeline "{max(("heuristic", "two_tower"), key=lambda p: rows[p]["objective"])}"' in warm_ups[0]["messages"][0]["content"]
     assert values["llm_calls"] == {"select": 0, "all": 1}  # a warm-up decides nothing and is no call of the budget
 
 
