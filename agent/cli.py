@@ -397,7 +397,7 @@ def compare_command(
     reach: float = typer.Option(0.05, help="Report the trials each tuner needs to beat the default by this share."),
     name: Optional[str] = typer.Option(None, help="Name of the comparison (re-use it to continue an interrupted one)."),
     agent_may_finish: bool = typer.Option(False, "--agent-may-finish/--agent-full-budget", help="Let the agent stop a group early; by default it runs every trial, like the baselines."),
-    tuners: str = typer.Option("llm,menu,tpe,random", help="Comma-separated registered tuners, each run on every group and seed: llm, menu (the LLM's candidate menu, first candidate taken: the agent without the LLM), tpe, random, local."),
+    tuners: str = typer.Option("llm,menu,tpe,random", help="Comma-separated registered tuners, each run on every group and seed: llm, menu (the LLM's candidate menu, first candidate taken: the agent without the LLM), tpe, random, tpe-warm (TPE that first runs its best configurations of the groups tuned before: the control of the menu's cross-group transfer), local."),
     pipeline: Optional[str] = typer.Option(None, help="Tune this pipeline on every group instead of the agent's pick (heuristic, heuristic+deepfm, two_tower, two_tower+deepfm): e.g. one whose default is far from its optimum."),
     llm_base_url: Optional[str] = LLMBaseUrlOption,
     llm_model: Optional[str] = LLMModelOption,

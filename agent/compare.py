@@ -177,7 +177,10 @@ def compare(spec: Comparison, echo=print, report_dir: Path = Path("reports"), tr
                 values = fixed
             for group in runner.groups.labels:
                 for tuner in spec.tuners:
-                    runs.append(_tune(spec, seed, group, tuner, values, found, tracker))
+                    # Each tuner carries its own bests from group to group (the menu and tpe-warm read them).
+                    earlier = [(r.group, r.best_params) for r in runs if (r.seed, r.tuner, r.pipeline) ==
+                               (seed, tuner, values["selection"][group]["pipeline"])]
+                    runs.append(_tune(spec, seed, group, tuner, values, found, tracker, tuple(earlier)))
     tested: dict[tuple, float] = {}  # most tuners keep the default: evaluate each configuration once
     for item in runs:
         context = spec.seed_settings(item.seed).study_context(item.group, item.pipeline)
@@ -224,8 +227,10 @@ def _pick(spec: Comparison, seed: int, found: Resources) -> dict:
         return graph.get_state(config).values
 
 
-def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, found: Resources, tracker) -> Run:
-    """One tuner's study of one group and seed, run or continued to its budget; read from the ledger."""
+def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, found: Resources, tracker,
+          transfers: tuple[tuple[str, dict], ...] = ()) -> Run:
+    """One tuner's study of one group and seed, run or continued to its budget; read from the ledger.
+    `transfers`: the tuner's best configurations on the groups before this one."""
     from rectune.tools.baseline import run_baseline
     from rectune.tools.proposers import make_proposer, unattended
     from rectune.tools.study import Study
@@ -236,13 +241,13 @@ def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, fou
     name = f"{spec.name}-{tuner}-{group}-seed{seed}"
     found.echo(f"[compare] seed {seed}: {tuner} on {group} ({pipeline})")
     if unattended(tuner):
-        study = run_baseline(context, found.runner, settings.storage, name, tracker, progress=False)
+        study = run_baseline(context, found.runner, settings.storage, name, tracker, progress=False, transfers=transfers)
     else:
         study = Study.open(settings.storage, name, context)
         stopped = study.optuna.user_attrs.get("finished")
         if study.spent() < context.budget and not stopped:
             proposer = make_proposer(tuner, seed=0, llm=found.llm, may_finish=settings.may_finish, echo=found.echo)
-            _run_attended(study, proposer, found, tracker)
+            _run_attended(study, proposer, found, tracker, transfers)
     history = study.history()
     adoption = adopt(history, found.runner.space.defaults(pipeline), seed)
     if adoption is None:
@@ -259,7 +264,7 @@ def _tune(spec: Comparison, seed: int, group: str, tuner: str, values: dict, fou
                gain=adoption.gain, adopted_trial=adoption.record.number)
 
 
-def _run_attended(study, proposer, found: Resources, tracker) -> None:
+def _run_attended(study, proposer, found: Resources, tracker, transfers: tuple[tuple[str, dict], ...]) -> None:
     """run_study for a tuner that needs more than the study (the LLM); a Finish is kept in the
     ledger, so a continued comparison does not ask it again."""
     from rectune.tools.baseline import study_session
@@ -268,7 +273,7 @@ def _run_attended(study, proposer, found: Resources, tracker) -> None:
     with study_session(tracker, study, study.context.tuner) as session:
         if session is not None:
             study.optuna.set_user_attr("mlflow_run_id", session.run_id)
-        run_study(study, proposer, found.runner, session, progress=False)
+        run_study(study, proposer, found.runner, session, progress=False, transfers=transfers)
     if proposer.finished:
         study.optuna.set_user_attr("finished", proposer.finished)
 

@@ -25,7 +25,7 @@ from rectune.agent.selection import decided, group_table, pick_tool, read_pick, 
 from rectune.agent.state import State
 from rectune.models.errors import RectuneError
 from rectune.models.pipeline import PIPELINES
-from rectune.tools.adoption import adopt, best_record
+from rectune.tools.adoption import adopt, best_record, transfers
 from rectune.tools.trial import changed, spent
 from rectune.tools.proposer import Finish, Proposal, ProposerContext
 from rectune.tools.proposers import make_proposer
@@ -77,6 +77,15 @@ def log_once(found: Resources, settings: Settings, result, tuner: str, name: str
     `name`, once: a node re-run after a crash finds the run it logged by its key."""
     if found.session is not None:
         found.session.log_trial(result, tuner, f"{settings.session}/{name}", extra_tags=tags, run_name=name)
+
+
+def proposer_context(state: State, settings: Settings, found: Resources, group: str) -> ProposerContext:
+    """The context of `group`'s proposals, with the best configurations of the groups tuned before
+    it on the same pipeline (the menu offers them: cross-group transfer)."""
+    pipeline = state["selection"][group]["pipeline"]
+    earlier = [(other, records(state, other)) for other in state["history"]
+               if other != group and state["selection"][other]["pipeline"] == pipeline]
+    return ProposerContext(settings.study_context(group, pipeline), found.runner.space, settings.budget, transfers(earlier))
 
 
 def records(state: State, group: str) -> list:
@@ -214,8 +223,7 @@ def start_group(state: State, runtime: Runtime[Resources]) -> dict:
     found = resources(runtime, settings)
     group, queue = state["queue"][0], state["queue"][1:]
     pipeline = state["selection"][group]["pipeline"]
-    context = ProposerContext(settings.study_context(group, pipeline), found.runner.space, settings.budget)
-    default = make_proposer("default").propose([], context)
+    default = make_proposer("default").propose([], proposer_context(state, settings, found, group))
     record = study(found, settings, group, pipeline).run(default, found.runner, found.session)
     found.echo(f"[tune] group {group} ({pipeline}): default {settings.objective} = {outcome(record)}")
     return {"group": group, "queue": queue, "history": {**state["history"], group: [state_row(record)]}, "pending": None}
@@ -241,11 +249,10 @@ def decide(state: State, runtime: Runtime[Resources]) -> Command[Literal["approv
     stop = _stop_reason(state, settings, history)
     if stop:
         return Command(goto="next_group", update={"finished": {**state["finished"], group: stop}})
-    pipeline, calls = state["selection"][group]["pipeline"], state["llm_calls"].get(group, 0)
+    calls = state["llm_calls"].get(group, 0)
     # Proposer seed 0, as in `rectune compare`: the study seed already varies the menus per seed.
     proposer = LLMProposer(0, llm=chat(found, settings), may_finish=settings.may_finish, echo=found.echo)
-    context = ProposerContext(settings.study_context(group, pipeline), found.runner.space, settings.budget)
-    outcome = proposer.propose(history, context)
+    outcome = proposer.propose(history, proposer_context(state, settings, found, group))
     cost = proposer.last
     update = {"llm_calls": {**state["llm_calls"], group: calls + cost["calls"]},
               "invalid_calls": {**state["invalid_calls"], group: state["invalid_calls"].get(group, 0) + cost["refused"]},

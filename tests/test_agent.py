@@ -434,6 +434,34 @@ def test_model_selection_warms_the_prompt_prefix_of_the_first_tuning_call(tmp_pa
     assert values["llm_calls"] == {"select": 0, "all": 1}  # a warm-up decides nothing and is no call of the budget
 
 
+def test_each_group_is_offered_the_best_configurations_of_the_groups_tuned_before_it(tmp_path, baby_format_dir, shared_cache,
+                                                                                     monkeypatch):
+    from rectune.agent.proposer import LLMProposer
+    from rectune.tools.adoption import best_record
+    from rectune.tools.trial import canonical
+
+    seen, original = {}, LLMProposer.propose
+
+    def recording(self, history, context):
+        seen.setdefault(context.study.group, context.transfers)
+        return original(self, history, context)
+
+    monkeypatch.setattr(LLMProposer, "propose", recording)
+    script = [call("choose", candidate="A", then="B", rationale="two neighbours")] * 2
+    with ScriptedLLM(script) as llm:
+        config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", budget=3), "cache_dir": shared_cache}
+        values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"), report_dir=tmp_path / "r")
+
+    first, second = values["history"]  # in the order tuned
+    assert values["selection"][first]["pipeline"] == values["selection"][second]["pipeline"]
+    history = Study.open(config["storage"], f"s1-{first}").history()
+    best = best_record(history)
+    assert seen == {first: (), second: ((first, best.params),)}
+    # The second group's first menu offers it exactly when it is untried there: only the default (trial 0) has run.
+    offered = f"(best of group {first})" in user_text(tuning(llm)[1])
+    assert offered == (canonical(best.params) != canonical(history[0].params))
+
+
 def test_a_model_stuck_on_one_change_never_repeats_a_trial(tmp_path, baby_format_dir, shared_cache):
     """The 1.5B model's commonest failure (250 of 456 calls in the README's comparison): the same
     proposal again and again. Each repeat is replaced by a new candidate at no extra call, a
@@ -875,6 +903,7 @@ def test_compare_tunes_a_fixed_pipeline_without_model_selection(tmp_path, baby_f
     from dataclasses import replace
 
     from rectune.agent.compare import compare
+    from rectune.tools.adoption import best_record
     from rectune.tools.runner import TrialRunner
     from rectune.tools.study import Study
 
@@ -886,14 +915,19 @@ def test_compare_tunes_a_fixed_pipeline_without_model_selection(tmp_path, baby_f
 
     monkeypatch.setattr(TrialRunner, "run", recording)
     with ScriptedLLM([]) as llm:
-        spec = replace(comparison(tmp_path, baby_format_dir, llm.base_url, (0,), ("menu", "tpe")), pipeline="two_tower")
+        spec = replace(comparison(tmp_path, baby_format_dir, llm.base_url, (0,), ("menu", "tpe", "tpe-warm")), pipeline="two_tower")
         path = compare(spec, echo=lambda line: None, report_dir=tmp_path / "reports")
     assert not llm.requests  # no pick to ask for
     assert set(pipelines) == {"two_tower"}  # no other pipeline was evaluated, not even for a selection table
-    for tuner in ("menu", "tpe"):
+    for tuner in ("menu", "tpe", "tpe-warm"):
         for group in ("cold", "heavy"):
             study = Study.open(spec.settings.storage, f"cmp-{tuner}-{group}-seed0")
             assert study.context.pipeline == "two_tower" and study.spent() == 3
+    # tpe-warm starts the second group from its best of the first, unless that was the default (tried there as trial 0).
+    cold, heavy = (Study.open(spec.settings.storage, f"cmp-tpe-warm-{group}-seed0").history() for group in ("cold", "heavy"))
+    best = best_record(cold)
+    warm_started = heavy[1].rationale == "warm start: the best of group cold"
+    assert warm_started == (best.number != 0) and warm_started == (heavy[1].params == best.params)
     text = path.read_text()
     assert "pipeline two_tower on every group (fixed by --pipeline: no model selection)" in text
     assert "Model selection (RQ1)" not in text

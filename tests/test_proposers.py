@@ -242,3 +242,36 @@ def test_the_menu_refines_the_best_and_explores_with_tpe_once_stuck():
     stuck = menu(history + worse, context)
     assert sorted(c.source for c in stuck) == ["neighbour", "neighbour", "neighbour", "tpe"]
     assert [c.describe().endswith(" (TPE sample)") for c in stuck] == [c.source == "tpe" for c in stuck]
+
+
+def test_other_groups_bests_are_offered_untried_latest_first_and_tpe_warm_runs_them_before_sampling():
+    from rectune.tools.proposers.menu import TRANSFERS, menu
+
+    defaults = SPACE.defaults("heuristic")
+    light, medium = {**defaults, "neighbors": 100}, {**defaults, "cf_weight": 0.5, "top_n": 30}
+    # The default (tried here), a configuration twice, and one of another pipeline (epochs: not the heuristic's) are no transfers.
+    transfers = (("light", light), ("medium", medium), ("heavy", defaults), ("young", light), ("old", {**defaults, "epochs": 5}))
+    context = ProposerContext(CONTEXT, SPACE, CONTEXT.budget, transfers)
+    history = [record(0, defaults)]
+
+    options = menu(history, context)
+    moved = [c for c in options if c.source == "transfer"]
+    assert len(options) == 4 and len(moved) == TRANSFERS == 2
+    assert {c.origin: canonical(c.params) for c in moved} == {"young": canonical(light), "medium": canonical(medium)}
+    for candidate in moved:
+        assert candidate.changes == {k: [defaults[k], v] for k, v in candidate.params.items() if defaults[k] != v}
+        assert candidate.describe().endswith(f" (best of group {candidate.origin})")
+    assert [c.source for c in menu(history, ProposerContext(CONTEXT, SPACE, CONTEXT.budget))] == ["neighbour"] * 4
+
+    warm, plain = make_proposer("tpe-warm"), make_proposer("tpe")
+    first = warm.propose(history, context)
+    # The latest group's first; the light configuration came again from group young, which names it.
+    assert (first.params, first.tuner, first.rationale) == (light, "tpe-warm", "warm start: the best of group young")
+    history.append(record(1, first.params))
+    second = warm.propose(history, context)
+    assert (second.params, second.rationale) == (medium, "warm start: the best of group medium")
+    history.append(record(2, second.params, state="rejected"))
+    # Every transfer tried: the menu holds none, and tpe-warm samples exactly as TPE would.
+    assert all(c.source != "transfer" for c in menu(history, context))
+    third = warm.propose(history, context)
+    assert third.params == plain.propose(history, context).params and third.rationale == "tpe-warm sample"

@@ -424,7 +424,7 @@ def test_a_trial_told_to_the_ledger_but_not_logged_reaches_mlflow_on_resume(runn
 
 
 @pytest.mark.parametrize("option, message", [
-    (["--sampler", "llm"], "'tpe'], but got 'llm'"),
+    (["--sampler", "llm"], "'tpe', 'tpe-warm'], but got 'llm'"),
     (["--objective", "auc@20"], "unknown objective metric 'auc'"),
     (["--pipeline", "nope"], "pipeline must be one of"),
     (["--max-latency-ms", "0"], "--max-latency-ms must be above 0 (ms per user), but got 0"),

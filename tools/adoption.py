@@ -9,6 +9,9 @@ the default on test NDCG@20 in 7 of 8 group-seeds (−.00024 [−.00030, −.000
 and random had kept the default. So every tuner's study adopts its best only when the
 interval of best − default over the group's validation users lies above 0; otherwise the
 default stays. The search itself is unchanged: proposers still build on the best.
+
+A group's best trial is also what it hands to the groups tuned after it (cross-group
+transfer: `transfers` and `untried_transfers`, read by the menu and by `tpe-warm`).
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from rectune.tools.noise import Interval, paired_interval, vector
 from rectune.tools.trial import canonical
 
 if TYPE_CHECKING:
+    from rectune.tools.proposer import ProposerContext
     from rectune.tools.trial import TrialRecord
 
 
@@ -33,6 +37,29 @@ def ranked(history: list["TrialRecord"]) -> list["TrialRecord"]:
 def best_record(history: list["TrialRecord"]) -> "TrialRecord | None":
     """The best complete trial that met the latency budget; a slower one only when none did."""
     return next(iter(ranked(history)), None)
+
+
+def transfers(histories: list[tuple[str, list["TrialRecord"]]]) -> tuple[tuple[str, dict], ...]:
+    """(group, best configuration) of each (group, history) that has a best, in the order given:
+    what `ProposerContext.transfers` carries to the next group."""
+    return tuple((group, best.params) for group, history in histories if (best := best_record(history)) is not None)
+
+
+def untried_transfers(context: "ProposerContext", done: set[str]) -> list[tuple[str, dict]]:
+    """The context's transfers not in `done` and valid in this study's space, each configuration
+    once, the latest group's first (the freshest evidence; the older ones follow as they are tried)."""
+    from rectune.models.errors import InvalidProposal
+
+    found, seen = [], set(done)
+    for origin, params in reversed(context.transfers):
+        try:
+            valid = context.space.validate(context.study.pipeline, params)
+        except InvalidProposal:
+            continue  # found under another space or objective: not a configuration of this study
+        if canonical(valid) not in seen:
+            seen.add(canonical(valid))
+            found.append((origin, valid))
+    return found
 
 
 def default_record(history: list["TrialRecord"], defaults: dict) -> "TrialRecord | None":

@@ -40,18 +40,19 @@ def study_session(tracker, study: Study, tuner: str):
 
 
 def run_baseline(context: StudyContext, runner: TrialRunner, storage: str, name: str | None = None, tracker=None,
-                 progress: bool = True, echo=None) -> Study:
+                 progress: bool = True, echo=None, transfers: tuple[tuple[str, dict], ...] = ()) -> Study:
     """Run (or continue) a study filled by `context.tuner` until `context.budget` trials are spent.
 
     Trial 0 is the default configuration, so every tuner starts from the same point.
     Re-running the same command on the same storage continues where it stopped.
+    `transfers`: other groups' best configurations (`ProposerContext.transfers`).
     """
     check_sampler(context.tuner)
     study = Study.open(storage, name or study_name(context), context)
     with study_session(tracker, study, context.tuner) as session:
         if session is not None:
             study.optuna.set_user_attr("mlflow_run_id", session.run_id)
-        run_study(study, make_proposer(context.tuner), runner, session, progress=progress, echo=echo)
+        run_study(study, make_proposer(context.tuner), runner, session, progress=progress, echo=echo, transfers=transfers)
     return study
 
 

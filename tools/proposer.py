@@ -3,7 +3,7 @@ search, local search, the LLM agent — tells the study loop what to try next.
 
 A proposer is stateless between calls: everything it may use is in `history` (the
 study's trials, oldest first, rejected proposals included) and `context` (the study's
-settings and search space). The same history and context give the same proposal, so a
+settings and search space, and other groups' best configurations). The same history and context give the same proposal, so a
 session resumed after a crash proposes what the crashed one would have. This is the
 contract of Optuna's `BaseSampler` cut down to one method; the loop that runs the
 proposals is `tools.study.run_study`.
@@ -54,6 +54,10 @@ class ProposerContext:
     space: "SearchSpace"
     budget: int
     """Trials the study may spend in all (trial 0, the default, included)."""
+    transfers: tuple[tuple[str, dict], ...] = ()
+    """(group, configuration): the best trial of each group tuned before this one, with the same
+    pipeline and tuner, oldest first — cross-group transfer. The menu offers them as candidates;
+    `tpe-warm` runs them before sampling. Empty when a study is tuned on its own."""
 
 
 class Proposer(abc.ABC):

@@ -260,14 +260,16 @@ def _record(proposal: Proposal, state: str, comment: str = "") -> TrialRecord:
 
 
 def run_study(study: Study, proposer: Proposer | None, runner, session=None, progress: bool = True,
-              echo: Callable[[str], None] | None = None, max_trials: int | None = None) -> Study:
+              echo: Callable[[str], None] | None = None, max_trials: int | None = None,
+              transfers: tuple[tuple[str, dict], ...] = ()) -> Study:
     """Run the study until its budget is spent or the proposer finishes: queued proposals first
     (whatever the budget: someone asked for them), trial 0 (the default configuration) on an
     empty study, then `proposer`'s proposals. `proposer` None: only the queue is run.
-    `max_trials`: stop after running this many here."""
+    `max_trials`: stop after running this many here. `transfers`: other groups' best
+    configurations for the proposer (`ProposerContext.transfers`)."""
     from tqdm import tqdm
 
-    context = ProposerContext(study.context, runner.space, study.context.budget)
+    context = ProposerContext(study.context, runner.space, study.context.budget, transfers)
     study.reclaim()
     study.reconcile(session)
     with tqdm(total=context.budget, initial=min(study.spent(), context.budget), disable=not progress,

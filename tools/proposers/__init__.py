@@ -43,6 +43,7 @@ def make_proposer(name: str, **options) -> Proposer:
 
 register("default", DefaultProposer)
 register("tpe", lambda seed=0: OptunaProposer("tpe", seed))
+register("tpe-warm", lambda seed=0: OptunaProposer("tpe", seed, warm=True))
 register("random", lambda seed=0: OptunaProposer("random", seed))
 register("local", LocalProposer)
 register("menu", MenuProposer)

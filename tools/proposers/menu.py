@@ -1,8 +1,10 @@
 """Candidate menus: untried configurations that a chooser — the LLM, or a fixed rule — picks from.
 
 A menu holds untried one-parameter neighbours of the best trial, each on another
-parameter chosen at random — refinement — and, once the search is stuck (STUCK complete
-trials without a new best), one TPE sample — exploration. Refinement comes first because
+parameter chosen at random — refinement —, the best configurations of the groups tuned
+before this one (up to TRANSFERS) — cross-group transfer, what worked on similar users —
+and, once the search is stuck (STUCK complete trials without a new best), one TPE sample —
+exploration. Refinement comes first because
 every study starts from a default that is already good, and at a budget of 10 TPE's first
 samples are random (n_startup_trials=5): on Baby, with the content heuristic, such samples
 scored half the default's NDCG@20 (.021–.042 against .046), and the embedded 1.5B model
@@ -26,12 +28,14 @@ from dataclasses import dataclass
 import numpy as np
 
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
-from rectune.tools.adoption import ranked
+from rectune.tools.adoption import ranked, untried_transfers
 from rectune.tools.proposers.local import steps
 from rectune.tools.proposers.optuna_sampler import OptunaProposer, history_seed
 from rectune.tools.trial import TrialRecord, canonical, tried
 
 SIZE = 4
+TRANSFERS = 2
+"""Transfers a menu holds at most, so that refinement keeps a place beside them."""
 STUCK = 3
 """Complete trials since the best after which the menu also offers a TPE sample."""
 _MENU_STREAM = 1
@@ -42,14 +46,18 @@ _MENU_STREAM = 1
 class Candidate:
     params: dict
     source: str
-    """`tpe` (a TPE sample) or `neighbour` (one parameter of the best moved one grid step)."""
+    """`tpe` (a TPE sample), `neighbour` (one parameter of the best moved one grid step) or
+    `transfer` (the best configuration of another group)."""
     changes: dict
     """Parameter → [value in the best trial, value here], for every parameter that differs."""
+    origin: str = ""
+    """The group a transfer is the best of."""
 
     def describe(self) -> str:
         moves = ", ".join(f"{name} {_short(old)}→{_short(new)}" for name, (old, new) in self.changes.items())
-        # Only samples are labelled: the prompt says the rest are neighbours, and each label costs every call tokens.
-        return f"{moves or 'no change'}{' (TPE sample)' if self.source == 'tpe' else ''}"
+        # Neighbours are not labelled: the prompt says what is not, and each label costs every call tokens.
+        label = {"tpe": " (TPE sample)", "transfer": f" (best of group {self.origin})"}.get(self.source, "")
+        return f"{moves or 'no change'}{label}"
 
 
 def menu(history: list[TrialRecord], context: ProposerContext, seed: int = 0) -> list[Candidate]:
@@ -66,6 +74,9 @@ def menu(history: list[TrialRecord], context: ProposerContext, seed: int = 0) ->
     if sample is not None:
         done.add(canonical(sample))
         found.append(Candidate(sample, "tpe", _changes(base, sample)))
+    for origin, params in untried_transfers(context, done)[:TRANSFERS]:
+        done.add(canonical(params))
+        found.append(Candidate(params, "transfer", _changes(base, params), origin))
     for params in _neighbours(base, context, rng, done, SIZE - len(found)):
         done.add(canonical(params))
         found.append(Candidate(params, "neighbour", _changes(base, params)))

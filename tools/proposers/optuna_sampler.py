@@ -10,7 +10,7 @@ enter as RUNNING, so TPE's constant liar keeps parallel workers apart.
 from __future__ import annotations
 
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
-from rectune.tools.adoption import ranked
+from rectune.tools.adoption import ranked, untried_transfers
 from rectune.tools.proposers.local import untried_neighbour
 from rectune.tools.trial import TrialRecord, canonical, tried
 
@@ -22,19 +22,26 @@ RESAMPLES = 16
 
 
 class OptunaProposer(Proposer):
-    def __init__(self, name: str, seed: int = 0):
-        self.name = name
-        self.seed = seed
+    """`sampler` "tpe" or "random"; `warm`: first run the context's transfers (other groups' best
+    configurations), then sample — TPE given the warm start that the menu's transfers give the
+    LLM, the control arm of cross-group transfer (tuner "tpe-warm")."""
+
+    def __init__(self, sampler: str, seed: int = 0, warm: bool = False):
+        self.sampler, self.seed, self.warm = sampler, seed, warm
+        self.name = f"{sampler}-warm" if warm else sampler
 
     def _sampler(self, seed: int):
         import optuna
 
-        if self.name == "tpe":
+        if self.sampler == "tpe":
             # A latency budget reaches TPE as each trial's constraint, not a sampler argument.
             return optuna.samplers.TPESampler(seed=seed, **TPE_ARGUMENTS)
         return optuna.samplers.RandomSampler(seed=seed)
 
     def propose(self, history: list[TrialRecord], context: ProposerContext) -> Proposal | Finish:
+        transfer = next(iter(untried_transfers(context, set(tried(history))) if self.warm else []), None)
+        if transfer is not None:
+            return Proposal(transfer[1], self.name, f"warm start: the best of group {transfer[0]}")
         sample, last = self.draw(history, context)
         if sample is not None:
             return Proposal(sample, self.name, f"{self.name} sample")
