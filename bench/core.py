@@ -146,23 +146,23 @@ def per_user(measured: dict) -> dict[str, dict[str, np.ndarray]]:
     return {protocol: {name: result.per_user[name] for name in INTERVAL_METRICS} for protocol, result in evaluations.items()}
 
 
-def intervals(values: dict[str, dict[str, np.ndarray]], reference: dict | None) -> dict:
+def intervals(values: dict[str, dict[str, np.ndarray]], references: dict[str, dict]) -> dict:
     """Per protocol and metric: the mean's 95% bootstrap interval over the test users, and the
-    difference to the reference row (EASE) paired over the same users."""
+    difference to each reference row (`vs_ease`, `vs_heuristic`) paired over the same users."""
     out = {}
     for protocol, metrics in values.items():
         for name, mine in metrics.items():
             mean = paired_interval(mine, np.zeros_like(mine))
             entry = {"mean": round(mean.diff, 5), "low": round(mean.low, 5), "high": round(mean.high, 5)}
-            if reference is not None:
+            for other, reference in references.items():
                 versus = paired_interval(mine, reference[protocol][name])
-                entry["vs_ease"] = {k: round(v, 5) for k, v in versus.to_json().items()}
+                entry[f"vs_{other}"] = {k: round(v, 5) for k, v in versus.to_json().items()}
             out.setdefault(protocol, {})[name] = entry
     return out
 
 
 def row(pipeline: Pipeline, dataset: Dataset, groups, cutoffs: tuple[int, ...], keys: list[str],
-        reference: dict | None = None) -> tuple[dict, dict]:
+        references: dict[str, dict] | None = None) -> tuple[dict, dict]:
     """The row's numbers, and its per-user test values (for pairing later rows with this one)."""
     reset_peak_memory()
     measured = protocols(pipeline, dataset, groups, cutoffs)
@@ -174,7 +174,7 @@ def row(pipeline: Pipeline, dataset: Dataset, groups, cutoffs: tuple[int, ...], 
         "test_ours": pick(measured["ours"].metrics.overall, keys),
         "test_ours_groups": {g: pick(m, keys) for g, m in measured["ours"].metrics.groups.items()},
         "test_mmrec": pick(measured["mmrec"].overall, keys),
-        "test_intervals": intervals(users, reference),
+        "test_intervals": intervals(users, references or {}),
         "val_seconds_per_1k_users": {k: v * 1000 / dataset.n_users for k, v in measured["val"].seconds.items()},
     }, users
 
@@ -182,9 +182,10 @@ def row(pipeline: Pipeline, dataset: Dataset, groups, cutoffs: tuple[int, ...], 
 def print_row(name: str, entry: dict) -> None:
     v, o, m = entry["val"], entry["test_ours"], entry["test_mmrec"]
     ndcg = entry["test_intervals"]["ours"]["ndcg@20"]
-    versus = Interval.from_json(ndcg["vs_ease"]).text() if "vs_ease" in ndcg else "-"
+    versus = "".join(f" vs {other} {Interval.from_json(ndcg[f'vs_{other}']).text()}" for other in ("ease", "heuristic")
+                     if f"vs_{other}" in ndcg)
     print(f"  {name:<34} val {v['recall@20']:.4f}/{v['ndcg@20']:.4f}  test ours {o['recall@20']:.4f}/{o['ndcg@20']:.4f} "
-          f"[{ndcg['low']:.4f}, {ndcg['high']:.4f}] vs EASE {versus}  mmrec {m['recall@20']:.4f}/{m['ndcg@20']:.4f}  "
+          f"[{ndcg['low']:.4f}, {ndcg['high']:.4f}]{versus}  mmrec {m['recall@20']:.4f}/{m['ndcg@20']:.4f}  "
           f"fit {sum(entry['fit_seconds'].values()):.1f}s", flush=True)
 
 
@@ -196,16 +197,22 @@ def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) ->
     rows, fitted, extra = {}, {}, {}
     ease, extra["ease"] = choose_ease(full)
     label = f"EASE (λ={extra['ease']['chosen_lambda']:g}, chosen on val)"
-    rows[label], reference = row(ease, full, groups, cutoffs, keys)
+    rows[label], ease_users = row(ease, full, groups, cutoffs, keys)
     print_row("EASE", rows[label])
-    rows["popularity"], _ = row(prefitted(PopularityRecall(), full), full, groups, cutoffs, keys, reference)
+    # Every later row is paired with EASE, and once it is in, with the heuristic with content:
+    # the two recalls the learned one must beat.
+    references = {"ease": ease_users}
+    rows["popularity"], _ = row(prefitted(PopularityRecall(), full), full, groups, cutoffs, keys, references)
     print_row("popularity", rows["popularity"])
     for name in pipelines:
         config = PipelineConfig.from_dict({"pipeline": name})
         for variant, dataset in datasets.items():
             pipeline = Pipeline(config).fit(dataset)
             label = f"{name} ({variant})"
-            rows[label] = {"config": config.to_dict(), **row(pipeline, dataset, groups, (*cutoffs, config.top_n), keys, reference)[0]}
+            entry, users = row(pipeline, dataset, groups, (*cutoffs, config.top_n), keys, dict(references))
+            rows[label] = {"config": config.to_dict(), **entry}
+            if label == "heuristic (with content)":
+                references["heuristic"] = users
             note = getattr(pipeline.recall, "content_note", "")
             if note:
                 rows[label]["content_note"] = note
@@ -217,14 +224,14 @@ def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) ->
         for label, parts in (("two_tower alone, unsmoothed", {"content_layers": 0, "heuristic_weight": 0.0}),
                              ("two_tower alone, smoothed", {"heuristic_weight": 0.0})):
             rows[label] = row(Pipeline(PipelineConfig.from_dict({"pipeline": "two_tower", **parts})).fit(full), full, groups,
-                              cutoffs, keys, reference)[0]
+                              cutoffs, keys, references)[0]
             print_row(label, rows[label])
     if full.content is not None and len(full.content.modalities) > 1:
         config = PipelineConfig.from_dict({"pipeline": "heuristic"})
         for modality in full.content.modalities:
             single = replace(full, content=full.content.only((modality,)))
             label = f"heuristic ({modality} only)"
-            rows[label] = row(Pipeline(config).fit(single), single, groups, cutoffs, keys, reference)[0]
+            rows[label] = row(Pipeline(config).fit(single), single, groups, cutoffs, keys, references)[0]
             print_row(label, rows[label])
     return rows, fitted, extra
 
@@ -321,16 +328,16 @@ def k_sweep(fitted: dict, dataset: Dataset) -> dict:
 
 def print_tables(report: dict, gflops: float, n_users: int) -> None:
     rows = report["rows"]
-    print(f"\n{'test, full ranking':<40} {'ours R@20':>9} {'N@20':>7} {'N@20 − EASE, paired [95%]':>27} {'R@50':>7} "
-          f"{'mmrec R@20':>10} {'N@20':>7} {'val N@20':>8} {'fit s':>6} {'peak MB':>8}")
+    print(f"\n{'test, full ranking':<40} {'ours R@20':>9} {'N@20':>7} {'N@20 − EASE, paired [95%]':>27} "
+          f"{'N@20 − heuristic, paired':>27} {'R@50':>7} {'mmrec R@20':>10} {'N@20':>7} {'val N@20':>8} {'fit s':>6} {'peak MB':>8}")
     for name, entry in rows.items():
         o, m = entry["test_ours"], entry["test_mmrec"]
         ndcg = entry.get("test_intervals", {}).get("ours", {}).get("ndcg@20", {})
-        versus = Interval.from_json(ndcg["vs_ease"]).text() if "vs_ease" in ndcg else "-"
-        print(f"{name:<40} {o['recall@20']:>9.4f} {o['ndcg@20']:>7.4f} {versus:>27} {o['recall@50']:>7.4f} {m['recall@20']:>10.4f} "
+        ease, heuristic = (Interval.from_json(ndcg[key]).text() if key in ndcg else "-" for key in ("vs_ease", "vs_heuristic"))
+        print(f"{name:<40} {o['recall@20']:>9.4f} {o['ndcg@20']:>7.4f} {ease:>27} {heuristic:>27} {o['recall@50']:>7.4f} {m['recall@20']:>10.4f} "
               f"{m['ndcg@20']:>7.4f} {entry['val']['ndcg@20']:>8.4f} {sum(entry['fit_seconds'].values()):>6.1f} {entry['peak_memory_mb']:>8.0f}")
     for anchor, (r, n) in report["anchors_recall20_ndcg20"].items():
-        print(f"{'  ' + anchor:<40} {'':>9} {'':>7} {'':>7} {r:>10.4f} {n:>7.4f}   (published, MMRec's split and protocol)")
+        print(f"{'  ' + anchor:<40} {'':>9} {'':>7} {'':>27} {'':>27} {'':>7} {r:>10.4f} {n:>7.4f}   (published, MMRec's split and protocol)")
     print("\nper group, test (ours) Recall@20 / NDCG@20:")
     for name, entry in rows.items():
         cells = "  ".join(f"{g} {m['recall@20']:.4f}/{m['ndcg@20']:.4f}" for g, m in entry["test_ours_groups"].items())
