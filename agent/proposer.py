@@ -21,6 +21,7 @@ from rectune.agent.llm import TEXT_REPLY_LIMIT, answered_in_text, bind_decision_
 from rectune.agent.llm_tools import LETTERS, Scope, read_tune_call, tune_tools, unreadable_reply
 from rectune.agent.prompts import render
 from rectune.agent.report import history_table, json_compact
+from rectune.models.pipeline import PIPELINES
 from rectune.tools.adoption import best_record
 from rectune.tools.proposer import Finish, Proposal, Proposer, ProposerContext
 from rectune.tools.proposers import register
@@ -136,8 +137,9 @@ class LLMProposer(Proposer):
     def _system(self, context: ProposerContext) -> str:
         study, space = context.study, context.space
         latency = "" if study.max_latency_ms is None else fragment("tune_latency", max_latency_ms=f"{study.max_latency_ms:g}")
+        ranker = "\n" + fragment("tune_ranker") if PIPELINES[study.pipeline][1] != "none" else ""
         return render("tune_system", pipeline=study.pipeline, dataset=study.dataset, objective=study.objective, stuck=STUCK,
-                      space=space.describe(study.pipeline, study.objective), latency=latency,
+                      space=space.describe(study.pipeline, study.objective), latency=latency, ranker=ranker,
                       finish=fragment("tune_finish" if self.may_finish else "tune_full_budget"))
 
     def _messages(self, history, context: ProposerContext, best, options) -> list:

@@ -42,14 +42,17 @@ def outcome(record: "TrialRecord | None") -> str:
 def history_table(history: list["TrialRecord"], defaults: dict, objective: str) -> str:
     """Every trial of a group as the LLM sees it; rejected and failed proposals included, so
     that none is offered again. A pipeline with a ranker also shows its recall stage's
-    candidate recall@K — whether K or the ranker limits the list, which TPE cannot see."""
+    candidate recall@K — whether K or the ranker limits the list — and the ranker's loss
+    after each epoch on its training and validation lists — whether it under- or overfits:
+    what TPE cannot see."""
     stage = any(_candidate_recall(r) is not None for r in history)
-    extra = " candidate recall@K |" if stage else ""
+    curves = any(r.result is not None and r.result.ranker_curve for r in history)
+    extra = (" candidate recall@K |" if stage else "") + (" ranker loss by epoch (train/val) |" if curves else "")
     lines = [f"| trial | tuner | changes from default | {objective} | recall@20 |{extra} latency ms/user | vs best |",
-             "|---|---|---|---|---|---|---|" + ("---|" if stage else "")]
+             "|---|---|---|---|---|---|---|" + "---|" * (stage + curves)]
     for record in history:
         changes = json_compact(changed(record.params, defaults)) or "(default)"
-        blanks = " | -" * (3 + stage)
+        blanks = " | -" * (3 + stage + curves)
         if record.state == "rejected":
             outcome = f"rejected by a person: {cell(record.comment)}{blanks}"
         elif record.state != "complete" or record.result is None:
@@ -58,6 +61,8 @@ def history_table(history: list["TrialRecord"], defaults: dict, objective: str) 
             over = "" if record.feasible else " (over the latency budget)"
             recall = record.result.metrics.get(record.result.spec.group, {}).get("recall@20", 0.0)
             candidates = f" {_candidate_recall(record) or 0.0:.4f} |" if stage else ""
+            if curves:
+                candidates += f" {_curve(record.result.ranker_curve)} |"
             # vs best: this trial minus the best before it, paired over the users, 95% interval.
             versus = "-" if record.result.vs_best is None else Interval.from_json(record.result.vs_best).text()
             outcome = f"{record.objective:.5f} | {recall:.5f} |{candidates} {record.result.latency_ms_per_user:.3f}{over} | {versus}"
@@ -71,6 +76,13 @@ def _tuner(record: "TrialRecord") -> str:
     if not source:
         return record.tuner
     return f"{record.tuner} ({source}{', fallback' if record.meta.get('fallback') else ''})"
+
+
+def _curve(points: list[dict] | None) -> str:
+    """`.412/.437, .371/.441`: the ranker's training/validation loss after each epoch."""
+    def short(value):
+        return "-" if value is None else f"{value:.3f}".lstrip("0")
+    return ", ".join(f"{short(p['train_loss'])}/{short(p.get('val_loss'))}" for p in points or []) or "-"
 
 
 def _candidate_recall(record: "TrialRecord") -> float | None:

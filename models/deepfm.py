@@ -51,6 +51,9 @@ _PAIRS_PER_BLOCK = 4096
 _MAX_CATEGORIES = 1000
 # Share of each user's train items held out to label the ranker's training lists.
 _HOLDOUT_SHARE = 0.2
+VALIDATION_USERS = 2000
+"""Validation users whose candidate lists give the ranker's validation loss after each epoch."""
+_VALIDATION_STREAM = 1
 
 
 def activity_buckets(counts: np.ndarray, n_buckets: int = 10) -> np.ndarray:
@@ -189,20 +192,63 @@ def _lightning_module(net, lr: float):
     import lightning.pytorch as pl
 
     class BinaryRanker(pl.LightningModule):
+        """Logistic loss on labelled candidates; keeps its curve — the mean training loss of
+        each epoch and the loss on the validation lists after it."""
+
         def __init__(self):
             super().__init__()
             self.net = net
+            self.train_losses, self.val_losses, self._epoch = [], [], []
+
+        def _loss(self, batch, reduction: str = "mean"):
+            logits = self.net(batch["user"], batch["activity"], batch["item"], batch["popularity"], batch["pair"])
+            return F.binary_cross_entropy_with_logits(logits, batch["label"], reduction=reduction)
 
         def training_step(self, batch, _):
-            logits = self.net(batch["user"], batch["activity"], batch["item"], batch["popularity"], batch["pair"])
-            loss = F.binary_cross_entropy_with_logits(logits, batch["label"])
+            loss = self._loss(batch)
             self.log("loss", loss, prog_bar=True)
+            self._epoch.append((float(loss.detach()) * len(batch["label"]), len(batch["label"])))
             return loss
+
+        def on_train_epoch_end(self):
+            self.train_losses.append(_mean(self._epoch))
+            self._epoch = []
+
+        def validation_step(self, batch, _):
+            self._epoch_val.append((float(self._loss(batch, "sum")), len(batch["label"])))
+
+        def on_validation_epoch_start(self):
+            self._epoch_val = []
+
+        def on_validation_epoch_end(self):
+            self.val_losses.append(_mean(self._epoch_val))
 
         def configure_optimizers(self):
             return adam(self.parameters(), lr)
 
     return BinaryRanker()
+
+
+class _InOrder:
+    """Batches of row-aligned tensors in order, again on every pass. Not a DataLoader: each pass
+    over one draws from torch's global generator, which would move the next epoch's dropout
+    masks — validating must not change the ranker."""
+
+    def __init__(self, tensors: dict, batch_size: int):
+        self.tensors, self.batch_size = tensors, batch_size
+        self.rows = len(next(iter(tensors.values())))
+
+    def __len__(self) -> int:
+        return (self.rows + self.batch_size - 1) // self.batch_size
+
+    def __iter__(self):
+        for start in range(0, self.rows, self.batch_size):
+            yield {name: tensor[start:start + self.batch_size] for name, tensor in self.tensors.items()}
+
+
+def _mean(parts: list[tuple[float, int]]) -> float:
+    """The per-example mean of (sum of losses, examples) parts."""
+    return sum(total for total, _ in parts) / max(sum(count for _, count in parts), 1)
 
 
 @dataclass
@@ -216,9 +262,13 @@ class DeepFMRanker(Ranker):
     negatives: int
     negative_pool: int
     net: DeepFMNet | None = field(default=None, init=False)
+    curve: list[dict] = field(default_factory=list, init=False)
+    """Per epoch: the mean training loss and the loss on validation lists (logistic loss per
+    labelled candidate) — whether more epochs would help or the ranker overfits."""
 
     def _training_lists(self, dataset: Dataset, make_recall, context: FitContext):
-        """(users, items, recall scores, ranks, labels) from candidate lists with known answers.
+        """(users, items, recall scores, ranks, labels) from candidate lists with known answers,
+        and the recall stage that made them.
 
         A recall stage scores its own training pairs too well to teach a ranker what an
         unseen relevant item looks like. So a fresh recall stage is fitted on train minus a
@@ -239,8 +289,12 @@ class DeepFMRanker(Ranker):
 
         recall = make_recall()
         recall.fit(replace(dataset, train=kept), context)
-        users = np.flatnonzero(n_held > 0)
-        pool = recall.candidates(users, self.negative_pool, kept)
+        return self._labelled(recall, np.flatnonzero(n_held > 0), kept, answers, rng), recall
+
+    def _labelled(self, recall, users: np.ndarray, history: sp.csr_matrix, answers: sp.csr_matrix, rng: np.random.Generator):
+        """(users, items, recall scores, ranks, labels): `users`' top `negative_pool` candidates
+        from `history`, every answer among them a positive, `negatives` per positive drawn from the rest."""
+        pool = recall.candidates(users, self.negative_pool, history)
         labels = in_rows(answers[users], pool.items)
         has_positive = labels.any(axis=1)
         rows, slots = np.nonzero(labels[has_positive])
@@ -268,22 +322,41 @@ class DeepFMRanker(Ranker):
         content = item_content_matrix(dataset)
         self.net = DeepFMNet(sizes, self.embedding_dim, self.hidden, self.dropout, category_matrix(dataset), content, 2)
 
-        users, items, scores, ranks, labels = self._training_lists(dataset, make_recall, context)
+        (users, items, scores, ranks, labels), recall = self._training_lists(dataset, make_recall, context)
         if labels.sum() == 0:
             raise ConfigError(f"DeepFM has no positive to learn from: no held-out train item reached the top {self.negative_pool} candidates")
         finite = np.isfinite(scores)
         self.score_mean, self.score_std = float(scores[finite].mean()), float(scores[finite].std() or 1.0)
         log_ranks = np.log1p(ranks)
         self.rank_mean, self.rank_std = float(log_ranks.mean()), float(log_ranks.std() or 1.0)
-        tensors = {
+        module = _lightning_module(self.net, self.lr)
+        fit_module(module, shuffled_batches(self._tensors(users, items, scores, ranks, labels), self.batch_size, context.seed),
+                   self.epochs, context.seed, context.progress, self._validation_batches(dataset, recall, context.seed))
+        self.net = module.net.to(inference_device()).eval()
+        self.curve = [{"epoch": epoch, "train_loss": round(train, 5), "val_loss": None if val is None else round(val, 5)}
+                      for epoch, (train, val) in enumerate(zip(module.train_losses, [*module.val_losses, *[None] * self.epochs]), 1)]
+
+    def _validation_batches(self, dataset: Dataset, recall, seed: int):
+        """Batches of labelled candidate lists of up to VALIDATION_USERS validation users (their
+        validation items the answers), from the recall stage the training lists came from; None
+        without validation items. A random stream of their own: the training lists stay as they were."""
+        users = np.flatnonzero(np.diff(dataset.val.indptr) > 0)
+        if not len(users):
+            return None
+        rng = np.random.default_rng([seed, _VALIDATION_STREAM])
+        users = np.sort(rng.choice(users, min(len(users), VALIDATION_USERS), replace=False))
+        found = self._labelled(recall, users, dataset.train, dataset.val, rng)
+        if not found[-1].sum():
+            return None
+        return _InOrder(self._tensors(*found), self.batch_size)
+
+    def _tensors(self, users, items, scores, ranks, labels) -> dict:
+        return {
             "user": torch.from_numpy(users), "item": torch.from_numpy(items),
             "activity": torch.from_numpy(self.activity[users]),
             "popularity": torch.from_numpy(self.popularity[items]),
             "pair": torch.from_numpy(self.pair_features(scores, ranks)), "label": torch.from_numpy(labels.astype(np.float32)),
         }
-        module = _lightning_module(self.net, self.lr)
-        fit_module(module, shuffled_batches(tensors, self.batch_size, context.seed), self.epochs, context.seed, context.progress)
-        self.net = module.net.to(inference_device()).eval()
 
     def pair_features(self, scores: np.ndarray, ranks: np.ndarray) -> np.ndarray:
         """Standardised recall score and log rank in the candidate list (the rank is

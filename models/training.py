@@ -83,8 +83,9 @@ def shuffled_batches(tensors: dict, batch_size: int, seed: int):
     return torch.utils.data.DataLoader(Batches(), batch_size=None)
 
 
-def fit_module(module, batches, epochs: int, seed: int, progress: bool) -> None:
-    """Train a LightningModule on CPU or, where present, an accelerator; quiet unless asked."""
+def fit_module(module, batches, epochs: int, seed: int, progress: bool, validation=None) -> None:
+    """Train a LightningModule on CPU or, where present, an accelerator; quiet unless asked.
+    `validation`: batches its validation_step sees after every epoch."""
     import lightning.pytorch as pl
 
     pl.seed_everything(seed, workers=True, verbose=False)
@@ -105,9 +106,11 @@ def fit_module(module, batches, epochs: int, seed: int, progress: bool) -> None:
         # Lightning suggests DataLoader workers; our batches are slices of in-memory tensors.
         warnings.filterwarnings("ignore", message=".*does not have many workers.*")
         warnings.filterwarnings("ignore", message=".*IterableDataset.*__len__.*")
+        # A ranker on data without validation items has no validation lists: no curve, nothing wrong.
+        warnings.filterwarnings("ignore", message=".*defined a `validation_step` but have no `val_dataloader`.*")
         # Lightning 2.6 calls a torch pytree API that torch 2.13 deprecates; nothing for us to change.
         warnings.filterwarnings("ignore", message=".*treespec.*")
-        trainer.fit(module, batches)
+        trainer.fit(module, batches, validation)
 
 
 def adam(parameters, lr: float, weight_decay: float = 0.0):

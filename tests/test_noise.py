@@ -4,6 +4,7 @@ session report's and the comparison's verdicts on the tuned configuration's gain
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -149,6 +150,13 @@ def test_the_session_report_says_when_the_gain_over_the_default_is_within_noise(
     header, _, first, second = history_table([histories["cold"][0], compared], defaults, "ndcg@20").splitlines()
     assert header.endswith("| latency ms/user | vs best |")
     assert first.endswith("| 0.500 | - |") and second.endswith("| 0.500 | +.0012 [-.0008, +.0031] |")
+    # A ranker's trials show its loss after each epoch, training/validation; a trial without one a dash.
+    ranked = replace(compared, result=replace(compared.result, ranker_curve=[
+        {"epoch": 1, "train_loss": 0.4123, "val_loss": 0.4371}, {"epoch": 2, "train_loss": 0.3709, "val_loss": None}]))
+    header, rule, first, second = history_table([histories["cold"][0], ranked], defaults, "ndcg@20").splitlines()
+    assert header.endswith("| recall@20 | ranker loss by epoch (train/val) | latency ms/user | vs best |")
+    assert rule.count("|") == header.count("|")
+    assert first.endswith("| - | 0.500 | - |") and second.endswith("| .412/.437, .371/- | 0.500 | +.0012 [-.0008, +.0031] |")
 
 
 def test_the_comparison_counts_the_seeds_whose_gain_is_within_noise():

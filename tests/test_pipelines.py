@@ -165,7 +165,7 @@ def test_deepfm_negatives_come_from_the_whole_candidate_list(planted):
     # scores it had never met) too high: on Baby, Recall@20 fell as K grew past its pool.
     config = PipelineConfig.from_dict({"pipeline": "heuristic+deepfm", **TINY, "negative_pool": 80})
     ranker = build_ranker(config)
-    _, _, _, ranks, labels = ranker._training_lists(planted, lambda: build_recall(config), FitContext(seed=0))
+    (_, _, _, ranks, labels), _ = ranker._training_lists(planted, lambda: build_recall(config), FitContext(seed=0))
     negative_ranks = ranks[labels == 0]
     assert negative_ranks.max() >= 72 and negative_ranks.min() <= 8, (negative_ranks.min(), negative_ranks.max())
     assert 0.4 < (negative_ranks >= 40).mean() < 0.6, "negatives are not spread over the whole list"
@@ -428,3 +428,24 @@ def test_moving_the_heuristic_part_reuses_the_trained_towers(planted):
     assert retrained.net is not first.net
     reseeded = fit_recall(PipelineConfig(recall="two_tower", epochs=1, heuristic_weight=0.2, seed=1), planted)
     assert reseeded.net is not first.net and not np.array_equal(reseeded.item_vectors, first.item_vectors)
+
+
+def test_the_rankers_curve_has_a_training_and_a_validation_loss_per_epoch_and_changes_no_weight(planted, monkeypatch):
+    from rectune.models.deepfm import DeepFMRanker
+    from rectune.tools.trial import TrialResult
+
+    params = {**TRIAL, "ranker_epochs": 2}
+    _, result = trial(planted, "all", "heuristic+deepfm", params=params)
+    curve = result.ranker_curve
+    assert [p["epoch"] for p in curve] == [1, 2]
+    assert all(0 < p[name] < 5 for p in curve for name in ("train_loss", "val_loss"))
+    assert curve[1]["train_loss"] < curve[0]["train_loss"]  # the planted clusters are learnable
+    assert TrialResult.from_dict(result.to_dict()).ranker_curve == curve  # kept in the ledger
+    assert trial(planted, "all", "heuristic")[1].ranker_curve is None
+
+    # The validation lists are only read: without them the ranker learns the same weights.
+    monkeypatch.setattr(DeepFMRanker, "_validation_batches", lambda *args: None)
+    _, blind = trial(planted, "all", "heuristic+deepfm", params=params)
+    assert blind.metrics == result.metrics
+    assert [p["train_loss"] for p in blind.ranker_curve] == [p["train_loss"] for p in curve]
+    assert [p["val_loss"] for p in blind.ranker_curve] == [None, None]

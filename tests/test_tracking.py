@@ -179,11 +179,18 @@ def test_a_trial_run_shows_its_difference_to_the_best_before_it(tmp_path):
     per_user = per_user_vector([0.0] * 400 + [0.5] * 100)
     clear = replace(trial(200), per_user=per_user, vs_best={"diff": 0.0021, "low": 0.0004, "high": 0.0039, "trial": 0})
     tied = replace(trial(300), per_user=per_user, vs_best={"diff": 0.0004, "low": -0.0011, "high": 0.0019, "trial": 1})
+    ranked = replace(trial(400), ranker_curve=[{"epoch": 1, "train_loss": 0.41, "val_loss": 0.44},
+                                               {"epoch": 2, "train_loss": 0.37, "val_loss": 0.45}])
     with tracker.session("baby", "s", "tpe") as session:
-        for number, result in enumerate((trial(100), clear, tied)):
+        for number, result in enumerate((trial(100), clear, tied, ranked)):
             log(session, result, number, "tpe", "baby-tpe")
         parent = session.client.get_run(session.run_id)
-    first, second, third = children(MlflowClient(tracker.tracking_uri), parent)
+    client = MlflowClient(tracker.tracking_uri)
+    first, second, third, fourth = children(client, parent)
+    # A ranker's curve is a metric history over the epochs, which the MLflow UI plots.
+    for name, values in (("ranker_train_loss", [0.41, 0.37]), ("ranker_val_loss", [0.44, 0.45])):
+        assert [(m.step, m.value) for m in client.get_metric_history(fourth.info.run_id, name)] == list(zip((1, 2), values))
+    assert not {"ranker_train_loss", "ranker_val_loss"} & set(third.data.metrics)
     assert not {"vs_best_diff", "vs_best_low", "vs_best_high"} & set(first.data.metrics)
     assert not {"within_noise", "vs_best_trial"} & set(first.data.tags)
     assert {k: second.data.metrics[f"vs_best_{k}"] for k in ("diff", "low", "high")} == {"diff": 0.0021, "low": 0.0004, "high": 0.0039}

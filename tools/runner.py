@@ -133,6 +133,7 @@ class TrialRunner:
             train_seconds=train_seconds, eval_seconds=eval_seconds, cache=cache,
             feasible=self.max_latency_ms is None or latency <= self.max_latency_ms, test_metrics=test_metrics, metric=plan.objective,
             per_user=None if values is None else per_user_vector(values),
+            ranker_curve=getattr(pipeline.ranker, "curve", None) or None,
         )
 
     def per_user(self, spec: TrialSpec, split: str = "val") -> tuple[np.ndarray, np.ndarray]:

@@ -216,6 +216,9 @@ class TrackingSession:
         run_id = run.info.run_id
         params = {**spec.params, "pipeline": spec.pipeline, "seed": spec.seed, "objective": spec.objective}
         _log(self.client, run_id, params=params, metrics=trial_metrics(result))
+        for point in result.ranker_curve or []:  # a curve MLflow plots against the epoch
+            _log(self.client, run_id, metrics={f"ranker_{name}": point[name] for name in ("train_loss", "val_loss")
+                                               if point.get(name) is not None}, step=point["epoch"])
         table = "## validation\n\n" + metrics_table(result.metrics)
         if result.test_metrics:
             table += "\n## test\n\n" + metrics_table(result.test_metrics)

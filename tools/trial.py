@@ -62,6 +62,9 @@ class TrialResult:
     vs_best: dict | None = None
     """This trial minus the study's best complete trial before it, paired over the users: a
     tools.noise.Interval as JSON plus `trial`, the best's number; None for the first trial."""
+    ranker_curve: list[dict] | None = None
+    """The ranker's training: per epoch its mean training loss and its validation loss
+    (models.deepfm); None without a ranker."""
 
     def to_dict(self) -> dict:
         return asdict(self)
