@@ -86,6 +86,16 @@ def top_k_in_blocks(scores: Callable[[np.ndarray], object], users: np.ndarray, k
     return Candidates(np.vstack([p.items for p in parts]), np.vstack([p.scores for p in parts]))
 
 
+def remembered(memo: dict, key, make, size: int):
+    """memo[key], made by `make()` on the first request; only the `size` latest made are kept
+    (in-process memos of fits that a study asks for again and again)."""
+    if key not in memo:
+        memo[key] = make()
+        while len(memo) > size:
+            memo.pop(next(iter(memo)))
+    return memo[key]
+
+
 def matrix_digest(matrix: sp.csr_matrix) -> str:
     """sha256 of a sparse matrix's shape and canonical CSR content: a key for models fitted on it."""
     canonical = sp.csr_matrix(matrix, dtype=np.float32, copy=True)

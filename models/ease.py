@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from rectune.models.base import Candidates, FitContext, RecallModel, matrix_digest, top_k_in_blocks
+from rectune.models.base import Candidates, FitContext, RecallModel, matrix_digest, remembered, top_k_in_blocks
 from rectune.models.dataset import Dataset
 from rectune.models.errors import ConfigError
 
@@ -30,14 +30,12 @@ def ease_weights(train: sp.csr_matrix, lam: float) -> np.ndarray:
     The last `_CACHED` results are kept in memory, keyed by a digest of `train` and λ: a
     tuning study changes the heuristic's other weights far more often than the data or λ,
     and each fit is an items³ inverse (~13 s on Baby's 7,050 items, one core)."""
-    key = (matrix_digest(train), float(lam))
-    if key not in _cache:
-        weights = _fit_ease(train, lam)
-        weights.flags.writeable = False
-        _cache[key] = weights
-        while len(_cache) > _CACHED:
-            _cache.pop(next(iter(_cache)))
-    return _cache[key]
+    return remembered(_cache, (matrix_digest(train), float(lam)), lambda: _read_only(_fit_ease(train, lam)), _CACHED)
+
+
+def _read_only(weights: np.ndarray) -> np.ndarray:
+    weights.flags.writeable = False
+    return weights
 
 
 def _fit_ease(train: sp.csr_matrix, lam: float) -> np.ndarray:

@@ -32,7 +32,6 @@ the sum at weight .1 / .15 / .2 / .3 / .5 .1065 / .0485, .1080 / .0492, .1071 / 
 from __future__ import annotations
 
 import hashlib
-from collections import OrderedDict
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,7 +42,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from rectune.models.base import Candidates, FitContext, RecallModel, matrix_digest, top_k_in_blocks
+from rectune.models.base import Candidates, FitContext, RecallModel, matrix_digest, remembered, top_k_in_blocks
 from rectune.models.content import fused_graph
 from rectune.models.dataset import Dataset
 from rectune.models.heuristic import HeuristicRecall
@@ -60,7 +59,7 @@ CONTENT_HOP_WEIGHT = 2.0
 """Weight of each content-graph hop in the smoothed tables (on Baby validation, 2 and 4
 gave the same Recall@20 at two hops, .0955 and .0950)."""
 _TRAINED_KEPT = 2  # the pipeline's recall and the one DeepFM fits on a held-out split
-_trained: OrderedDict[str, tuple["TwoTowerNet", np.ndarray]] = OrderedDict()
+_trained: dict[str, tuple["TwoTowerNet", np.ndarray]] = {}
 """Trained towers and their item vectors, newest last: a study that moves only the heuristic
 part's weights reuses them instead of training again (~30 s on Baby)."""
 FAISS_ABOVE_ITEMS = 50_000
@@ -251,12 +250,8 @@ class TwoTowerRecall(RecallModel):
         if self.content_layers:
             self.content_note = (f"content: {', '.join(sorted(graphs))}, {self.content_layers} hops" if graphs else
                                  f"no item content on {dataset.name!r}: content_layers changes nothing")
-        key = self._training_key(dataset, graph, context.seed)
-        if key not in _trained:
-            _trained[key] = self._train(dataset, graph, context)
-            while len(_trained) > _TRAINED_KEPT:
-                _trained.popitem(last=False)
-        self.net, self.item_vectors = _trained[key]
+        self.net, self.item_vectors = remembered(_trained, self._training_key(dataset, graph, context.seed),
+                                                 lambda: self._train(dataset, graph, context), _TRAINED_KEPT)
         if self.heuristic is not None:
             self.heuristic.fit(dataset, context)
 
@@ -288,14 +283,8 @@ class TwoTowerRecall(RecallModel):
         }
         module = _lightning_module(net, dataset.train, log_popularity, self.temperature, self.lr, self.weight_decay)
         fit_module(module, shuffled_batches(tensors, self.batch_size, context.seed), self.epochs, context.seed, context.progress)
-        self.net = module.net.to(inference_device()).eval()
-        return self.net, self._item_vectors()
-
-    def _item_vectors(self) -> np.ndarray:
-        device = inference_device()
-        with torch.inference_mode():
-            items = torch.arange(self.net.item_id.num_embeddings, device=device)
-            return self.net.items(items).float().cpu().numpy()
+        net = module.net.to(inference_device()).eval()
+        return net, _item_vectors(net)
 
     def user_vectors(self, users: np.ndarray, history: sp.csr_matrix) -> np.ndarray:
         """User vectors from their rows of `history`."""
@@ -327,6 +316,11 @@ class TwoTowerRecall(RecallModel):
             return standardised(vectors[block] @ table).add_(standardised(closed_form), alpha=self.heuristic_weight)
 
         return top_k_in_blocks(scores, np.arange(len(users)), k, rows, rows_per_block(len(self.item_vectors)))
+
+
+def _item_vectors(net: TwoTowerNet) -> np.ndarray:
+    with torch.inference_mode():
+        return net.items(torch.arange(net.item_id.num_embeddings, device=inference_device())).float().cpu().numpy()
 
 
 def standardised(scores: torch.Tensor) -> torch.Tensor:
