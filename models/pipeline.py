@@ -152,6 +152,16 @@ class PipelineConfig:
         return asdict(self)
 
 
+def inert_by_recall(dataset: Dataset, fewest_neighbors: int) -> dict[str, dict[str, str]]:
+    """Recall model → parameter → why `dataset` makes it change nothing. The two-tower's
+    heuristic part and content smoothing read the heuristic's parameters, so the same ones are
+    inert for it — except embedding_dim, which sizes its towers."""
+    from rectune.models.heuristic import inert_parameters
+
+    inert = inert_parameters(dataset, fewest_neighbors)
+    return {"heuristic": inert, "two_tower": {name: why for name, why in inert.items() if name != "embedding_dim"}}
+
+
 def build_recall(config: PipelineConfig) -> RecallModel:
     from rectune.models.heuristic import HeuristicRecall
 

@@ -21,9 +21,9 @@ import numpy as np
 from rectune.models.dataset import Dataset
 from rectune.models.errors import ConfigError
 from rectune.models.groups import UserGroups
-from rectune.models.heuristic import inert_parameters
 from rectune.models.metrics import PER_USER_METRICS, EvalResult
-from rectune.models.pipeline import ANCHOR_CUTOFF, Pipeline, PipelineConfig, Recommendations, fit_ranker, fit_recall, score_lists
+from rectune.models.pipeline import (ANCHOR_CUTOFF, Pipeline, PipelineConfig, Recommendations, fit_ranker, fit_recall, inert_by_recall,
+                                     score_lists)
 from rectune.tools.cache import ModelCache, cache_key, dataset_fingerprint
 from rectune.tools.noise import per_user_vector
 from rectune.tools.space import SearchSpace
@@ -81,9 +81,7 @@ class TrialRunner:
         self.cache = cache or ModelCache()
         space = space or SearchSpace.load()
         # What this dataset makes inert, every tuner leaves at its default (a move would repeat a trial).
-        inert = inert_parameters(dataset, _lowest(space, "neighbors"))
-        # The two-tower reads the same content graphs (and blends the heuristic), but sizes its towers by embedding_dim.
-        self.space = space.with_inert({"heuristic": inert, "two_tower": {k: v for k, v in inert.items() if k != "embedding_dim"}})
+        self.space = space.with_inert(inert_by_recall(dataset, _lowest(space, "neighbors")))
         self.max_latency_ms = max_latency_ms
         self.progress = progress
         self._fingerprint = dataset_fingerprint(dataset)
