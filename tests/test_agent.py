@@ -1109,6 +1109,6 @@ def test_compare_refuses_a_tuner_that_is_not_registered(tmp_path):
     result = CliRunner().invoke(app, ["compare", "--tuners", "llm,tpe,annealing", "--storage", f"sqlite:///{tmp_path / 'o.db'}",
                                       "--tracking-uri", f"sqlite:///{tmp_path / 'm.db'}", "--checkpoint", str(tmp_path / "s.db")])
     assert result.exit_code == 2
-    assert "--tuners must name registered tuners ['default', 'llm', 'local', 'menu', 'random', 'tpe'], but got ['llm', 'tpe', 'annealing']" \
+    assert "--tuners must name registered tuners ['default', 'llm', 'local', 'menu', 'random', 'tpe', 'tpe-warm'], but got ['llm', 'tpe', 'annealing']" \
         in result.output
     assert not (tmp_path / "o.db").exists()  # refused before anything was written
