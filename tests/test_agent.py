@@ -462,6 +462,32 @@ def test_each_group_is_offered_the_best_configurations_of_the_groups_tuned_befor
     assert offered == (canonical(best.params) != canonical(history[0].params))
 
 
+def test_the_llm_runs_another_groups_best_when_it_chooses_it_from_the_menu():
+    from rectune.agent.llm import LLMSettings, chat_model
+    from rectune.agent.proposer import LLMProposer
+    from rectune.tools.proposer import ProposerContext
+    from rectune.tools.space import SearchSpace
+    from rectune.tools.study import StudyContext
+    from rectune.tools.trial import TrialRecord, TrialResult, canonical
+
+    space, study = SearchSpace.load(), StudyContext("baby", "activity:2", "heavy", "heuristic", budget=5, tuner="llm")
+    defaults = space.defaults("heuristic")
+    cold_best = {**defaults, "cf_weight": 0.5}
+    result = TrialResult(study.spec(defaults), 0.04, {"heavy": {"ndcg@20": 0.04, "recall@20": 0.1}}, 0.5, 1.0, 1.0, "none")
+    history = [TrialRecord(0, "default", "complete", defaults, result=result)]
+
+    def choose_the_transfer(body):
+        [letter] = [line[0] for line in user_text(body).split("Menu:")[1].splitlines() if line.endswith("(best of group cold)")]
+        return call("choose", candidate=letter, rationale="cold's best, cf_weight 0.5")
+
+    with ScriptedLLM([choose_the_transfer]) as llm:
+        proposer = LLMProposer(0, llm=chat_model(LLMSettings(llm.base_url, "scripted", None)))
+        proposal = proposer.propose(history, ProposerContext(study, space, study.budget, (("cold", cold_best),)))
+    assert canonical(proposal.params) == canonical(cold_best)
+    assert (proposal.meta["source"], proposal.rationale) == ("transfer", "cold's best, cf_weight 0.5")
+    assert "cf_weight 0.85→0.5 (best of group cold)" in user_text(llm.requests[0])
+
+
 def test_a_model_stuck_on_one_change_never_repeats_a_trial(tmp_path, baby_format_dir, shared_cache):
     """The 1.5B model's commonest failure (250 of 456 calls in the README's comparison): the same
     proposal again and again. Each repeat is replaced by a new candidate at no extra call, a
