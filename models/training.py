@@ -83,6 +83,24 @@ def shuffled_batches(tensors: dict, batch_size: int, seed: int):
     return torch.utils.data.DataLoader(Batches(), batch_size=None)
 
 
+def batches_in_order(tensors: dict, batch_size: int):
+    """Dict batches over row-aligned tensors in order, again on every pass (validation). Not a
+    DataLoader: each pass over one draws from torch's global generator, which would move the next
+    training epoch's dropout masks — validating must not change the model."""
+
+    class InOrder:
+        rows = len(next(iter(tensors.values())))
+
+        def __len__(self):
+            return (self.rows + batch_size - 1) // batch_size
+
+        def __iter__(self):
+            for start in range(0, self.rows, batch_size):
+                yield {name: tensor[start:start + batch_size] for name, tensor in tensors.items()}
+
+    return InOrder()
+
+
 def fit_module(module, batches, epochs: int, seed: int, progress: bool, validation=None) -> None:
     """Train a LightningModule on CPU or, where present, an accelerator; quiet unless asked.
     `validation`: batches its validation_step sees after every epoch."""
