@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import zipfile
 
 import numpy as np
 import optuna
@@ -150,6 +151,24 @@ def test_disk_cache_serves_a_second_runner(planted, tmp_path, fit_counts):
     second = TrialRunner(planted, groups, cache=ModelCache(tmp_path)).run(spec({}))
     assert fit_counts["two_tower"] == 2 and second.cache == "model"
     assert second.objective == first.objective
+
+
+def test_disk_cache_stores_arrays_as_raw_records_and_gives_them_back(tmp_path):
+    fitted = {"similarity": np.arange(12, dtype=np.float32).reshape(3, 4).T, "names": np.array(["a", "bc"]),
+              "frozen": np.frombuffer(b"abcd", dtype=np.uint8), "scalar": np.array(2.5)}
+    ModelCache(tmp_path).get_or_fit("stage", lambda: fitted)
+
+    def must_not_fit():
+        raise AssertionError("the stage on disk was not used")
+
+    loaded, cached = ModelCache(tmp_path).get_or_fit("stage", must_not_fit)
+    assert cached
+    for name, array in fitted.items():
+        assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
+        assert np.array_equal(loaded[name], array)
+    with zipfile.ZipFile(tmp_path / "stage.pt") as archive:
+        records = [entry for entry in archive.namelist() if "/data/" in entry and not entry.endswith(".pkl")]
+    assert len(records) == 3  # the numeric arrays, outside the pickle; the strings stay inside it
 
 
 def test_disk_cache_evicts_oldest_beyond_its_budget(tmp_path):

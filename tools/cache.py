@@ -13,6 +13,7 @@ import fcntl
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
@@ -87,6 +88,30 @@ def disk_budget_bytes() -> int:
     return int(gigabytes * 2**30)
 
 
+def _array_from_tensor(tensor):
+    return tensor.numpy()
+
+
+class _ArraysAsTensors:
+    """The pickle module of the cache's torch.save: numpy arrays travel as tensors, which torch
+    writes as raw records beside the pickle instead of inside it — a fitted heuristic's 200 MB
+    similarity saved in 0.24 s instead of 2.9 s and loaded in 0.15 s instead of 1.9 s (Baby,
+    2026-12-02), where pickling was 19 s of a 5-minute main job."""
+
+    class Pickler(pickle.Pickler):
+        def reducer_override(self, obj):
+            import numpy as np
+            import torch
+
+            if type(obj) is not np.ndarray:
+                return NotImplemented
+            array = obj if obj.flags.c_contiguous and obj.flags.writeable else obj.copy(order="C")
+            try:
+                return _array_from_tensor, (torch.from_numpy(array),)
+            except (TypeError, ValueError):  # a dtype torch has no tensor for (strings, objects): pickled as numpy does
+                return NotImplemented
+
+
 class ModelCache:
     """get_or_fit(key, fit) → (value, was_cached). `directory=None` keeps it in memory only.
 
@@ -136,7 +161,7 @@ class ModelCache:
             with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
                 temporary = Path(handle.name)
             try:
-                torch.save(value, temporary)
+                torch.save(value, temporary, pickle_module=_ArraysAsTensors)
                 os.replace(temporary, path)
             finally:
                 temporary.unlink(missing_ok=True)
