@@ -233,7 +233,7 @@ def baseline(
     group: str = typer.Option(..., help="The group whose validation objective is tuned, or `all`."),
     pipeline: str = typer.Option(..., help="heuristic, heuristic+deepfm, two_tower or two_tower+deepfm."),
     budget: int = typer.Option(20, min=1, help="Trials in total, the default configuration (trial 0) included."),
-    sampler: str = typer.Option("tpe", help="A registered tuner that proposes on its own: tpe, random (Optuna, arguments pinned, logged to MLflow) or local (one-parameter neighbours of the best trial)."),
+    sampler: str = typer.Option("tpe", help="A registered tuner that proposes on its own: tpe, random (Optuna, arguments pinned, logged to MLflow), local (one-parameter neighbours of the best trial), menu (the agent's candidate menu without the LLM: always its first candidate), default (trial 0 only) or tpe-warm (TPE that first runs other groups' best configurations; here, with no other groups, the same as tpe — `rectune compare` gives it the transfers)."),
     seed: int = typer.Option(0, help="Seed of the sampler and of every model."),
     objective: str = typer.Option("ndcg@20", help="Validation metric to maximise: ndcg@20, recall@50, f1@topn, …"),
     max_latency_ms: Optional[float] = typer.Option(None, "--max-latency-ms", help="Per-user recommendation latency budget; slower trials are infeasible."),
