@@ -20,7 +20,7 @@ from rectune.models.dataset import Dataset
 from rectune.models.errors import ConfigError
 
 MAX_ITEMS = 40_000
-"""Above this the dense inverse needs more than ~13 GB (Gram + factor + the symmetric copy)."""
+"""Above this the dense inverse needs more than ~15 GB (its peak: 2.3 items × items float32 arrays, measured on Baby)."""
 _SCORES_PER_BLOCK = 4_000_000
 _CACHED = 2  # the pipeline's recall and the one DeepFM fits on a held-out split
 _cache: dict[tuple[str, float], np.ndarray] = {}
@@ -57,12 +57,16 @@ def _fit_ease(train: sp.csr_matrix, lam: float) -> np.ndarray:
     # job) a second thread's waits made the inverse 5x slower on 2 cores (Baby: 26.7 s with two,
     # 7.5 s with one; alone 4.7 s and 6.8 s), and one thread makes it the same on every machine.
     with threadpool_limits(1, user_api="blas"):
-        factor, info = lapack.spotrf(gram, lower=False, overwrite_a=True)
+        # The Gram is symmetric, so its transpose is the Fortran-ordered array LAPACK factors and
+        # inverts in place; given the C-ordered one, f2py would copy it first.
+        inverse, info = lapack.spotrf(gram.T, lower=False, overwrite_a=True)
         if info == 0:
-            inverse, info = lapack.spotri(factor, lower=False, overwrite_c=True)
+            inverse, info = lapack.spotri(inverse, lower=False, overwrite_c=True)
     if info != 0:
         raise ConfigError(f"EASE: XᵀX + λI is not positive definite at λ={lam} (LAPACK info {info})")
+    del gram  # the same buffer as `inverse`: freed below, before the symmetric copy's temporary
     weights = np.triu(inverse)
+    del inverse
     weights += np.triu(weights, 1).T  # spotri fills only the upper triangle
     weights /= -np.diag(weights).copy()[None, :]
     weights[np.diag_indices(n)] = 0.0

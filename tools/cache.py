@@ -105,6 +105,7 @@ class _ArraysAsTensors:
 
             if type(obj) is not np.ndarray:
                 return NotImplemented
+            # torch.from_numpy warns on a read-only array (EASE's weights): those travel as a copy.
             array = obj if obj.flags.c_contiguous and obj.flags.writeable else obj.copy(order="C")
             try:
                 return _array_from_tensor, (torch.from_numpy(array),)
