@@ -398,13 +398,16 @@ class LlamaBackend:
     def complete(self, messages: list[dict], tools: list[dict] | None, schema: dict | None, *, max_tokens: int,
                  temperature: float, top_p: float, stop: list[str], seed: int | None,
                  cancelled: Callable[[], bool] = lambda: False) -> Completion:
-        from llama_cpp import StoppingCriteriaList
+        from llama_cpp import LogitsProcessorList, StoppingCriteriaList
 
         prompt = render_prompt(self.template, messages, tools) + (TOOL_CALL_OPEN if schema else "")
         try:
             grammar = self.grammar_from_schema(json.dumps(schema), verbose=False) if schema else None
         except Exception as error:
             raise BadRequest(f"a tool's parameters schema cannot be turned into a grammar: {error}") from error
+        # Greedy replies (the agent's) check only the argmax token against the grammar; sampling
+        # keeps llama.cpp's chain, which checks the whole vocabulary every token.
+        greedy = GreedyUnderGrammar(self.llm, grammar) if grammar is not None and temperature == 0 else None
         # Requests queue on the lock; one whose client left stops waiting, and generation stops
         # at the next token once the client is gone.
         while not self.lock.acquire(timeout=0.5):
@@ -420,15 +423,60 @@ class LlamaBackend:
             # A private attribute of llama-cpp-python: if it goes, no cached tokens are reported, nothing fails.
             cached = _shared_prefix(getattr(self.llm, "_input_ids", ()), tokens)
             out = self.llm.create_completion(tokens, max_tokens=min(max_tokens, room), temperature=temperature,
-                                             top_p=top_p, stop=STOP + stop, grammar=grammar, seed=seed,
+                                             top_p=top_p, stop=STOP + stop, seed=seed,
+                                             grammar=None if greedy else grammar,
+                                             logits_processor=LogitsProcessorList([greedy]) if greedy else None,
                                              stopping_criteria=StoppingCriteriaList([lambda ids, logits: cancelled()]))
             if cancelled():
                 raise ClientGone()
         finally:
             self.lock.release()
+            if greedy is not None:
+                greedy.close()
         choice, usage = out["choices"][0], out["usage"]
         return Completion(choice["text"], choice["finish_reason"] or "stop", usage["prompt_tokens"], usage["completion_tokens"],
                           cached)
+
+
+class GreedyUnderGrammar:
+    """A logits processor for greedy decoding under a llama.cpp grammar: the same tokens as
+    llama.cpp's grammar sampler followed by greedy, but the grammar sees the argmax token alone
+    and the whole vocabulary (151,936 tokens for Qwen2.5) only when it rejects it — as llama.cpp's
+    own common_sampler does. Measured with the embedded model on 2 cores: 9.4–9.9 tokens/s
+    against 7.0 through the full check, the same 52 tokens (10 of them rejected argmaxes)."""
+
+    def __init__(self, llm: Any, grammar: Any):
+        from llama_cpp import llama_cpp
+
+        self.api = llama_cpp
+        self.sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode(), grammar._root.encode())
+        self.one = (llama_cpp.llama_token_data * 1)()
+        self.vocabulary = (llama_cpp.llama_token_data * llm.n_vocab())()
+
+    def allowed(self, candidates: Any) -> Any:
+        """The grammar's verdict on `candidates` (a ctypes llama_token_data array): rejected ones get logit -inf."""
+        import ctypes
+
+        self.api.llama_sampler_apply(self.sampler, ctypes.byref(self.api.llama_token_data_array(
+            data=candidates, size=len(candidates), selected=-1, sorted=False)))
+        return candidates
+
+    def __call__(self, input_ids: Any, logits: Any) -> Any:
+        import numpy as np
+
+        token = int(np.argmax(logits))
+        self.one[0].id, self.one[0].logit, self.one[0].p = token, float(logits[token]), 0.0
+        if not np.isfinite(self.allowed(self.one)[0].logit):
+            table = np.ctypeslib.as_array(self.vocabulary)
+            table["id"], table["logit"], table["p"] = np.arange(len(table)), logits, 0.0
+            token = int(np.argmax(np.ctypeslib.as_array(self.allowed(self.vocabulary))["logit"]))
+        self.api.llama_sampler_accept(self.sampler, token)
+        only = np.full_like(logits, -np.inf)
+        only[token] = 0.0
+        return only
+
+    def close(self) -> None:
+        self.api.llama_sampler_free(self.sampler)
 
 
 def _shared_prefix(previous, tokens: list[int]) -> int:

@@ -76,7 +76,7 @@ def serving(dataset) -> dict:
     import torch
 
     from rectune.models.pipeline import Pipeline, PipelineConfig
-    from rectune.models.two_tower import rows_per_block
+    from rectune.models.base import rows_per_block
 
     pipeline = Pipeline(PipelineConfig.from_dict({"pipeline": "two_tower", "epochs": 1, "k": 1000, "top_n": 50})).fit(dataset)
     users = np.arange(dataset.n_users)

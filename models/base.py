@@ -75,6 +75,16 @@ def top_k_unseen(scores, k: int, seen: sp.csr_matrix) -> Candidates:
 
 
 
+_SCORES_PER_BLOCK = 4_000_000
+"""Dense scores computed at once (16 MB of float32): bounds memory for any number of users and
+catalogue size."""
+
+
+def rows_per_block(n_items: int) -> int:
+    """Users per block of dense (users × items) scores."""
+    return max(1, _SCORES_PER_BLOCK // max(n_items, 1))
+
+
 def top_k_in_blocks(scores: Callable[[np.ndarray], object], users: np.ndarray, k: int, history: sp.csr_matrix,
                     block: int) -> Candidates:
     """Top-k unseen items of every user, `block` users at a time: `scores(users)` gives their

@@ -15,13 +15,12 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from rectune.models.base import Candidates, FitContext, RecallModel, matrix_digest, remembered, top_k_in_blocks
+from rectune.models.base import Candidates, FitContext, RecallModel, matrix_digest, remembered, rows_per_block, top_k_in_blocks
 from rectune.models.dataset import Dataset
 from rectune.models.errors import ConfigError
 
 MAX_ITEMS = 40_000
 """Above this the dense inverse needs more than ~15 GB (its peak: 2.3 items × items float32 arrays, measured on Baby)."""
-_SCORES_PER_BLOCK = 4_000_000
 _CACHED = 2  # the pipeline's recall and the one DeepFM fits on a held-out split
 _cache: dict[tuple[str, float], np.ndarray] = {}
 
@@ -78,11 +77,6 @@ def popularity(train: sp.csr_matrix) -> np.ndarray:
     return np.asarray(train.sum(axis=0), dtype=np.float32).ravel()
 
 
-def score_blocks(n_items: int) -> int:
-    """Users per block of dense scores (bounded memory whatever the number of users)."""
-    return max(1, _SCORES_PER_BLOCK // max(n_items, 1))
-
-
 @dataclass
 class EaseRecall(RecallModel):
     """EASE as a recall stage: scores = history · B."""
@@ -95,7 +89,7 @@ class EaseRecall(RecallModel):
 
     def candidates(self, users: np.ndarray, k: int, history: sp.csr_matrix) -> Candidates:
         return top_k_in_blocks(lambda block: np.asarray(history[block] @ self.weights), users, k, history,
-                               score_blocks(self.weights.shape[0]))
+                               rows_per_block(self.weights.shape[0]))
 
 
 @dataclass
@@ -109,4 +103,4 @@ class PopularityRecall(RecallModel):
 
     def candidates(self, users: np.ndarray, k: int, history: sp.csr_matrix) -> Candidates:
         return top_k_in_blocks(lambda block: np.tile(self.counts, (len(block), 1)), users, k, history,
-                               score_blocks(len(self.counts)))
+                               rows_per_block(len(self.counts)))

@@ -31,10 +31,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import scipy.sparse as sp
 
-from rectune.models.base import Candidates, FitContext, RecallModel, top_k_in_blocks
+from rectune.models.base import Candidates, FitContext, RecallModel, rows_per_block, top_k_in_blocks
 from rectune.models.content import fused_graph, knn_from_features
 from rectune.models.dataset import Dataset
-from rectune.models.ease import ease_weights, popularity, score_blocks
+from rectune.models.ease import ease_weights, popularity
 from rectune.models.errors import ConfigError
 
 FALLBACK_MODALITY = "collaborative"
@@ -121,4 +121,4 @@ class HeuristicRecall(RecallModel):
         return np.asarray(history @ self.similarity) + self.prior
 
     def candidates(self, users: np.ndarray, k: int, history: sp.csr_matrix) -> Candidates:
-        return top_k_in_blocks(lambda block: self.scores(history[block]), users, k, history, score_blocks(len(self.prior)))
+        return top_k_in_blocks(lambda block: self.scores(history[block]), users, k, history, rows_per_block(len(self.prior)))

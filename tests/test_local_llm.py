@@ -190,6 +190,45 @@ def test_the_schema_becomes_a_llama_cpp_grammar():
     assert '\\"propose_change\\"' in grammar and '\\"finish\\"' in grammar
 
 
+def test_greedy_decoding_checks_the_argmax_first_and_picks_what_the_full_grammar_check_picks():
+    """Against llama.cpp's own grammar sampler over the whole vocabulary (the real model's, loaded
+    vocabulary-only): random logits drive a reply token by token, half the steps with an allowed
+    token on top (accepted at once), half where the top token breaks the grammar (full check)."""
+    import ctypes
+
+    import numpy as np
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from rectune.agent.llm_server import GreedyUnderGrammar
+
+    llm = llama_cpp.Llama(model_path=str(local_llm.ensure_model()), vocab_only=True, verbose=False)
+    grammar = llama_cpp.LlamaGrammar.from_json_schema(json.dumps(tool_call_schema(TOOLS)), verbose=False)
+    greedy = GreedyUnderGrammar(llm, grammar)
+    reference = llama_cpp.llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode(), grammar._root.encode())
+    vocabulary = (llama_cpp.llama_cpp.llama_token_data * llm.n_vocab())()
+    table = np.ctypeslib.as_array(vocabulary)
+    rng = np.random.default_rng(0)
+    top_allowed = top_rejected = 0
+    try:
+        for _ in range(24):
+            logits = rng.normal(size=llm.n_vocab()).astype(np.float32)
+            table["id"], table["logit"], table["p"] = np.arange(len(table)), logits, 0.0
+            llama_cpp.llama_cpp.llama_sampler_apply(reference, ctypes.byref(llama_cpp.llama_cpp.llama_token_data_array(
+                data=vocabulary, size=len(table), selected=-1, sorted=False)))
+            allowed = np.flatnonzero(np.isfinite(table["logit"]))
+            if rng.random() < 0.5:
+                logits[rng.choice(allowed)] = logits.max() + 1
+            top_allowed += int(logits.argmax() in allowed)
+            top_rejected += int(logits.argmax() not in allowed)
+            expected = int(allowed[np.argmax(logits[allowed])])
+            chosen = greedy(None, logits.copy())
+            assert int(np.argmax(chosen)) == expected and np.isinf(np.delete(chosen, expected)).all()
+            llama_cpp.llama_cpp.llama_sampler_accept(reference, expected)
+    finally:
+        greedy.close()
+        llama_cpp.llama_cpp.llama_sampler_free(reference)
+    assert top_allowed >= 5 and top_rejected >= 5
+
+
 def test_tool_choice_selects_what_is_shown_and_what_must_be_called():
     assert select_tools(TOOLS, None) == (TOOLS, TOOLS)
     assert select_tools(TOOLS, "required") == (TOOLS, TOOLS)
