@@ -55,7 +55,11 @@ _SEARCH_BLOCK = 4096
 CONTENT_HOP_WEIGHT = 2.0
 """Weight of each content-graph hop in the smoothed tables (on Baby validation, 2 and 4
 gave the same Recall@20 at two hops, .0955 and .0950)."""
-_TRAINED_KEPT = 2  # the pipeline's recall and the one DeepFM fits on a held-out split
+_TRAINED_KEPT = 8
+"""Trained towers kept in memory: the default's, the one DeepFM fits on a held-out split, and a
+study's recent ones — ~10 MB each at embedding_dim 64 (~80 MB at 512). With two, the main job
+trained embedding_dim=45 again (21 s) for a trial that changed only the heuristic part's
+cf_weight, three trials after its first training."""
 _trained: dict[str, tuple["TwoTowerNet", np.ndarray]] = {}
 """Trained towers and their item vectors, newest last: a study that moves only the heuristic
 part's weights reuses them instead of training again (~30 s on Baby)."""
