@@ -123,7 +123,7 @@ def select(state: State, runtime: Runtime[Resources]) -> dict:
             log_once(found, settings, result, "default", f"select-{group}-{pipeline}", phase="select")
             table.setdefault(group, {})[pipeline] = metrics_row(result.metrics[group], result.spec.objective,
                                                                 space.defaults(pipeline)["top_n"]) | {
-                "objective": round(result.objective, 5), "fit_seconds": round(result.train_seconds, 1),
+                "objective": round(result.objective, 5), "fit_seconds": None if result.fit_seconds is None else round(result.fit_seconds, 1),
                 "ms_per_user": round(result.latency_ms_per_user, 3)}
             users[group, pipeline] = result.per_user
         found.echo(f"[select] {pipeline}: default configuration evaluated on {len(labels)} groups")

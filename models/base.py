@@ -37,6 +37,10 @@ class FitContext:
 
 
 class RecallModel(ABC):
+    fit_seconds: float | None = None
+    """Wall seconds its fit took (set by models.pipeline); it stays with the fitted model, so a
+    cached one still tells what it cost."""
+
     @abstractmethod
     def fit(self, dataset: Dataset, context: FitContext) -> None:
         """Learn from `dataset.train` only."""
@@ -48,6 +52,10 @@ class RecallModel(ABC):
 
 
 class Ranker(ABC):
+    fit_seconds: float | None = None
+    """Wall seconds its fit took (set by models.pipeline); it stays with the fitted model, so a
+    cached one still tells what it cost."""
+
     @abstractmethod
     def fit(self, dataset: Dataset, make_recall: Callable[[], RecallModel], context: FitContext) -> None:
         """Learn to order candidate lists, from train interactions only. `make_recall` builds

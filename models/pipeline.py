@@ -189,14 +189,18 @@ def fit_recall(config: PipelineConfig, dataset: Dataset, progress: bool = False)
     if dataset.item_features is None:
         raise ConfigError(f"dataset {dataset.name!r} has no item features: call models.features.attach_item_features first")
     recall = build_recall(config)
+    start = time.perf_counter()
     recall.fit(dataset, FitContext(seed=config.seed, progress=progress))
+    recall.fit_seconds = time.perf_counter() - start
     return recall
 
 
 def fit_ranker(config: PipelineConfig, dataset: Dataset, progress: bool = False) -> Ranker | None:
     ranker = build_ranker(config)
     if ranker is not None:
+        start = time.perf_counter()
         ranker.fit(dataset, lambda: build_recall(config), FitContext(seed=config.seed, progress=progress))
+        ranker.fit_seconds = time.perf_counter() - start
     return ranker
 
 
@@ -254,17 +258,18 @@ class Pipeline:
         self.config = config
         self.recall = recall
         self.ranker = ranker
-        self.fit_seconds: dict[str, float] = {}
+
+    @property
+    def fit_seconds(self) -> dict[str, float]:
+        """What fitting each stage took when it was fitted, cached or not."""
+        return {name: stage.fit_seconds for name, stage in (("recall", self.recall), ("ranker", self.ranker))
+                if stage is not None and stage.fit_seconds is not None}
 
     def fit(self, dataset: Dataset, *, progress: bool = False) -> "Pipeline":
-        start = time.perf_counter()
         if self.recall is None:
             self.recall = fit_recall(self.config, dataset, progress)
-            self.fit_seconds["recall"] = time.perf_counter() - start
         if self.ranker is None and self.config.ranker != "none":
-            start = time.perf_counter()
             self.ranker = fit_ranker(self.config, dataset, progress)
-            self.fit_seconds["ranker"] = time.perf_counter() - start
         return self
 
     def recommend(self, dataset: Dataset, users: np.ndarray, split: str, length: int | None = None, k: int | None = None,

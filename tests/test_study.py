@@ -197,6 +197,7 @@ def test_each_trial_is_paired_with_the_best_before_it_and_the_ledger_keeps_both(
     first, second, third = stored
     users = int(first.result.metrics["cold"]["users"])
     assert first.result.vs_best is None and first.result.per_user["n"] == users == second.result.per_user["n"]
+    assert first.result.fit_seconds > 0  # the fit's cost is kept with the trial
     # The per-user values are the runner's, in the order of the group's evaluated users.
     assert np.allclose(vector(first.result.per_user), runner.per_user(first.result.spec)[1], atol=5e-7)
     assert vector(first.result.per_user).mean() == pytest.approx(first.objective, abs=1e-6)
@@ -225,6 +226,7 @@ def test_a_trial_stored_before_per_user_values_reads_back_without_them(tmp_path)
     study.optuna.add_trial(create_trial(state=TrialState.COMPLETE, value=0.1, params={}, distributions={}, user_attrs=old))
     (record,) = study.history()
     assert record.result.per_user is None and record.result.vs_best is None and record.result.metric == ""
+    assert record.result.fit_seconds is None
     assert TrialRecord.from_json(json.loads(json.dumps(record.to_json()))) == record
 
 

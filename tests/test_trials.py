@@ -75,6 +75,16 @@ def test_k_and_top_n_changes_do_not_retrain(runner, fit_counts):
     assert fit_counts == {"two_tower": 5, "deepfm": 3} and new_embedding.cache == "none"
 
 
+def test_a_cached_pipeline_still_reports_what_fitting_it_cost(runner, tmp_path):
+    first = runner.run(spec({}))
+    assert first.fit_seconds >= first.train_seconds * 0.5 > 0  # ranker and recall fits, timed inside the trial
+    again = runner.run(spec({}, group="heavy"))  # the model selection's next group: same pipeline, from memory
+    assert again.cache == "model" and again.train_seconds < 0.1 * first.fit_seconds
+    assert again.fit_seconds == first.fit_seconds
+    on_disk = TrialRunner(runner.dataset, runner.groups, cache=ModelCache(tmp_path)).run(spec({}))
+    assert TrialRunner(runner.dataset, runner.groups, cache=ModelCache(tmp_path)).run(spec({})).fit_seconds == on_disk.fit_seconds
+
+
 def test_trial_result_holds_the_group_objective_and_metrics(runner):
     result = runner.run(spec({}, pipeline="heuristic", objective="recall@20"), report_test=True)
     assert result.objective == result.metrics["cold"]["recall@20"]

@@ -32,7 +32,7 @@ CONTEXT_ATTR = "rectune"
 SQLITE_BUSY_SECONDS = 60.0
 _PROPOSAL_ATTRS = ("tuner", "rationale", "proposal_id", "meta")
 _RESULT_ATTRS = ("latency_ms_per_user", "train_seconds", "eval_seconds", "cache", "feasible", "metrics", "test_metrics", "metric",
-                 "per_user", "vs_best")
+                 "per_user", "vs_best", "fit_seconds")
 
 
 def storage_url(explicit: str | None = None) -> str:

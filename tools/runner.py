@@ -132,6 +132,7 @@ class TrialRunner:
             feasible=self.max_latency_ms is None or latency <= self.max_latency_ms, test_metrics=test_metrics, metric=plan.objective,
             per_user=None if values is None else per_user_vector(values),
             ranker_curve=getattr(pipeline.ranker, "curve", None) or None,
+            fit_seconds=_fit_cost(pipeline),
         )
 
     def per_user(self, spec: TrialSpec, split: str = "val") -> tuple[np.ndarray, np.ndarray]:
@@ -202,3 +203,9 @@ def run_trial(dataset: Dataset, groups: UserGroups, group: str, pipeline: str, p
     """One trial without keeping a runner (see TrialRunner.run for the reuse of models)."""
     spec = TrialSpec(dataset.name, groups.spec, group, pipeline, dict(params), seed, objective)
     return TrialRunner(dataset, groups, cache=cache).run(spec)
+
+
+def _fit_cost(pipeline: Pipeline) -> float | None:
+    """Seconds fitting the pipeline's stages took when they were fitted; None if a stage does not say."""
+    seconds = [stage.fit_seconds for stage in (pipeline.recall, pipeline.ranker) if stage is not None]
+    return None if None in seconds else sum(seconds)

@@ -47,6 +47,7 @@ class TrialResult:
     latency_ms_per_user: float
     """Wall time to recommend for one user (candidates + ranking), averaged over the group."""
     train_seconds: float
+    """This trial's wall seconds to get its fitted stages (near 0 when they came from the cache)."""
     eval_seconds: float
     cache: str
     """What was reused: `none`, `recall` (ranker retrained), `model` (no training), `ranking`."""
@@ -65,6 +66,9 @@ class TrialResult:
     ranker_curve: list[dict] | None = None
     """The ranker's training: per epoch its mean training loss and its validation loss
     (models.deepfm); None without a ranker."""
+    fit_seconds: float | None = None
+    """What fitting the pipeline's stages took when they were fitted, cached or not: its cost,
+    where train_seconds is this trial's wait. None when unknown (ledgers written before it)."""
 
     def to_dict(self) -> dict:
         return asdict(self)
