@@ -41,6 +41,7 @@ def trial(k: int, test: bool = False, **params) -> TrialResult:
         latency_ms_per_user=0.25 * k,
         train_seconds=3.5,
         eval_seconds=0.75,
+        fit_seconds=12.0,
         cache="recall" if k > 100 else "none",
         feasible=k < 400,
         test_metrics=TEST if test else None,
@@ -109,7 +110,7 @@ def test_session_logs_parent_and_nested_trials(tmp_path, monkeypatch):
         metrics = run.data.metrics
         assert metrics["objective"] == expected.objective
         assert metrics["latency_ms_per_user"] == 0.25 * k
-        assert (metrics["train_seconds"], metrics["eval_seconds"]) == (3.5, 0.75)
+        assert (metrics["train_seconds"], metrics["eval_seconds"], metrics["fit_seconds"]) == (3.5, 0.75, 12.0)
         for group, values in expected.metrics.items():
             for name, value in values.items():
                 # TopN is 20 (the default) here: each @20 metric is also the @topn column.

@@ -118,7 +118,8 @@ def metric_columns(values: Mapping[str, float], top_n: int, k: int, fixed: Itera
 
 
 def trial_metrics(result: TrialResult) -> dict[str, float]:
-    """What MLflow records of a trial: the objective, the costs, its paired difference to the
+    """What MLflow records of a trial: the objective, the costs (train_seconds: this trial's wait for
+    its fitted stages; fit_seconds: what fitting them cost, also when they came from the cache), its paired difference to the
     study's best before it (`vs_best_diff`, `vs_best_low`, `vs_best_high`), and every group's metrics on
     each split under stable names (`val/cold/ndcg@20`, `val/cold/f1@topn`, which MLflow shows as
     `val/cold/ndcg_at_20`, `val/cold/f1_at_topn`); TopN is a param."""
@@ -130,6 +131,8 @@ def trial_metrics(result: TrialResult) -> dict[str, float]:
     fixed = (int(cutoff),) if cutoff.isdigit() else ()
     metrics = {"objective": result.objective, "latency_ms_per_user": result.latency_ms_per_user,
                "train_seconds": result.train_seconds, "eval_seconds": result.eval_seconds}
+    if result.fit_seconds is not None:
+        metrics["fit_seconds"] = result.fit_seconds
     if result.vs_best is not None:
         metrics |= {f"vs_best_{name}": result.vs_best[name] for name in ("diff", "low", "high")}
     for split, by_group in (("val", result.metrics), ("test", result.test_metrics or {})):
