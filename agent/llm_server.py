@@ -405,9 +405,7 @@ class LlamaBackend:
             grammar = self.grammar_from_schema(json.dumps(schema), verbose=False) if schema else None
         except Exception as error:
             raise BadRequest(f"a tool's parameters schema cannot be turned into a grammar: {error}") from error
-        # Greedy replies (the agent's) check only the argmax token against the grammar; sampling
-        # keeps llama.cpp's chain, which checks the whole vocabulary every token.
-        greedy = GreedyUnderGrammar(self.llm, grammar) if grammar is not None and temperature == 0 else None
+        greedy = None
         # Requests queue on the lock; one whose client left stops waiting, and generation stops
         # at the next token once the client is gone.
         while not self.lock.acquire(timeout=0.5):
@@ -422,6 +420,9 @@ class LlamaBackend:
                 raise BadRequest(f"the prompt is {len(tokens)} tokens; the context holds {self.llm.n_ctx()}")
             # A private attribute of llama-cpp-python: if it goes, no cached tokens are reported, nothing fails.
             cached = _shared_prefix(getattr(self.llm, "_input_ids", ()), tokens)
+            # Greedy replies (the agent's) check only the argmax token against the grammar; sampling
+            # keeps llama.cpp's chain, which checks the whole vocabulary every token.
+            greedy = GreedyUnderGrammar(self.llm, grammar) if grammar is not None and temperature == 0 else None
             out = self.llm.create_completion(tokens, max_tokens=min(max_tokens, room), temperature=temperature,
                                              top_p=top_p, stop=STOP + stop, seed=seed,
                                              grammar=None if greedy else grammar,
