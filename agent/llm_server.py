@@ -451,8 +451,15 @@ class GreedyUnderGrammar:
 
         self.api = llama_cpp
         self.sampler = llama_cpp.llama_sampler_init_grammar(llm._model.vocab, grammar._grammar.encode(), grammar._root.encode())
+        import numpy as np
+
         self.one = (llama_cpp.llama_token_data * 1)()
         self.vocabulary = (llama_cpp.llama_token_data * llm.n_vocab())()
+        self.table = np.ctypeslib.as_array(self.vocabulary)
+        self.table["id"] = np.arange(len(self.table))
+        # One token's logit is finite per step: reused, with the last step's token put back to -inf.
+        self.only = np.full(llm.n_vocab(), -np.inf, dtype=np.float32)
+        self.last = 0
 
     def allowed(self, candidates: Any) -> Any:
         """The grammar's verdict on `candidates` (a ctypes llama_token_data array): rejected ones get logit -inf."""
@@ -468,13 +475,13 @@ class GreedyUnderGrammar:
         token = int(np.argmax(logits))
         self.one[0].id, self.one[0].logit, self.one[0].p = token, float(logits[token]), 0.0
         if not np.isfinite(self.allowed(self.one)[0].logit):
-            table = np.ctypeslib.as_array(self.vocabulary)
-            table["id"], table["logit"], table["p"] = np.arange(len(table)), logits, 0.0
-            token = int(np.argmax(np.ctypeslib.as_array(self.allowed(self.vocabulary))["logit"]))
+            # The grammar only writes -inf over rejected logits, so the ids filled once stay valid.
+            self.table["logit"] = logits
+            self.allowed(self.vocabulary)
+            token = int(np.argmax(self.table["logit"]))
         self.api.llama_sampler_accept(self.sampler, token)
-        only = np.full_like(logits, -np.inf)
-        only[token] = 0.0
-        return only
+        self.only[self.last], self.only[token], self.last = -np.inf, 0.0, token
+        return self.only
 
     def close(self) -> None:
         self.api.llama_sampler_free(self.sampler)

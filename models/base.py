@@ -36,11 +36,13 @@ class FitContext:
     progress: bool = False
 
 
-class RecallModel(ABC):
+class Stage(ABC):
     fit_seconds: float | None = None
-    """Wall seconds its fit took (set by models.pipeline); it stays with the fitted model, so a
+    """Wall seconds its fit took (set by models.pipeline); it stays with the fitted stage, so a
     cached one still tells what it cost."""
 
+
+class RecallModel(Stage):
     @abstractmethod
     def fit(self, dataset: Dataset, context: FitContext) -> None:
         """Learn from `dataset.train` only."""
@@ -51,11 +53,7 @@ class RecallModel(ABC):
         also what the model reads as the user's past (train for validation, train + val for test)."""
 
 
-class Ranker(ABC):
-    fit_seconds: float | None = None
-    """Wall seconds its fit took (set by models.pipeline); it stays with the fitted model, so a
-    cached one still tells what it cost."""
-
+class Ranker(Stage):
     @abstractmethod
     def fit(self, dataset: Dataset, make_recall: Callable[[], RecallModel], context: FitContext) -> None:
         """Learn to order candidate lists, from train interactions only. `make_recall` builds
