@@ -8,7 +8,8 @@ own change of the best, or finishes. A reply that cannot be used
 — text, a broken call, a repeat, a value out of range — runs the menu's first candidate
 instead, at no extra call, and the next prompt says why: no trial is ever spent on a
 repeated configuration, and no call on asking again. Everything a call depends on is in the history, so the
-same history gives the same call; the system message and the tools depend on the pipeline
+same history gives the same call — measured latencies, which differ from run to run, are shown
+only under a latency budget, so a seed repeats its calls; the system message and the tools depend on the pipeline
 alone and the history only grows at its end, so an endpoint that caches prompt prefixes
 (the embedded llama.cpp server, vLLM, DeepSeek) re-reads only the new rows.
 """
@@ -150,7 +151,8 @@ class LLMProposer(Proposer):
         lines = [f"{letter}. {candidate.describe()}" for letter, candidate in zip(LETTERS, options)]
         feedback = _feedback(history, best, self.name)
         turn = render("tune_turn", group=study.group, used=spent(history),
-                      budget=context.budget, history=history_table(history, space.defaults(study.pipeline), study.objective),
+                      budget=context.budget, history=history_table(history, space.defaults(study.pipeline), study.objective,
+                                                            latency=study.max_latency_ms is not None),
                       best_trial=best.number, objective=study.objective, best_value=f"{best.objective:.5f}",
                       menu="\n".join(lines) or "(empty: every candidate near the best is tried; propose your own change)",
                       feedback=fragment("tune_feedback", feedback=feedback) + "\n" if feedback else "")

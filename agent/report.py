@@ -39,33 +39,36 @@ def outcome(record: "TrialRecord | None") -> str:
     return f"{record.objective:.5f}" if record.state == "complete" else f"failed ({record.error})"
 
 
-def history_table(history: list["TrialRecord"], defaults: dict, objective: str) -> str:
+def history_table(history: list["TrialRecord"], defaults: dict, objective: str, latency: bool = True) -> str:
     """Every trial of a group as the LLM sees it; rejected and failed proposals included, so
     that none is offered again. A pipeline with a ranker also shows its recall stage's
     candidate recall@K — whether K or the ranker limits the list — and the ranker's loss
     after each epoch on its training and validation lists — whether it under- or overfits:
-    what TPE cannot see."""
+    what TPE cannot see. `latency`: the measured ms per user, which differ from run to run."""
     stage = any(_candidate_recall(r) is not None for r in history)
     curves = any(r.result is not None and r.result.ranker_curve for r in history)
-    extra = (" candidate recall@K |" if stage else "") + (" ranker loss by epoch (train/val) |" if curves else "")
-    lines = [f"| trial | tuner | changes from default | {objective} | recall@20 |{extra} latency ms/user | vs best |",
-             "|---|---|---|---|---|---|---|" + "---|" * (stage + curves)]
+    extra = ((" candidate recall@K |" if stage else "") + (" ranker loss by epoch (train/val) |" if curves else "")
+             + (" latency ms/user |" if latency else ""))
+    lines = [f"| trial | tuner | changes from default | {objective} | recall@20 |{extra} vs best |",
+             "|---|---|---|---|---|---|" + "---|" * (stage + curves + latency)]
     for record in history:
         changes = json_compact(changed(record.params, defaults)) or "(default)"
-        blanks = " | -" * (3 + stage + curves)
+        blanks = " | -" * (2 + stage + curves + latency)
         if record.state == "rejected":
             outcome = f"rejected by a person: {cell(record.comment)}{blanks}"
         elif record.state != "complete" or record.result is None:
             outcome = f"failed: {cell(record.error)}{blanks}"
         else:
-            over = "" if record.feasible else " (over the latency budget)"
             recall = record.result.metrics.get(record.result.spec.group, {}).get("recall@20", 0.0)
             candidates = f" {_candidate_recall(record) or 0.0:.4f} |" if stage else ""
             if curves:
                 candidates += f" {_curve(record.result.ranker_curve)} |"
             # vs best: this trial minus the best before it, paired over the users, 95% interval.
             versus = "-" if record.result.vs_best is None else Interval.from_json(record.result.vs_best).text()
-            outcome = f"{record.objective:.5f} | {recall:.5f} |{candidates} {record.result.latency_ms_per_user:.3f}{over} | {versus}"
+            if latency:
+                over = "" if record.feasible else " (over the latency budget)"
+                candidates += f" {record.result.latency_ms_per_user:.3f}{over} |"
+            outcome = f"{record.objective:.5f} | {recall:.5f} |{candidates} {versus}"
         lines.append(f"| {record.number} | {_tuner(record)} | {changes} | {outcome} |")
     return "\n".join(lines)
 

@@ -486,6 +486,9 @@ def test_the_llm_runs_another_groups_best_when_it_chooses_it_from_the_menu():
     assert canonical(proposal.params) == canonical(cold_best)
     assert (proposal.meta["source"], proposal.rationale) == ("transfer", "cold's best, cf_weight 0.5")
     assert "cf_weight 0.85→0.5 (best of group cold)" in user_text(llm.requests[0])
+    # No latency budget: the LLM does not read measured latencies (0.5 ms here), which differ from
+    # run to run and would make the same seed take another path.
+    assert "latency" not in user_text(llm.requests[0]) and "0.500" not in user_text(llm.requests[0])
 
 
 def test_a_model_stuck_on_one_change_never_repeats_a_trial(tmp_path, baby_format_dir, shared_cache):

@@ -157,6 +157,11 @@ def test_the_session_report_says_when_the_gain_over_the_default_is_within_noise(
     assert header.endswith("| recall@20 | ranker loss by epoch (train/val) | latency ms/user | vs best |")
     assert rule.count("|") == header.count("|")
     assert first.endswith("| - | 0.500 | - |") and second.endswith("| .412/.437, .371/- | 0.500 | +.0012 [-.0008, +.0031] |")
+    # Without the measured latency (what the LLM reads when no latency budget is set) the row loses that cell alone.
+    header, rule, first, second = history_table([histories["cold"][0], ranked], defaults, "ndcg@20", latency=False).splitlines()
+    assert header.endswith("| recall@20 | ranker loss by epoch (train/val) | vs best |")
+    assert rule.count("|") == header.count("|") and second.count("|") == header.count("|")
+    assert second.endswith("| .412/.437, .371/- | +.0012 [-.0008, +.0031] |") and "0.500" not in second
 
 
 def test_the_comparison_counts_the_seeds_whose_gain_is_within_noise():
