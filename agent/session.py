@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import ExitStack, contextmanager, nullcontext
 from pathlib import Path
 
@@ -115,8 +114,6 @@ def run(settings: Settings | dict, answer: Callable[[dict], dict | None] | None,
 
     settings = Settings.from_json(settings)
     config = {"configurable": {"thread_id": settings.session}}
-    if tracker is not None:
-        tracker.open_in_background()
     # Before the first read of the checkpoint: a second process would run the same next step.
     with session_lock(checkpoint, settings.session), checkpointer(checkpoint) as saver:
         # Refuse a name clash before loading data or starting a model.
@@ -128,17 +125,13 @@ def run(settings: Settings | dict, answer: Callable[[dict], dict | None] | None,
         resolve_objective(settings.objective, PipelineConfig())  # trial 0 is the default configuration
         check_latency_budget(settings.max_latency_ms)
         endpoint = resolve_llm(llm_base_url or settings.llm_base_url, llm_model or settings.llm_model)
-        # The embedded model starts (~3 s) while the data loads (~2 s on Baby). Exits run in
-        # reverse: the start is waited for, then stopped, whatever the loading raised.
-        with ExitStack() as stack, ThreadPoolExecutor(max_workers=1) as pool:
-            starting = pool.submit(stack.enter_context, llm_client(endpoint, settings.cache_dir, echo))
-            runner = TrialRunner.open(settings.dataset, settings.groups, data_dir=settings.data_dir, cache_dir=settings.cache_dir,
-                                      max_latency_ms=settings.max_latency_ms)
-            # The session's MLflow runs are found again by these names: one a search filter cannot
-            # quote would stop the session after its first checkpoint, and every resume with it.
-            for name in (settings.session, *runner.groups.labels):
-                filter_value(name)
-            llm = starting.result()
+        runner = TrialRunner.open(settings.dataset, settings.groups, data_dir=settings.data_dir, cache_dir=settings.cache_dir,
+                                  max_latency_ms=settings.max_latency_ms)
+        # The session's MLflow runs are found again by these names: one a search filter cannot
+        # quote would stop the session after its first checkpoint, and every resume with it.
+        for name in (settings.session, *runner.groups.labels):
+            filter_value(name)
+        with llm_client(endpoint, settings.cache_dir, echo) as llm:
             resources = Resources(runner, llm, None, echo, report_dir, warm_prompt_cache=endpoint.embedded)
             try:
                 return _drive(build_graph(saver), resources, config, settings, answer, tracker, trace)

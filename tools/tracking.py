@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import re
-import threading
 import time
 from collections.abc import Iterable, Iterator, Mapping
 from contextlib import contextmanager
@@ -310,26 +309,9 @@ class Tracker:
         self.tracking_uri = resolve_tracking_uri(tracking_uri)
         self.artifact_root = artifact_root if artifact_root is not None else _default_artifact_root(self.tracking_uri)
         self._client: MlflowClient | None = None
-        self._opening = threading.Lock()
-
-    def open_in_background(self) -> None:
-        """Open the store in a thread while the caller loads data: importing MLflow and creating a
-        new sqlite schema take ~7 s on 2 cores, before a session's first trial. `client` waits for
-        it; a failure here is met again, and raised, by the first use."""
-        def connect() -> None:
-            try:
-                self.client
-            except Exception:
-                pass
-
-        threading.Thread(target=connect, name="mlflow-open", daemon=True).start()
 
     @property
     def client(self) -> MlflowClient:
-        with self._opening:
-            return self._connected()
-
-    def _connected(self) -> MlflowClient:
         if self._client is None:
             from mlflow import MlflowClient
 
