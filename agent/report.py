@@ -82,7 +82,7 @@ def _tuner(record: "TrialRecord") -> str:
 
 
 def _curve(points: list[dict] | None) -> str:
-    """`.412/.437, .371/.441`: the ranker's training/validation loss after each epoch."""
+    """`5.986/5.896, 5.803/5.747`: the ranker's training/validation loss after each epoch."""
     def short(value):
         return "-" if value is None else f"{value:.3f}".lstrip("0")
     return ", ".join(f"{short(p['train_loss'])}/{short(p.get('val_loss'))}" for p in points or []) or "-"

@@ -66,12 +66,13 @@ class PipelineConfig:
     ranker_dim: int = _param(16, "ranker", "DeepFM field embedding size", ("deepfm",))
     hidden: tuple[int, ...] = _param((128, 64), "ranker", "DeepFM MLP hidden sizes", ("deepfm",))
     dropout: float = _param(0.1, "ranker", "DeepFM MLP dropout", ("deepfm",))
-    ranker_lr: float = _param(0.001, "ranker", "DeepFM Adam learning rate", ("deepfm",))
-    ranker_epochs: int = _param(2, "ranker", "DeepFM training epochs", ("deepfm",))
-    ranker_batch_size: int = _param(2048, "ranker", "DeepFM batch size", ("deepfm",))
-    negatives: int = _param(4, "ranker", "DeepFM negatives per positive, drawn from the recall candidates", ("deepfm",))
-    negative_pool: int = _param(500, "ranker", "DeepFM trains on this many top recall candidates per user; serving a "
-                                "larger k than this brings it candidates it never learned from", ("deepfm",))
+    ranker_lr: float = _param(0.003, "ranker", "DeepFM Adam learning rate", ("deepfm",))
+    ranker_epochs: int = _param(4, "ranker", "DeepFM training epochs", ("deepfm",))
+    ranker_batch_size: int = _param(256, "ranker", "DeepFM batch size, in candidate lists", ("deepfm",))
+    negatives: int = _param(32, "ranker", "DeepFM candidates drawn from the user's list to rank each held-out item "
+                            "against (sampled softmax)", ("deepfm",))
+    negative_pool: int = _param(500, "ranker", "DeepFM learns from lists of this many top recall candidates per user",
+                                ("deepfm",))
 
     def __post_init__(self):
         for f in fields(self):

@@ -628,7 +628,10 @@ def test_three_refused_picks_fall_back_to_the_best_then_each_group_keeps_its_cal
         trials = assert_no_repeats(config["storage"], f"s1-{group}")
         assert [trials[n]["tuner"] for n in trials] == ["default", "llm"] and trials[1]["meta"]["candidate"] == "B"
         assert_ran_its_candidate(bodies[index], trials, 1)
-    assert assert_cacheable_prefixes(bodies) == 3  # all four tune the heuristic: one system message and toolset
+    # Each group tunes its band's best; consecutive groups on one pipeline share the system message and tools.
+    tuned = [choice["pipeline"] for choice in selection.values()]
+    shared = sum(before == after for before, after in zip(tuned, tuned[1:]))
+    assert shared >= 1 and assert_cacheable_prefixes(bodies) == shared, tuned
 
 
 def test_select_runs_are_nested_mlflow_runs_logged_once_across_a_crash(tmp_path, baby_format_dir, monkeypatch, shared_cache):

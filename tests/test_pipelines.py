@@ -148,7 +148,7 @@ def plain_scores(ranker, users: np.ndarray, candidates) -> np.ndarray:
     items = candidates.items.ravel()
     with torch.inference_mode():
         return ranker.net(
-            torch.from_numpy(u), torch.from_numpy(ranker.activity[u]), torch.from_numpy(items), torch.from_numpy(ranker.popularity[items]),
+            torch.from_numpy(ranker.activity[u]), torch.from_numpy(items), torch.from_numpy(ranker.popularity[items]),
             torch.from_numpy(ranker.pair_features(candidates.scores.ravel(), np.tile(np.arange(k), len(users)))),
         ).numpy().reshape(candidates.items.shape)
 
@@ -165,10 +165,45 @@ def test_deepfm_negatives_come_from_the_whole_candidate_list(planted):
     # scores it had never met) too high: on Baby, Recall@20 fell as K grew past its pool.
     config = PipelineConfig.from_dict({"pipeline": "heuristic+deepfm", **TINY, "negative_pool": 80})
     ranker = build_ranker(config)
-    (_, _, _, ranks, labels), _ = ranker._training_lists(planted, lambda: build_recall(config), FitContext(seed=0))
-    negative_ranks = ranks[labels == 0]
+    (users, items, _, ranks, offsets), recall = ranker._training_lists(planted, lambda: build_recall(config), FitContext(seed=0))
+    assert items.shape == ranks.shape == offsets.shape == (len(users), 1 + config.negatives)
+    negative_ranks = ranks[:, 1:][np.isfinite(offsets[:, 1:])]
     assert negative_ranks.max() >= 72 and negative_ranks.min() <= 8, (negative_ranks.min(), negative_ranks.max())
     assert 0.4 < (negative_ranks >= 40).mean() < 0.6, "negatives are not spread over the whole list"
+
+
+def test_deepfm_loss_is_a_softmax_over_the_whole_list_at_chance(planted):
+    # Sampled softmax with its correction: a ranker that scores every candidate alike must
+    # pay log(1 + list size), the loss of a uniform guess over the positive and its whole
+    # list, whatever the number of negatives drawn; a draw that is itself a held-out item
+    # must not count as a negative.
+    from rectune.models.deepfm import _lightning_module
+
+    config = PipelineConfig.from_dict({"pipeline": "heuristic+deepfm", **TINY, "negative_pool": 80, "negatives": 8})
+    ranker = build_ranker(config)
+    (users, items, scores, ranks, offsets), _ = ranker._training_lists(planted, lambda: build_recall(config), FitContext(seed=0))
+    answers = items[:, :1] == items[:, 1:]
+    assert np.isneginf(offsets[:, 1:][answers]).all()
+    assert (offsets[:, 0] == 0).all()
+    # Every list is full here (80 candidates), so each finite offset is log(80 / 8).
+    # (the others are −inf: draws that are one of that user's held-out items).
+    drawn = offsets[:, 1:]
+    np.testing.assert_allclose(drawn[np.isfinite(drawn)], np.log(80 / 8), rtol=1e-6)
+    assert 0 < np.isneginf(drawn).mean() < 0.05
+    ranker.activity, ranker.popularity = np.zeros(planted.n_users, np.int64), np.zeros(planted.n_items, np.int64)
+    ranker.score_mean = ranker.score_std = ranker.rank_mean = ranker.rank_std = 1.0
+    net = DeepFMNet({"activity": 1, "popularity": 16}, 4, (8,), 0.0, None, None, n_pair_fields=2).eval()
+    with torch.no_grad():
+        net.output.weight.zero_()
+        net.output.bias.zero_()
+        net.pair_first.zero_()
+        net.pair_embed.zero_()
+    module = _lightning_module(net, 0.01)
+    usable = np.isfinite(offsets[:, 1:]).all(axis=1)
+    batch = {name: tensor[torch.from_numpy(usable)] for name, tensor in ranker._tensors(users, items, scores, ranks, offsets).items()}
+    with torch.no_grad():
+        loss = float(module._loss(batch))
+    assert abs(loss - np.log1p(80)) < 1e-4, (loss, np.log1p(80))
 
 
 def test_k_and_top_n_change_serving_only():
@@ -271,7 +306,7 @@ def test_deepfm_ranker_learns_from_item_categories(movielens_like, monkeypatch):
     # 4 clusters and 3 genres; each item's row averages its two categories.
     assert ranker.net.categories.shape == (movielens_like.n_items, 7)
     np.testing.assert_allclose(ranker.net.categories.sum(dim=1).cpu().numpy(), 1.0)
-    assert ranker.net.n_item_fields == 4  # item, popularity, categories, content
+    assert ranker.net.n_item_fields == 3  # popularity, categories, content
     for name in ("category_embed.weight", "category_first.weight"):
         changed = ~torch.isclose(initial[0][name], dict(ranker.net.named_parameters())[name].detach().cpu()).all(dim=0)
         assert changed.all(), f"{name}: categories {np.flatnonzero(~changed.numpy()).tolist()} received no update"
@@ -339,9 +374,9 @@ def test_fm_second_order_equals_the_pairwise_sum():
     pairwise = sum((vectors[:, i] * vectors[:, j]).sum(-1) for i in range(6) for j in range(i + 1, 6))
     torch.testing.assert_close(fm_second_order(vectors), pairwise)
 
-    # The whole network with first order and MLP zeroed is its FM term over all eight fields.
+    # The whole network with first order and MLP zeroed is its FM term over all six fields.
     rng = np.random.default_rng(0)
-    sizes = {"user": 7, "item": 9, "activity": 3, "popularity": 16}
+    sizes = {"activity": 3, "popularity": 16}
     categories = rng.random((9, 5)).astype(np.float32)
     content = rng.normal(size=(9, 6)).astype(np.float32)
     torch.manual_seed(0)
@@ -353,15 +388,15 @@ def test_fm_second_order_equals_the_pairwise_sum():
         for table in net.embed.values():
             table.weight.normal_()  # the 0.01 init would make the check trivially small
     n = 11
-    user, item = torch.from_numpy(rng.integers(0, 7, n)), torch.from_numpy(rng.integers(0, 9, n))
+    item = torch.from_numpy(rng.integers(0, 9, n))
     activity = torch.from_numpy(rng.integers(0, 3, n))
     popularity, pair = torch.from_numpy(rng.integers(0, 16, n)), torch.from_numpy(rng.normal(size=(n, 2)).astype(np.float32))
     with torch.no_grad():
-        fields = [net.embed["user"](user), net.embed["activity"](activity), net.embed["item"](item), net.embed["popularity"](popularity),
+        fields = [net.embed["activity"](activity), net.embed["popularity"](popularity),
                   net.category_embed(net.categories[item]), net.content_embed(net.content[item]),
                   pair[:, :1] * net.pair_embed[0], pair[:, 1:] * net.pair_embed[1]]
-        expected = sum((fields[i] * fields[j]).sum(-1) for i in range(8) for j in range(i + 1, 8))
-        torch.testing.assert_close(net(user, activity, item, popularity, pair), expected, rtol=1e-5, atol=1e-5)
+        expected = sum((fields[i] * fields[j]).sum(-1) for i in range(6) for j in range(i + 1, 6))
+        torch.testing.assert_close(net(activity, item, popularity, pair), expected, rtol=1e-5, atol=1e-5)
 
 
 def test_two_tower_smooths_its_item_tables_over_the_content_graph_as_documented():
@@ -439,7 +474,8 @@ def test_the_rankers_curve_has_a_training_and_a_validation_loss_per_epoch_and_ch
     _, result = trial(planted, "all", "heuristic+deepfm", params=params)
     curve = result.ranker_curve
     assert [p["epoch"] for p in curve] == [1, 2]
-    assert all(0 < p[name] < 5 for p in curve for name in ("train_loss", "val_loss"))
+    chance = np.log1p(params["negative_pool"])  # a uniform guess over a whole list (sampled softmax)
+    assert all(0 < p[name] < chance for p in curve for name in ("train_loss", "val_loss")), (curve, chance)
     assert curve[1]["train_loss"] < curve[0]["train_loss"]  # the planted clusters are learnable
     assert TrialResult.from_dict(result.to_dict()).ranker_curve == curve  # kept in the ledger
     assert trial(planted, "all", "heuristic")[1].ranker_curve is None

@@ -40,7 +40,7 @@ def test_shipped_file_declares_the_issue_ranges(space):
         "text_weight": (0.0, 1.0, False), "ease_lambda": (10.0, 5000.0, True),
         "lr": (1e-4, 3e-2, True), "epochs": (1, 20, False), "temperature": (0.02, 1.0, True),
         "weight_decay": (0.0, 1e-3, False), "ranker_dim": (4, 64, False), "dropout": (0.0, 0.5, False),
-        "ranker_lr": (1e-4, 1e-2, True), "ranker_epochs": (1, 10, False), "negatives": (1, 16, False),
+        "ranker_lr": (1e-4, 1e-2, True), "ranker_epochs": (1, 10, False), "negatives": (4, 128, True),
         "negative_pool": (100, 2000, True), "content_layers": (0, 3, False), "heuristic_weight": (0.0, 2.0, False),
     }
     choices = {p.name: p.choices for p in space.parameters if p.type == "categorical"}
@@ -269,7 +269,7 @@ def test_markdown_lists_every_parameter_and_where_it_applies(space):
         assert f"| `{p.name}` | {p.domain()} | `{p.default}` | {p.stage} |" in text
     assert "| `k` | int in [50, 3000], log scale | `500` | serving | all pipelines |" in text
     assert "| `lr` | float in [0.0001, 0.03], log scale | `0.003` | recall | two_tower, two_tower+deepfm |" in text
-    assert "| `negatives` | int in [1, 16] | `4` | ranker | heuristic+deepfm, two_tower+deepfm |" in text
+    assert "| `negatives` | int in [4, 128], log scale | `32` | ranker | heuristic+deepfm, two_tower+deepfm |" in text
     assert "`k >= top_n`" in text
 
 
