@@ -69,7 +69,7 @@ def pick_first(body: dict) -> dict:
     """The pick answered from the request itself: for every group its tool asks about, the first
     pipeline within noise of the best (which pipelines tie depends on the data, not the script)."""
     [tool] = [t["function"] for t in body["tools"] if t["function"]["name"] == "choose_pipelines"]
-    return call("choose_pipelines", **{group: {"pipeline": spec["properties"]["pipeline"]["enum"][0], "reason": "cheapest"}
+    return call("choose_pipelines", **{group: {"because": "best objective", "pipeline": spec["properties"]["pipeline"]["enum"][0]}
                                        for group, spec in tool["parameters"]["properties"].items()})
 
 

@@ -551,15 +551,15 @@ def test_only_pipelines_within_noise_of_the_best_may_be_picked(tmp_path, baby_fo
         call (past any grammar an endpoint would enforce); the others' first choice."""
         offers = bands(body)
         group = min(offers, key=lambda g: len(offers[g]))
-        choice = {g: {"pipeline": band[0], "reason": "the best"} for g, band in offers.items()}
-        choice[group] = {"pipeline": next(p for p in PIPELINES if p not in offers[group]), "reason": "I like it"}
+        choice = {g: {"because": "best objective", "pipeline": band[0]} for g, band in offers.items()}
+        choice[group] = {"because": "best objective", "pipeline": next(p for p in PIPELINES if p not in offers[group])}
         refused.update(group=group, pipeline=choice[group]["pipeline"], band=offers[group])
         return raw("choose_pipelines", json.dumps(choice))
 
-    def the_last_of_each_band(body):
-        return call("choose_pipelines", **{g: {"pipeline": band[-1], "reason": f"cheaper than {band[0]}"} for g, band in bands(body).items()})
+    def the_simplest_of_each_band(body):
+        return call("choose_pipelines", **{g: {"because": "fewest stages", "pipeline": band[-1]} for g, band in bands(body).items()})
 
-    with ScriptedLLM([], picks=[outside_the_band, the_last_of_each_band]) as llm:
+    with ScriptedLLM([], picks=[outside_the_band, the_simplest_of_each_band]) as llm:
         config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", budget=1), **TIES, "cache_dir": shared_cache}
         values = run(config, None, echo=lambda line: None, checkpoint=str(tmp_path / "sessions.db"),
                      tracker=Tracker(config["tracking_uri"]), report_dir=tmp_path / "r")
@@ -582,9 +582,14 @@ def test_only_pipelines_within_noise_of_the_best_may_be_picked(tmp_path, baby_fo
     for group, band in expected.items():
         choice = selection[group]
         if group == refused["group"]:
-            assert (choice["pipeline"], choice["chosen_by"], choice["reason"]) == (band[-1], "llm", f"cheaper than {band[0]}")
+            # The criterion decides: the band's first pipeline without a ranker (the one named if it is one).
+            simplest = [p for p in band if "+" not in p] or band
+            expected_pipeline = band[-1] if band[-1] in simplest else simplest[0]
+            assert (choice["pipeline"], choice["chosen_by"], choice["because"]) == (expected_pipeline, "llm", "fewest stages")
+            assert choice["reason"].startswith(f"the simplest (fewest stages) of the {len(band)} within noise: ")
         elif group in ties:
-            assert (choice["pipeline"], choice["chosen_by"], choice["reason"]) == (band[0], "llm", "the best")
+            assert (choice["pipeline"], choice["chosen_by"], choice["because"]) == (band[0], "llm", "best objective")
+            assert choice["reason"].startswith(f"the best objective of the {len(band)} within noise: {table[group][band[0]]['objective']:.5f} against ")
         else:
             assert (choice["pipeline"], choice["chosen_by"]) == (band[0], "rule")
             assert choice["reason"].startswith("the only pipeline within noise of the best (next: ")
@@ -743,7 +748,7 @@ the pick may choose it: its trials train long enough to be seen running."""
 def two_tower_llm() -> ScriptedLLM:
     return ScriptedLLM([call("propose_change", changes={"embedding_dim": 32, "epochs": 4}, rationale="smaller"),
                         call("propose_change", changes={"embedding_dim": 48, "epochs": 4}, rationale="in between")],
-                       picks=[call("choose_pipelines", all={"pipeline": "two_tower", "reason": "learned"})])
+                       picks=[call("choose_pipelines", all={"because": "fewest stages", "pipeline": "two_tower"})])
 
 
 def start(command, tmp_path, **options):

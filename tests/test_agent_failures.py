@@ -15,7 +15,7 @@ def test_a_trial_that_fails_counts_and_the_session_goes_on(tmp_path, baby_format
     # takes the heuristic with DeepFM, whose K can move the objective (without a ranker it cannot).
     script = [call("propose_change", changes={"k": 60}, rationale="fewer candidates"),
               call("propose_change", changes={"neighbors": 20}, rationale="denser")]
-    ranked = call("choose_pipelines", all={"pipeline": "heuristic+deepfm", "reason": "a ranker"})
+    ranked = call("choose_pipelines", all={"because": "best objective", "pipeline": "heuristic+deepfm"})
     lines = []
     with ScriptedLLM(script, picks=[ranked]) as llm:
         config = {**settings(tmp_path, baby_format_dir, llm.base_url, approve="auto", groups="all", budget=3),

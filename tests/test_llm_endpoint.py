@@ -423,7 +423,7 @@ def test_a_decision_is_asked_for_the_way_a_stock_llama_cpp_server_understands():
     # One tool: named, which such a server obeys. Several: "required", which it ignores (and says so in text).
     assert llm.requests[0]["tool_choice"] == {"type": "function", "function": {"name": "choose_pipelines"}}
     assert llm.requests[1]["tool_choice"] == "required"
-    assert picked.tool_calls[0]["args"] == {"all": {"pipeline": "heuristic", "reason": "cheapest"}}
+    assert picked.tool_calls[0]["args"] == {"all": {"because": "best objective", "pipeline": "heuristic"}}
     assert not answered_in_text(picked) and answered_in_text(tuned)
     stop = str(text_replies_stop(3))
     assert stop.startswith("the LLM endpoint answered 3 turns in a row with text, not the tool call each one required")

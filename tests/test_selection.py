@@ -4,10 +4,12 @@ nothing ties) is in tests/test_agent.py."""
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 from langchain_core.messages import AIMessage
 
-from rectune.agent.selection import decided, group_table, pick_tool, read_pick, tied
+from rectune.agent.selection import CRITERIA, decided, group_table, pick_tool, read_pick, tied
 from rectune.tools.noise import paired_interval
 from rectune.tools.space import SearchSpace
 
@@ -42,21 +44,59 @@ def test_the_pick_tool_offers_only_the_band_and_refuses_anything_else():
     schema = pick_tool(ties)["function"]["parameters"]
     assert schema["required"] == ["cold", "heavy"]
     assert schema["properties"]["cold"]["properties"]["pipeline"]["enum"] == ["heuristic", "two_tower"]
+    # The criterion before the pipeline: a model writing left to right names the pipeline knowing why.
+    assert list(schema["properties"]["cold"]["properties"]) == ["because", "pipeline"]
+    assert schema["properties"]["cold"]["properties"]["because"]["enum"] == list(CRITERIA)
 
     def reply(**args):
         return AIMessage(content="", tool_calls=[{"name": "choose_pipelines", "args": args, "id": "1"}])
 
-    picked, problems = read_pick(reply(cold={"pipeline": "two_tower", "reason": "cheaper: 0.4 ms"},
-                                       heavy={"pipeline": "heuristic", "reason": "simple"}), ties)
+    picked, problems = read_pick(reply(cold={"because": "fastest serving", "pipeline": "two_tower"},
+                                       heavy={"because": "cheapest fit", "pipeline": "heuristic"}), ties)
     # A valid pick is kept; only the group that went wrong is asked about again.
-    assert picked == {"cold": {"pipeline": "two_tower", "reason": "cheaper: 0.4 ms"}}
+    assert picked == {"cold": {"pipeline": "two_tower", "because": "fastest serving"}}
     assert problems == "group 'heavy': 'heuristic' is not within noise of the best; choose one of ['two_tower+deepfm', 'two_tower']"
-    picked, problems = read_pick(reply(cold={"pipeline": "two_tower", "reason": "cheaper"}), ties)
-    assert list(picked) == ["cold"] and problems == "no choice for group 'heavy' (an object with pipeline and reason)"
-    picked, problems = read_pick(reply(cold={"pipeline": "two_tower", "reason": "cheaper: 0.4 ms"},
-                                       heavy={"pipeline": "two_tower", "reason": "5x faster to fit"}), ties)
-    assert problems == "" and picked["heavy"] == {"pipeline": "two_tower", "reason": "5x faster to fit"}
+    picked, problems = read_pick(reply(cold={"because": "cheapest fit", "pipeline": "two_tower"}), ties)
+    assert list(picked) == ["cold"] and problems == "no choice for group 'heavy' (an object with because and pipeline)"
+    picked, problems = read_pick(reply(cold={"because": "cheapest fit", "pipeline": "two_tower"},
+                                       heavy={"because": "5x faster to fit", "pipeline": "two_tower"}), ties)
+    assert problems == f"group 'heavy': because must be one of {list(CRITERIA)}, not '5x faster to fit'"
     assert read_pick(AIMessage(content="heuristic everywhere"), ties)[0] == {}
+
+
+def test_the_criterion_decides_and_the_reason_cites_only_the_table():
+    rows = {"two_tower+deepfm": {"objective": .0496, "f1@20": .0120, "fit_seconds": 34.0, "ms_per_user": .41,
+                                 "vs_best": {"diff": 0.0, "low": 0.0, "high": 0.0}},
+            "two_tower": {"objective": .0494, "f1@20": .0118, "fit_seconds": 23.0, "ms_per_user": .12,
+                          "vs_best": {"diff": -.0002, "low": -.0006, "high": .0002}},
+            "heuristic": {"objective": .0470, "f1@20": .0110, "fit_seconds": 6.0, "ms_per_user": .05,
+                          "vs_best": {"diff": -.0026, "low": -.0040, "high": -.0012}}}
+    band = tied(rows)
+    assert band == ["two_tower+deepfm", "two_tower"]
+    cheap = decided(rows, band, {"because": "cheapest fit", "pipeline": "two_tower"}, "", SPACE)
+    assert (cheap["pipeline"], cheap["chosen_by"], cheap["because"], cheap["agrees"]) == ("two_tower", "llm", "cheapest fit", False)
+    assert cheap["reason"] == ("the cheapest to fit of the 2 within noise: 23.0 s fit against two_tower+deepfm 34.0 s fit; "
+                               "objective -.0002 [-.0006, +.0002] to two_tower+deepfm")
+    assert "named" not in cheap
+    # The LLM names the ranker's pipeline as the cheapest (it is not): the table's cheapest is taken, and the
+    # reason says what was named. No number the table lacks can reach the report.
+    wrong = decided(rows, band, {"because": "cheapest fit", "pipeline": "two_tower+deepfm"}, "", SPACE)
+    assert (wrong["pipeline"], wrong["named"]) == ("two_tower", "two_tower+deepfm")
+    assert wrong["reason"].endswith("(the LLM named two_tower+deepfm, which is not the cheapest to fit by the table)")
+    best = decided(rows, band, {"because": "best objective", "pipeline": "two_tower+deepfm"}, "", SPACE)
+    assert best["pipeline"] == "two_tower+deepfm" and best["agrees"]
+    assert best["reason"] == "the best objective of the 2 within noise: 0.04960 against two_tower 0.04940"
+    f1 = decided(rows, band, {"because": "best F1", "pipeline": "two_tower"}, "", SPACE)
+    assert f1["pipeline"] == "two_tower+deepfm" and "F1 0.01200 against two_tower F1 0.01180" in f1["reason"]
+    # Fewest stages: the ranker-less pipeline, whichever was named.
+    simple = decided(rows, band, {"because": "fewest stages", "pipeline": "two_tower+deepfm"}, "", SPACE)
+    assert simple["pipeline"] == "two_tower" and simple["reason"].startswith("the simplest (fewest stages) of the 2 within "
+                                                                           "noise: no ranker against two_tower+deepfm ranker deepfm")
+    # Every number of every reason is one the table prints.
+    printed = group_table("heavy", rows, "ndcg@20")
+    for choice in (cheap, wrong, best, f1, simple):
+        for number in re.findall(r"\d*\.\d+", choice["reason"]):
+            assert number.lstrip("0") in printed or number in printed, (number, choice["reason"])
 
 
 def test_alone_in_its_band_the_best_is_picked_by_rule_with_the_runner_up_in_its_reason():
@@ -71,7 +111,7 @@ def test_alone_in_its_band_the_best_is_picked_by_rule_with_the_runner_up_in_its_
         ("heuristic", "rule", False, True, True)
     assert choice["reason"].startswith("the only pipeline within noise of the best (next: two_tower, -.0200 [")
     # The LLM's pick inside a band is kept; a failed LLM leaves the best, saying why.
-    assert decided(rows, ["heuristic", "two_tower"], {"pipeline": "two_tower", "reason": "r"}, "", SPACE)["chosen_by"] == "llm"
+    assert decided(rows, ["heuristic", "two_tower"], {"because": "best objective", "pipeline": "two_tower"}, "", SPACE)["chosen_by"] == "llm"
     failed = decided(rows, ["heuristic", "two_tower"], None, "no tool call", SPACE)
     assert (failed["pipeline"], failed["chosen_by"]) == ("heuristic", "fallback") and "no tool call" in failed["reason"]
 
