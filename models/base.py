@@ -55,9 +55,10 @@ class RecallModel(Stage):
 
 class Ranker(Stage):
     @abstractmethod
-    def fit(self, dataset: Dataset, make_recall: Callable[[], RecallModel], context: FitContext) -> None:
-        """Learn to order candidate lists, from train interactions only. `make_recall` builds
-        an unfitted recall stage like the pipeline's, to produce lists to learn from."""
+    def fit(self, dataset: Dataset, fit_recall: Callable[[Dataset], RecallModel], context: FitContext) -> None:
+        """Learn to order candidate lists, from train interactions only. `fit_recall(subset)`
+        returns a recall stage like the pipeline's fitted on `subset` (a dataset whose train is
+        part of `dataset.train`), to produce lists to learn from."""
 
     @abstractmethod
     def rank(self, users: np.ndarray, candidates: Candidates, length: int) -> np.ndarray:

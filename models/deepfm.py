@@ -260,7 +260,7 @@ class DeepFMRanker(Ranker):
     """Per epoch: the mean training loss and the loss on validation lists (sampled softmax
     per list) — whether more epochs would help or the ranker overfits."""
 
-    def _training_lists(self, dataset: Dataset, make_recall, context: FitContext):
+    def _training_lists(self, dataset: Dataset, fit_recall, context: FitContext):
         """Lists to learn from (see `_labelled`), and the recall stage that made them.
 
         A recall stage scores its own training pairs too well to teach a ranker what an
@@ -280,8 +280,7 @@ class DeepFMRanker(Ranker):
         kept = sp.csr_matrix((train.data[~held], (train.row[~held], train.col[~held])), shape=train.shape)
         answers = sp.csr_matrix((train.data[held], (train.row[held], train.col[held])), shape=train.shape)
 
-        recall = make_recall()
-        recall.fit(replace(dataset, train=kept), context)
+        recall = fit_recall(replace(dataset, train=kept))
         return self._labelled(recall, np.flatnonzero(n_held > 0), kept, answers, rng), recall
 
     def _labelled(self, recall, users: np.ndarray, history: sp.csr_matrix, answers: sp.csr_matrix, rng: np.random.Generator):
@@ -303,7 +302,7 @@ class DeepFMRanker(Ranker):
         return (users[rows], pool.items[rows[:, None], slots], pool.scores[rows[:, None], slots].astype(np.float64),
                 slots, offsets)
 
-    def fit(self, dataset: Dataset, make_recall, context: FitContext) -> None:
+    def fit(self, dataset: Dataset, fit_recall, context: FitContext) -> None:
         torch.manual_seed(context.seed)
         user_counts = np.diff(dataset.train.indptr)
         item_counts = np.asarray(dataset.train.sum(axis=0)).ravel()
@@ -313,7 +312,7 @@ class DeepFMRanker(Ranker):
         content = item_content_matrix(dataset)
         self.net = DeepFMNet(sizes, self.embedding_dim, self.hidden, self.dropout, category_matrix(dataset), content, 2)
 
-        (users, items, scores, ranks, offsets), recall = self._training_lists(dataset, make_recall, context)
+        (users, items, scores, ranks, offsets), recall = self._training_lists(dataset, fit_recall, context)
         if not len(users):
             raise ConfigError(f"DeepFM has no positive to learn from: no held-out train item reached the top {self.negative_pool} candidates")
         finite = np.isfinite(scores)

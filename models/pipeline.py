@@ -9,6 +9,7 @@ train interactions and recommends / evaluates on the validation or test split.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, fields
 
 import numpy as np
@@ -196,11 +197,16 @@ def fit_recall(config: PipelineConfig, dataset: Dataset, progress: bool = False)
     return recall
 
 
-def fit_ranker(config: PipelineConfig, dataset: Dataset, progress: bool = False) -> Ranker | None:
+def fit_ranker(config: PipelineConfig, dataset: Dataset, progress: bool = False,
+               held_out_recall: Callable[[Dataset], RecallModel] | None = None) -> Ranker | None:
+    """The rank stage, trained on lists from a recall stage fitted on part of train:
+    `held_out_recall(subset)` fits it (the runner's caches it: the subset depends only on the
+    dataset and the seed, so trials that change only ranker parameters share it)."""
     ranker = build_ranker(config)
     if ranker is not None:
         start = time.perf_counter()
-        ranker.fit(dataset, lambda: build_recall(config), FitContext(seed=config.seed, progress=progress))
+        ranker.fit(dataset, held_out_recall or (lambda subset: fit_recall(config, subset, progress)),
+                   FitContext(seed=config.seed, progress=progress))
         ranker.fit_seconds = time.perf_counter() - start
     return ranker
 

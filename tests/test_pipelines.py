@@ -165,7 +165,7 @@ def test_deepfm_negatives_come_from_the_whole_candidate_list(planted):
     # scores it had never met) too high: on Baby, Recall@20 fell as K grew past its pool.
     config = PipelineConfig.from_dict({"pipeline": "heuristic+deepfm", **TINY, "negative_pool": 80})
     ranker = build_ranker(config)
-    (users, items, _, ranks, offsets), _ = ranker._training_lists(planted, lambda: build_recall(config), FitContext(seed=0))
+    (users, items, _, ranks, offsets), _ = ranker._training_lists(planted, lambda subset: fit_recall(config, subset), FitContext(seed=0))
     assert items.shape == ranks.shape == offsets.shape == (len(users), 1 + config.negatives)
     negative_ranks = ranks[:, 1:][np.isfinite(offsets[:, 1:])]
     assert negative_ranks.max() >= 72 and negative_ranks.min() <= 8, (negative_ranks.min(), negative_ranks.max())
@@ -181,7 +181,7 @@ def test_deepfm_loss_is_a_softmax_over_the_whole_list_at_chance(planted):
 
     config = PipelineConfig.from_dict({"pipeline": "heuristic+deepfm", **TINY, "negative_pool": 80, "negatives": 8})
     ranker = build_ranker(config)
-    (users, items, scores, ranks, offsets), _ = ranker._training_lists(planted, lambda: build_recall(config), FitContext(seed=0))
+    (users, items, scores, ranks, offsets), _ = ranker._training_lists(planted, lambda subset: fit_recall(config, subset), FitContext(seed=0))
     answers = items[:, :1] == items[:, 1:]
     assert np.isneginf(offsets[:, 1:][answers]).all()
     assert (offsets[:, 0] == 0).all()

@@ -160,7 +160,9 @@ class TrialRunner:
         if config.ranker != "none":
             ranker, ranker_cached = self.cache.get_or_fit(
                 cache_key("ranker", self._fingerprint, config.ranker_key()),
-                lambda: fit_ranker(config, self.dataset, self.progress))
+                lambda: fit_ranker(config, self.dataset, self.progress, lambda subset: self.cache.get_or_fit(
+                    cache_key("held-out recall", self._fingerprint, config.recall_key()),
+                    lambda: fit_recall(config, subset, self.progress))[0]))
         return Pipeline(config, recall, ranker), (recall_cached, ranker_cached)
 
     def _evaluate(self, pipeline: Pipeline, plan: _Plan, group: str, split: str) -> tuple[EvalResult, Recommendations, bool]:
