@@ -1,0 +1,96 @@
+"""Benchmark of the DeepFM ranker's settings: where its defaults come from.
+
+Fits the recall stage once, then one ranker per variant (each a set of PipelineConfig fields
+over the defaults: `negatives`, `ranker_epochs`, `ranker_lr`, `ranker_batch_size`,
+`ranker_dim`, ...), and prints validation Recall@20 / NDCG@20 / Recall@50 at each K beside
+the recall alone, and each variant's last training and validation loss (a validation loss
+that rises while the training loss falls is the ranker memorising its lists). Tuning
+happens on validation, so this is the split its defaults were chosen on. Writes JSON to
+bench/results/ranker_<dataset>_<pipeline>.json.
+
+    python bench/ranker.py --data-dir ../shared/data --pipeline heuristic+deepfm \\
+        --variants '{}' '{"negatives": 8}' '{"negatives": 128}' '{"ranker_lr": 0.001, "ranker_epochs": 10}'
+
+The pointwise loss and the user / item id fields the listwise ranker replaced (models/deepfm.py)
+are not settings any more; their rows in that docstring came from commit ceafff7's code (d2c9d49 made the ranker listwise).
+"""
+
+from __future__ import annotations
+
+import rectune.models  # noqa: F401  (before numpy and torch: it sets OpenMP's wait policy and threads)
+
+import argparse
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from rectune.models.features import attach_item_features
+from rectune.models.loaders import load_dataset
+from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig, fit_ranker, score_lists
+
+SWEEP_K = (100, 500, 1000, 2000)
+METRICS = ("recall@20", "ndcg@20", "recall@50")
+
+
+def validation_metrics(pipeline: Pipeline, dataset, users: np.ndarray, k: int | None = None) -> dict[str, float]:
+    served = pipeline.recommend(dataset, users, "val", length=50, **({} if k is None else {"k": k}))
+    metrics = score_lists(dataset, "val", served, (20, 50)).overall
+    return {name: round(float(metrics[name]), 4) for name in METRICS}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--dataset", default="baby")
+    parser.add_argument("--data-dir", default=None)
+    parser.add_argument("--pipeline", default="heuristic+deepfm", choices=[p for p in PIPELINES if PIPELINES[p][1] != "none"])
+    parser.add_argument("--variants", nargs="+", default=['{}', '{"negatives": 8}', '{"negatives": 128}',
+                                                          '{"ranker_lr": 0.001}', '{"ranker_lr": 0.001, "ranker_epochs": 10}'],
+                        help="JSON objects of PipelineConfig fields over the defaults, one ranker each ({} = the defaults)")
+    parser.add_argument("--k", default=",".join(map(str, SWEEP_K)), help="recall sizes K to serve each ranker with")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args()
+    variants = [json.loads(text) for text in args.variants]
+    for text, variant in zip(args.variants, variants):
+        if not isinstance(variant, dict):
+            parser.error(f"--variants: {text!r} is not a JSON object")
+    ks = [int(k) for k in args.k.split(",")]
+
+    dataset = attach_item_features(load_dataset(args.dataset, args.data_dir))
+    users = np.flatnonzero(np.diff(dataset.val.indptr) > 0)
+    load = os.getloadavg()[0]
+    recall_config = PipelineConfig.from_dict({"pipeline": PIPELINES[args.pipeline][0]})
+    started = time.perf_counter()
+    recall = Pipeline(recall_config).fit(dataset)
+    recall_seconds = time.perf_counter() - started
+    alone = validation_metrics(recall, dataset, users)
+    print(f"{dataset.name} validation, {len(users)} users, load average {load:.2f}; recall {recall_config.recall} fitted in "
+          f"{recall_seconds:.1f} s, alone: " + " ".join(f"{name} {value:.4f}" for name, value in alone.items()), flush=True)
+    rows = []
+    for variant in variants:
+        config = PipelineConfig.from_dict({"pipeline": args.pipeline, **variant})
+        started = time.perf_counter()
+        ranker = fit_ranker(config, dataset)
+        seconds = time.perf_counter() - started
+        ranked = Pipeline(config, recall=recall.recall, ranker=ranker)
+        at_k = {k: validation_metrics(ranked, dataset, users, k) for k in ks}
+        rows.append({"variant": variant, "fit_seconds": round(seconds, 1), "curve": ranker.curve, "at_k": at_k})
+        last = ranker.curve[-1] if ranker.curve else {}
+        print(f"{json.dumps(variant):<48} fit {seconds:5.1f} s  loss train {last.get('train_loss')} val {last.get('val_loss')}",
+              flush=True)
+        for k, metrics in at_k.items():
+            print(f"    K={k:<5} " + " ".join(f"{name} {value:.4f} ({value - alone[name]:+.4f})" for name, value in metrics.items()),
+                  flush=True)
+
+    out = Path(args.out or Path(__file__).parent / "results" / f"ranker_{dataset.name}_{args.pipeline.replace('+', '_')}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"dataset": dataset.name, "pipeline": args.pipeline, "split": "val", "users": int(len(users)),
+                               "load_average": round(load, 2), "recall_fit_seconds": round(recall_seconds, 1),
+                               "recall_alone": alone, "variants": rows}, indent=1))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
