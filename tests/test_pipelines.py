@@ -19,7 +19,7 @@ from rectune.models.errors import ConfigError
 from rectune.models.features import attach_item_features
 from rectune.models.groups import make_groups
 from rectune.models.heuristic import HeuristicRecall
-from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig, build_ranker, build_recall, fit_recall
+from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig, build_ranker, fit_recall
 from rectune.models.metrics import in_rows
 from rectune.models.splits import SplitStrategy
 from rectune.models.two_tower import TwoTowerNet
