@@ -187,7 +187,7 @@ def pick(state: State, runtime: Runtime[Resources]) -> dict:
     while open_ties and calls < SELECT_ATTEMPTS:
         # Only the groups still open are asked about again: a valid pick is kept.
         calls += 1
-        tables = "\n\n".join(group_table(group, table[group], settings.objective) for group in open_ties)
+        tables = "\n\n".join(group_table(group, table[group], settings.objective, band_only=True) for group in open_ties)
         prompt = render("select", dataset=settings.dataset, objective=settings.objective, table=tables,
                         groups=", ".join(open_ties))
         told = "\n" + render("select_refused", problems=feedback) if feedback else ""

@@ -42,19 +42,23 @@ def tied(rows: dict[str, dict]) -> list[str]:
     return [p for p in order if p == order[0] or (rows[p].get("vs_best") and Interval.from_json(rows[p]["vs_best"]).within_noise)]
 
 
-def group_table(group: str, rows: dict[str, dict], objective: str) -> str:
-    """One group's pipelines for the pick's prompt and the report, best first."""
-    band = set(tied(rows))
+def group_table(group: str, rows: dict[str, dict], objective: str, band_only: bool = False) -> str:
+    """One group's pipelines, best first: all of them for the report; for the pick's prompt
+    (`band_only`) those within noise of the best, the only ones it may choose — every row
+    and column the LLM reads costs prompt tokens (~0.03 s each with the embedded model)."""
+    band = tied(rows)
+    order = band if band_only else sorted(rows, key=lambda p: -rows[p]["objective"])
     # Each pipeline's F1 is at its own default TopN: every TopN present gets a column.
-    extra = list(dict.fromkeys(name for row in rows.values() for name in row if name.startswith("f1@")))
-    lines = [f"Group {group}:", f"| pipeline | {objective} | difference to the best [95% interval] | within noise | "
+    extra = list(dict.fromkeys(name for p in order for name in rows[p] if name.startswith("f1@")))
+    noise = "" if band_only else "within noise | "
+    lines = [f"Group {group}:", f"| pipeline | {objective} | difference to the best [95% interval] | {noise}"
              + "".join(f"{name} | " for name in extra) + "fit s | ms/user |",
-             "|---|---|---|---|" + "---|" * len(extra) + "---|---|"]
-    order = sorted(rows, key=lambda p: -rows[p]["objective"])
+             "|---|---|---|" + "---|" * (len(extra) + (not band_only)) + "---|---|"]
     for pipeline in order:
         row, interval = rows[pipeline], rows[pipeline].get("vs_best")
         difference = "best" if pipeline == order[0] else "-" if interval is None else Interval.from_json(interval).text()
-        lines.append(f"| {pipeline} | {row['objective']:.5f} | {difference} | {'yes' if pipeline in band else 'no'} | "
+        within = "" if band_only else f"{'yes' if pipeline in band else 'no'} | "
+        lines.append(f"| {pipeline} | {row['objective']:.5f} | {difference} | {within}"
                      + "".join(f"{_number(row.get(name), '.5f')} | " for name in extra)
                      + f"{_number(row.get('fit_seconds'), '.1f')} | {_number(row.get('ms_per_user'), '.3f')} |")
     return "\n".join(lines)

@@ -576,8 +576,12 @@ def test_only_pipelines_within_noise_of_the_best_may_be_picked(tmp_path, baby_fo
         assert bands(body) == open_groups and offered(body) == ["choose_pipelines"]
         assert body["tool_choice"] == {"type": "function", "function": {"name": "choose_pipelines"}}
     first, second = (user_text(body) for body in picks(llm))
-    assert f"For each of the groups {', '.join(ties)}, several pipelines are within noise of the best" in first
-    assert f"For each of the groups {refused['group']}, several" in second and "Your previous answer was refused: " in second
+    assert f"For each of the groups {', '.join(ties)}, choose what decides" in first
+    assert f"For each of the groups {refused['group']}, choose" in second and "Your previous answer was refused: " in second
+    # The prompt's tables hold only the pipelines the pick may choose, best first.
+    for group, band in ties.items():
+        rows = first.split(f"Group {group}:\n")[1].split("\n\n")[0].splitlines()[2:]
+        assert [row.split(" | ")[0].lstrip("| ") for row in rows] == band
     assert f"group {refused['group']!r}: {refused['pipeline']!r} is not within noise of the best; choose one of {refused['band']}" in second
     for group, band in expected.items():
         choice = selection[group]
@@ -602,7 +606,7 @@ def test_only_pipelines_within_noise_of_the_best_may_be_picked(tmp_path, baby_fo
 def test_three_refused_picks_fall_back_to_the_best_then_each_group_keeps_its_call_budget(tmp_path, baby_format_dir, shared_cache):
     bad_picks = [
         raw("choose_pipelines", '[{"group": "cold", "pipeline": "heuristic"}]'),  # JSON, but not an object
-        call("choose_pipelines", cold={"pipeline": ["heuristic"], "reason": "a list"}),  # and nothing for the other groups
+        call("choose_pipelines", cold={"because": "best objective", "pipeline": ["heuristic"]}),  # and nothing for the other groups
         text("The heuristic everywhere."),
     ]
     with ScriptedLLM([call("choose", candidate="B", rationale="the second")] * 4, picks=bad_picks) as llm:

@@ -37,6 +37,10 @@ def test_the_band_holds_the_pipelines_whose_paired_interval_contains_zero():
     table = group_table("cold", rows, "ndcg@20")
     assert table.splitlines()[3].startswith("| heuristic | ") and "| best |" in table.splitlines()[3]
     assert "| heuristic+deepfm | " in table and "| no |" in table
+    # The pick's prompt reads only the band: the two rows it may choose, and no column saying so.
+    prompt_table = group_table("cold", rows, "ndcg@20", band_only=True).splitlines()
+    assert [line.split(" | ")[0] for line in prompt_table[3:]] == ["| heuristic", "| two_tower"]
+    assert "within noise" not in prompt_table[1] and len(prompt_table[2].split("|")) == len(prompt_table[3].split("|"))
 
 
 def test_the_pick_tool_offers_only_the_band_and_refuses_anything_else():

@@ -13,7 +13,7 @@ from test_agent import TWO_TOWER_TIES
 ROOT = Path(__file__).resolve().parents[1]
 NODES = {"select", "pick", "start_group", "decide", "approve", "run_trial", "next_group", "report"}
 SCRIPT = [call("propose_change", changes={"neighbors": 20}, rationale="denser")]
-PICK = call("choose_pipelines", all={"pipeline": "heuristic", "reason": "fastest of the tied"})
+PICK = call("choose_pipelines", all={"because": "fewest stages", "pipeline": "heuristic"})
 """Under TWO_TOWER_TIES several pipelines tie with the heuristic on all users: a thread asks the
 LLM for the pick, then for its first proposal."""
 
@@ -60,7 +60,8 @@ def test_the_factory_draws_the_graph_without_an_llm_and_a_thread_stops_at_its_fi
     assert waiting.value["changes"] == {"neighbors": 20} and waiting.value["rationale"] == "denser"
     assert [is_pick(body) for body in llm.requests] == [True, False]
     picked = state.values["selection"]["all"]
-    assert (picked["pipeline"], picked["chosen_by"], picked["reason"]) == ("heuristic", "llm", "fastest of the tied")
+    assert (picked["pipeline"], picked["chosen_by"], picked["because"]) == ("heuristic", "llm", "fewest stages")
+    assert picked["reason"].startswith("the simplest (fewest stages) of the ")
 
 
 def test_a_thread_without_an_endpoint_says_how_to_give_one(tmp_path, baby_format_dir, shared_cache, monkeypatch):
