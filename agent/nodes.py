@@ -212,7 +212,7 @@ def pick(state: State, runtime: Runtime[Resources]) -> dict:
         found.session.log_session_tags({f"select/{g}/{name}": value for g, s in selection.items() for name, value in (
             ("pipeline", s["pipeline"]), ("chosen_by", s["chosen_by"]), ("objective_argmax", s["argmax"]),
             ("within_noise", ",".join(s["band"])), ("agrees_objective", s["agrees"]), ("f1_argmax", s["f1_argmax"]),
-            ("agrees_f1", s["f1_agrees"]))})
+            ("agrees_f1", s["f1_agrees"]), ("because", s.get("because", "")))})
     return {"selection": selection, "queue": labels, "phase": "tune", "history": {}, "finished": {}, "usage": usage,
             "llm_calls": {"select": calls}, "invalid_calls": {"select": refused}}
 

@@ -4,7 +4,7 @@ Every pipeline's default configuration is scored on every group (validation). Pe
 each pipeline's paired difference to the best is bootstrapped over the group's users
 (tools/noise.py: same users, so the pairing removes most of the noise). The pipelines
 whose 95% interval contains 0 are tied with the best; the LLM chooses among them (by
-cost, robustness, or its reasoning, citing numbers) and anything else is refused. A group
+accuracy, cost or simplicity: a criterion below) and anything else is refused. A group
 with one pipeline in its band is decided by the rule alone — no LLM call is spent on it.
 LLMs are unreliable judges of a table of numbers (the 1.5B model picked the same pipeline
 for every group, whatever the numbers); the band leaves them only the choices that the
@@ -112,7 +112,7 @@ def decided(rows: dict[str, dict], band: list[str], choice: dict | None, failure
     pipeline in the band) or the fallback's (the LLM failed: the best) — beside the argmax of the
     objective and of F1@TopN."""
     argmax = band[0]
-    f1 = {p: row.get(f"f1@{space.defaults(p)['top_n']}") or 0.0 for p, row in rows.items()}
+    f1 = {p: row.get(f"f1@{space.defaults(p)['top_n']}") for p, row in rows.items()}
     if choice is not None:
         choice, by = _by_criterion(rows, band, choice["because"], choice["pipeline"], f1), "llm"
     elif len(band) == 1:
@@ -122,13 +122,13 @@ def decided(rows: dict[str, dict], band: list[str], choice: dict | None, failure
         choice, by = {"pipeline": argmax, "reason": f"the only pipeline within noise of the best{gap}"}, "rule"
     else:
         choice, by = {"pipeline": argmax, "reason": f"fallback to the best objective: the LLM failed ({cell(failure)})"}, "fallback"
-    f1_argmax = max(f1, key=f1.get)
+    f1_argmax = max(f1, key=lambda p: f1[p] or 0.0)
     return {**choice, "chosen_by": by, "llm": by == "llm", "band": band, "argmax": argmax,
             "agrees": choice["pipeline"] == argmax, "in_band": choice["pipeline"] in band,
             "f1_argmax": f1_argmax, "f1_agrees": choice["pipeline"] == f1_argmax}
 
 
-def _by_criterion(rows: dict[str, dict], band: list[str], criterion: str, named: str, f1: dict[str, float]) -> dict:
+def _by_criterion(rows: dict[str, dict], band: list[str], criterion: str, named: str, f1: dict[str, float | None]) -> dict:
     """The band's pipeline that `criterion` prefers — `named` when it is one of the best by it (ties
     by the criterion go to the better objective) — and a reason made of the table's numbers."""
     meaning, value = CRITERIA[criterion]
@@ -146,11 +146,12 @@ def _by_criterion(rows: dict[str, dict], band: list[str], criterion: str, named:
     if pipeline != band[0] and rows[pipeline].get("vs_best"):
         reason += f"; objective {Interval.from_json(rows[pipeline]['vs_best']).text()} to {band[0]}"
     if pipeline != named:
-        reason += f" (the LLM named {named}, which is not {meaning} by the table)"
+        why = "whose value the table lacks" if scores[named] is None else f"which is not {meaning} by the table"
+        reason += f" (the LLM named {named}, {why})"
     return {"pipeline": pipeline, "because": criterion, "reason": reason, **({"named": named} if pipeline != named else {})}
 
 
-def _cells(criterion: str, pipeline: str, rows: dict[str, dict], f1: dict[str, float]) -> str:
+def _cells(criterion: str, pipeline: str, rows: dict[str, dict], f1: dict[str, float | None]) -> str:
     """The numbers a reason by `criterion` cites for one pipeline, as the table prints them."""
     row = rows[pipeline]
     if criterion == "cheapest fit":
@@ -158,7 +159,7 @@ def _cells(criterion: str, pipeline: str, rows: dict[str, dict], f1: dict[str, f
     if criterion == "fastest serving":
         return f"{_number(row.get('ms_per_user'), '.3f')} ms/user"
     if criterion == "best F1":
-        return f"F1 {f1[pipeline]:.5f}"
+        return f"F1 {_number(f1[pipeline], '.5f')}"
     if criterion == "fewest stages":
         return "no ranker" if PIPELINES[pipeline][1] == "none" else f"ranker {PIPELINES[pipeline][1]}"
     return f"{row['objective']:.5f}"

@@ -27,6 +27,7 @@ import argparse
 import json
 import os
 import time
+from dataclasses import fields
 from pathlib import Path
 
 import numpy as np
@@ -59,9 +60,14 @@ def main() -> None:
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
     variants = [json.loads(text) for text in args.variants]
+    stages = {f.name: f.metadata["stage"] for f in fields(PipelineConfig)}
     for text, variant in zip(args.variants, variants):
         if not isinstance(variant, dict):
             parser.error(f"--variants: {text!r} is not a JSON object")
+        # Every variant is served on the one recall stage fitted below, so only ranker settings may vary.
+        recall_fields = [name for name in variant if stages.get(name) == "recall"]
+        if recall_fields:
+            parser.error(f"--variants: {text!r} sets recall parameters {recall_fields}; vary only ranker settings here")
     ks = [int(k) for k in args.k.split(",")]
 
     dataset = attach_item_features(load_dataset(args.dataset, args.data_dir))

@@ -57,7 +57,9 @@ from rectune.models.training import adam, batches_in_order, fit_module, inferenc
 # (measured on 2 cores: 4k pairs per block ran 2.3x faster than 64k).
 _PAIRS_PER_BLOCK = 4096
 _MAX_CATEGORIES = 1000
-# Share of each user's train items held out to label the ranker's training lists.
+# Share of each user's train items held out to label the ranker's training lists. The runner
+# caches the recall stage fitted without them: changing the share or the draw means bumping
+# tools/cache.STAGE_FORMAT, or stale held-out stages are loaded from disk.
 _HOLDOUT_SHARE = 0.2
 VALIDATION_USERS = 2000
 """Validation users whose candidate lists give the ranker's validation loss after each epoch."""

@@ -19,7 +19,7 @@ from rectune.models.errors import ConfigError
 from rectune.models.features import attach_item_features
 from rectune.models.groups import make_groups
 from rectune.models.heuristic import HeuristicRecall
-from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig, build_ranker, fit_recall
+from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig, build_ranker, fit_ranker, fit_recall
 from rectune.models.metrics import in_rows
 from rectune.models.splits import SplitStrategy
 from rectune.models.two_tower import TwoTowerNet
@@ -170,6 +170,24 @@ def test_deepfm_negatives_come_from_the_whole_candidate_list(planted):
     negative_ranks = ranks[:, 1:][np.isfinite(offsets[:, 1:])]
     assert negative_ranks.max() >= 72 and negative_ranks.min() <= 8, (negative_ranks.min(), negative_ranks.max())
     assert 0.4 < (negative_ranks >= 40).mean() < 0.6, "negatives are not spread over the whole list"
+
+
+def test_a_rankers_fit_seconds_count_its_held_out_recall_also_from_a_cache(planted):
+    # A held-out recall stage from the cache comes back at once but cost its first fit: a trial
+    # that reuses it must report what the ranker costs, not what this process happened to spend.
+    import time
+
+    config = PipelineConfig.from_dict({"pipeline": "heuristic+deepfm", **TINY})
+
+    def as_if_cached(subset):
+        stage = fit_recall(config, subset)
+        stage.fit_seconds = 1000.0  # what its first fit cost, stored with it
+        return stage
+
+    start = time.perf_counter()
+    ranker = fit_ranker(config, planted, held_out_recall=as_if_cached)
+    spent = time.perf_counter() - start
+    assert 1000.0 < ranker.fit_seconds < 1000.0 + spent
 
 
 def test_deepfm_loss_is_a_softmax_over_the_whole_list_at_chance(planted):

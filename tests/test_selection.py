@@ -96,9 +96,17 @@ def test_the_criterion_decides_and_the_reason_cites_only_the_table():
     simple = decided(rows, band, {"because": "fewest stages", "pipeline": "two_tower+deepfm"}, "", SPACE)
     assert simple["pipeline"] == "two_tower" and simple["reason"].startswith("the simplest (fewest stages) of the 2 within "
                                                                            "noise: no ranker against two_tower+deepfm ranker deepfm")
+    fast = decided(rows, band, {"because": "fastest serving", "pipeline": "two_tower+deepfm"}, "", SPACE)
+    assert fast["pipeline"] == "two_tower" and "0.120 ms/user against two_tower+deepfm 0.410 ms/user" in fast["reason"]
+    # A row without the value (a table from before it was measured): the named pipeline cannot be shown
+    # to meet the criterion, so the one measured best by it is taken, and the reason says why.
+    unmeasured = {**rows, "two_tower": {k: v for k, v in rows["two_tower"].items() if k != "fit_seconds"}}
+    lacking = decided(unmeasured, band, {"because": "cheapest fit", "pipeline": "two_tower"}, "", SPACE)
+    assert lacking["pipeline"] == "two_tower+deepfm"
+    assert lacking["reason"].endswith("(the LLM named two_tower, whose value the table lacks)")
     # Every number of every reason is one the table prints.
     printed = group_table("heavy", rows, "ndcg@20")
-    for choice in (cheap, wrong, best, f1, simple):
+    for choice in (cheap, wrong, best, f1, simple, fast):
         for number in re.findall(r"\d*\.\d+", choice["reason"]):
             assert number.lstrip("0") in printed or number in printed, (number, choice["reason"])
 

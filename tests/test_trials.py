@@ -60,7 +60,7 @@ def spec(params, group="cold", pipeline="two_tower+deepfm", objective="ndcg@20")
     return TrialSpec("planted", "activity:2", group, pipeline, {**small, **params}, seed=0, objective=objective)
 
 
-def test_k_and_top_n_changes_do_not_retrain(runner, fit_counts):
+def test_k_and_top_n_changes_do_not_retrain(runner, fit_counts, monkeypatch):
     first = runner.run(spec({}))
     # The ranker learns from lists of a second recall stage: two two-tower fits, one DeepFM.
     assert fit_counts == {"two_tower": 2, "deepfm": 1} and first.cache == "none"
@@ -74,7 +74,9 @@ def test_k_and_top_n_changes_do_not_retrain(runner, fit_counts):
     assert fit_counts == {"two_tower": 2, "deepfm": 2} and ranker_only.cache == "recall"
     new_embedding = runner.run(spec({"embedding_dim": 48}))
     assert fit_counts == {"two_tower": 4, "deepfm": 3} and new_embedding.cache == "none"
-    # Reusing the held-out recall changes nothing: a fresh runner fits it again and gets the same metrics.
+    # Reusing the held-out recall changes nothing: a fresh runner, with the process's trained towers
+    # forgotten, fits it again and gets the same metrics.
+    monkeypatch.setattr(rectune.models.two_tower, "_trained", {})
     fresh = TrialRunner(runner.dataset, runner.groups, cache=ModelCache()).run(spec({"k": 80, "ranker_lr": 0.005}))
     assert fit_counts == {"two_tower": 6, "deepfm": 4} and fresh.metrics == ranker_only.metrics
 

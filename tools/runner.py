@@ -161,7 +161,7 @@ class TrialRunner:
             ranker, ranker_cached = self.cache.get_or_fit(
                 cache_key("ranker", self._fingerprint, config.ranker_key()),
                 lambda: fit_ranker(config, self.dataset, self.progress, lambda subset: self.cache.get_or_fit(
-                    cache_key("held-out recall", self._fingerprint, config.recall_key()),
+                    cache_key("held-out recall", self._fingerprint, config.ranker, config.recall_key()),
                     lambda: fit_recall(config, subset, self.progress))[0]))
         return Pipeline(config, recall, ranker), (recall_cached, ranker_cached)
 
