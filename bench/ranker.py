@@ -32,6 +32,7 @@ from pathlib import Path
 
 import numpy as np
 
+from rectune.models.errors import ConfigError
 from rectune.models.features import attach_item_features
 from rectune.models.loaders import load_dataset
 from rectune.models.pipeline import PIPELINES, Pipeline, PipelineConfig, fit_ranker, score_lists
@@ -59,15 +60,24 @@ def main() -> None:
     parser.add_argument("--k", default=",".join(map(str, SWEEP_K)), help="recall sizes K to serve each ranker with")
     parser.add_argument("--out", default=None)
     args = parser.parse_args()
-    variants = [json.loads(text) for text in args.variants]
     stages = {f.name: f.metadata["stage"] for f in fields(PipelineConfig)}
-    for text, variant in zip(args.variants, variants):
+    variants = []
+    for text in args.variants:
+        try:
+            variant = json.loads(text)
+        except json.JSONDecodeError as error:
+            parser.error(f"--variants: {text!r} is not JSON ({error.msg})")
         if not isinstance(variant, dict):
             parser.error(f"--variants: {text!r} is not a JSON object")
         # Every variant is served on the one recall stage fitted below, so only ranker settings may vary.
         recall_fields = [name for name in variant if stages.get(name) == "recall"]
         if recall_fields:
             parser.error(f"--variants: {text!r} sets recall parameters {recall_fields}; vary only ranker settings here")
+        try:  # before any data is loaded or model fitted: a bad value should cost nothing
+            PipelineConfig.from_dict({"pipeline": args.pipeline, **variant})
+        except ConfigError as error:
+            parser.error(f"--variants: {text!r}: {error}")
+        variants.append(variant)
     ks = [int(k) for k in args.k.split(",")]
 
     dataset = attach_item_features(load_dataset(args.dataset, args.data_dir))
