@@ -411,6 +411,32 @@ def test_the_reused_prefix_is_the_common_one_less_the_token_evaluated_again():
     assert _shared_prefix([5, 6, 7], [5, 6, 7]) == 2
 
 
+def test_a_prompt_whose_head_an_earlier_request_read_is_not_read_again_and_answers_the_same():
+    """The real model (2k context): the tuning prefix read ahead, then the pick's prompt, then the
+    tuning prompt — its head comes back from the saved state, not from reading it again, and the
+    reply is the one the model gives reading the whole prompt."""
+    pytest.importorskip("llama_cpp")
+    from rectune.agent.llm_server import LlamaBackend
+
+    backend = LlamaBackend(str(local_llm.ensure_model()), threads=2, ctx=2048, seed=0)
+    tuning = {"role": "system", "content": "You tune a two-tower recommender on one user group. " * 12}
+    pick = [{"role": "system", "content": "Pick one pipeline per group from the table."},
+            {"role": "user", "content": "cold: two_tower .0535, two_tower+deepfm .0532"}]
+    turn = [tuning, {"role": "user", "content": "Trial 2 gave .0532. Name the next trial."}]
+    settings = {"max_tokens": 6, "temperature": 0.0, "top_p": 1.0, "stop": [], "seed": 0}
+
+    ahead = backend.complete([tuning], None, None, **settings)
+    backend.complete(pick, None, None, **settings)
+    restored = backend.complete(turn, None, None, **settings)
+    assert ahead.prompt_tokens > 64 + 20 and restored.cached_tokens >= ahead.prompt_tokens - 5
+
+    backend.states.saved.clear()
+    backend.complete(pick, None, None, **settings)
+    read_whole = backend.complete(turn, None, None, **settings)
+    assert read_whole.cached_tokens < 20
+    assert restored.text == read_whole.text
+
+
 def test_the_server_reports_the_reused_prefix_as_openai_does_and_call_llm_counts_it(monkeypatch):
     from rectune.agent.proposer import call_llm
 
