@@ -35,6 +35,9 @@ CRITERIA = {
 }
 """The ways a pipeline tied with the best may be preferred: by accuracy, cost, or simplicity."""
 
+FORMATS = {"objective": ".5f", "f1": ".5f", "fit_seconds": ".1f", "ms_per_user": ".3f"}
+"""How the table prints each number, and the reasons that cite it."""
+
 
 def tied(rows: dict[str, dict]) -> list[str]:
     """The pipelines of one group within noise of the best (the best first), by objective."""
@@ -58,9 +61,10 @@ def group_table(group: str, rows: dict[str, dict], objective: str, band_only: bo
         row, interval = rows[pipeline], rows[pipeline].get("vs_best")
         difference = "best" if pipeline == order[0] else "-" if interval is None else Interval.from_json(interval).text()
         within = "" if band_only else f"{'yes' if pipeline in band else 'no'} | "
-        lines.append(f"| {pipeline} | {row['objective']:.5f} | {difference} | {within}"
-                     + "".join(f"{_number(row.get(name), '.5f')} | " for name in extra)
-                     + f"{_number(row.get('fit_seconds'), '.1f')} | {_number(row.get('ms_per_user'), '.3f')} |")
+        lines.append(f"| {pipeline} | {_number(row['objective'], FORMATS['objective'])} | {difference} | {within}"
+                     + "".join(f"{_number(row.get(name), FORMATS['f1'])} | " for name in extra)
+                     + f"{_number(row.get('fit_seconds'), FORMATS['fit_seconds'])} | "
+                     + f"{_number(row.get('ms_per_user'), FORMATS['ms_per_user'])} |")
     return "\n".join(lines)
 
 
@@ -155,11 +159,11 @@ def _cells(criterion: str, pipeline: str, rows: dict[str, dict], f1: dict[str, f
     """The numbers a reason by `criterion` cites for one pipeline, as the table prints them."""
     row = rows[pipeline]
     if criterion == "cheapest fit":
-        return f"{_number(row.get('fit_seconds'), '.1f')} s fit"
+        return f"{_number(row.get('fit_seconds'), FORMATS['fit_seconds'])} s fit"
     if criterion == "fastest serving":
-        return f"{_number(row.get('ms_per_user'), '.3f')} ms/user"
+        return f"{_number(row.get('ms_per_user'), FORMATS['ms_per_user'])} ms/user"
     if criterion == "best F1":
-        return f"F1 {_number(f1[pipeline], '.5f')}"
+        return f"F1 {_number(f1[pipeline], FORMATS['f1'])}"
     if criterion == "fewest stages":
         return "no ranker" if PIPELINES[pipeline][1] == "none" else f"ranker {PIPELINES[pipeline][1]}"
-    return f"{row['objective']:.5f}"
+    return _number(row["objective"], FORMATS["objective"])

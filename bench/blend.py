@@ -27,6 +27,7 @@ from rectune.models.features import attach_item_features
 from rectune.models.loaders import load_dataset
 from rectune.models.metrics import topn_metrics
 from rectune.models.pipeline import PipelineConfig, build_recall
+from rectune.models.two_tower import StandardisedBlend
 
 
 def measured(recall, dataset, split: str) -> dict[str, float]:
@@ -53,14 +54,22 @@ def main() -> None:
     recall.fit(dataset, FitContext(seed=config.seed))
     fit_seconds = time.perf_counter() - started
     print(f"{dataset.name}: default two-tower fit {fit_seconds:.1f} s (EASE included), load average {load[0]:.2f}; {recall.content_note}")
+    # The fitted default as the library serves it: the sweep's row at the default weight must equal it.
+    served_default = measured(recall, dataset, "val")
     rows = []
     for weight in (float(w) for w in args.weights.split(",")):
         heuristic = build_recall(replace(config, recall="heuristic"))
         heuristic.fit(dataset, FitContext(seed=config.seed))  # EASE is cached in memory: this builds the blend's part only
         blended = replace(recall, heuristic=heuristic if weight > 0 else None, heuristic_weight=weight)
+        # replace() leaves the fitted fields (init=False) at None: the same towers, this weight's blend.
         blended.net, blended.item_vectors, blended.attributes = recall.net, recall.item_vectors, recall.attributes
+        if weight > 0:
+            blended.blend = StandardisedBlend(recall.item_vectors, heuristic.similarity, heuristic.prior, weight)
         row = {"heuristic_weight": weight, "val": measured(blended, dataset, "val"), "test_ours": measured(blended, dataset, "test")}
         rows.append(row)
+        if weight == config.heuristic_weight and row["val"] != served_default:
+            raise SystemExit(f"the sweep's blend at the default weight {weight:g} gives validation {row['val']}, the "
+                             f"library's fitted default {served_default}: this script no longer rebuilds the blend as the library does")
         print(f"  heuristic_weight {weight:<5g} val {row['val']['recall@20']:.4f} / {row['val']['ndcg@20']:.4f}   "
               f"test {row['test_ours']['recall@20']:.4f} / {row['test_ours']['ndcg@20']:.4f}", flush=True)
     best = max(rows, key=lambda r: r["val"]["ndcg@20"])

@@ -2,6 +2,8 @@
 EASE and popularity, with and without item content, under two protocols.
 
 Train on train, select on validation, report on test (full ranking, train + val masked).
+The default pipeline is the simplest of those within noise of the best on validation
+(`simplest_within_noise`).
 Every test Recall@20 / NDCG@20 has a 95% bootstrap interval over the test users, and its
 difference to EASE paired over the same users (tools/noise.py).
 Protocols: `ours` scores test users from their train + val history; `mmrec` (MMRec's,
@@ -45,6 +47,7 @@ ANCHORS = {"BPR": (0.0575, 0.0249), "LightGCN": (0.0754, 0.0328), "VBPR": (0.066
 EASE_LAMBDAS = (50.0, 100.0, 250.0, 500.0, 1000.0, 2000.0)
 SWEEP_K = (100, 500, 1000, 2000)
 INTERVAL_METRICS = ("recall@20", "ndcg@20")
+TEST_PROTOCOLS = ("ours", "mmrec")
 SERVING_PASSES = 3
 """Timed passes of the serving benchmark; the median is reported (shared machines are noisy)."""
 
@@ -140,17 +143,18 @@ def choose_ease(dataset: Dataset) -> tuple[Pipeline, dict]:
 
 
 def per_user(measured: dict) -> dict[str, dict[str, np.ndarray]]:
-    """Test per-user Recall@20 and NDCG@20 under both protocols (the same users in every row)."""
-    evaluations = {"ours": measured["ours"].metrics, "mmrec": measured["mmrec"]}
+    """Per-user Recall@20 and NDCG@20 on test under both protocols, and on validation (the same
+    users in every row)."""
+    evaluations = {"ours": measured["ours"].metrics, "mmrec": measured["mmrec"], "val": measured["val"].metrics}
     return {protocol: {name: result.per_user[name] for name in INTERVAL_METRICS} for protocol, result in evaluations.items()}
 
 
 def intervals(values: dict[str, dict[str, np.ndarray]], references: dict[str, dict]) -> dict:
-    """Per protocol and metric: the mean's 95% bootstrap interval over the test users, and the
-    difference to each reference row (`vs_ease`, `vs_heuristic`) paired over the same users."""
+    """Per test protocol and metric: the mean's 95% bootstrap interval over the test users, and
+    the difference to each reference row (`vs_ease`, `vs_heuristic`) paired over the same users."""
     out = {}
-    for protocol, metrics in values.items():
-        for name, mine in metrics.items():
+    for protocol in TEST_PROTOCOLS:
+        for name, mine in values[protocol].items():
             mean = paired_interval(mine, np.zeros_like(mine))
             entry = {"mean": round(mean.diff, 5), "low": round(mean.low, 5), "high": round(mean.high, 5)}
             for other, reference in references.items():
@@ -193,7 +197,7 @@ def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) ->
     the heuristic per modality; the fitted pipelines with content, for serving."""
     full = datasets["with content"]
     cutoffs, keys = (20, 50), ["recall@20", "ndcg@20", "recall@50", "ndcg@50", "precision@20"]
-    rows, fitted, extra = {}, {}, {}
+    rows, fitted, extra, validation = {}, {}, {}, {}
     ease, extra["ease"] = choose_ease(full)
     label = f"EASE (λ={extra['ease']['chosen_lambda']:g}, chosen on val)"
     rows[label], ease_users = row(ease, full, groups, cutoffs, keys)
@@ -218,6 +222,8 @@ def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) ->
             print_row(label, rows[label])
             if variant == "with content":
                 fitted[name] = pipeline
+                validation[name] = users["val"]["ndcg@20"]
+    extra["default_pipeline"] = simplest_within_noise({name: rows[f"{name} (with content)"] for name in validation}, validation)
     if "two_tower" in pipelines:
         # What each part of the two-tower recall adds: the content smoothing, then the heuristic's scores.
         for label, parts in (("two_tower alone, unsmoothed", {"content_layers": 0, "heuristic_weight": 0.0}),
@@ -233,6 +239,31 @@ def accuracy_rows(datasets: dict[str, Dataset], groups, pipelines: list[str]) ->
             rows[label] = row(Pipeline(config).fit(single), single, groups, cutoffs, keys, references)[0]
             print_row(label, rows[label])
     return rows, fitted, extra
+
+
+def simplest_within_noise(rows: dict[str, dict], validation: dict[str, np.ndarray]) -> dict:
+    """The default pipeline: the best on validation NDCG@20 or, where simpler pipelines are
+    within noise of it (their difference to it, paired over the validation users, has a 95%
+    interval containing 0), the simplest of those: fewest stages, then the cheapest fit (a
+    ranker's counting its recall stage). The one-standard-error rule (Breiman et al. 1984,
+    CART; Hastie et al. 2009, ESL §7.10) with a paired interval in place of the standard error —
+    a difference validation cannot tell from noise buys no extra stage or training time."""
+    best = max(rows, key=lambda name: rows[name]["val"]["ndcg@20"])
+    versus = {name: paired_interval(validation[name], validation[best]) for name in rows if name != best}
+    tied = [best] + [name for name, interval in versus.items() if interval.within_noise]
+
+    def cost(name: str) -> tuple[int, float]:
+        recall, ranker = PIPELINES[name]
+        seconds = sum(rows[name]["fit_seconds"].values())
+        if ranker != "none" and recall in rows:  # fitted after its recall pipeline, whose stage it reused
+            seconds += sum(rows[recall]["fit_seconds"].values())
+        return int(ranker != "none") + 1, seconds
+
+    chosen = min(tied, key=cost)
+    return {"rule": "the simplest (fewest stages, then cheapest fit) within noise of the best on validation NDCG@20",
+            "best_on_val": best, "chosen": chosen, "fit_seconds": {name: round(cost(name)[1], 1) for name in rows},
+            "val_ndcg@20_vs_best": {name: {k: round(v, 5) for k, v in interval.to_json().items()} for name, interval in versus.items()},
+            "within_noise_of_best": tied}
 
 
 def main() -> None:
@@ -262,14 +293,14 @@ def main() -> None:
     sweep = k_sweep(fitted, dataset)
     serving, reproducible = ({}, None) if args.no_serving else serving_and_reproducibility(fitted, dataset, groups, gflops, rows)
 
-    best = max((n for n in rows if n.endswith("(with content)")), key=lambda n: rows[n]["val"]["ndcg@20"])
+    default = extra["default_pipeline"]
     report = {
         "dataset": dataset.summary(), "groups": {"spec": args.groups, "sizes": groups.sizes(), "descriptions": groups.descriptions},
         "machine": {"platform": platform.platform(), "matmul_gflops": round(gflops, 1), "load_average_at_start": load},
         "protocols": {"ours": "test users scored from train + val history; train + val masked",
                       "mmrec": "test users scored from train history only; train + val masked (MMRec's evaluation)"},
         "load_seconds": round(load_seconds, 2), "feature_seconds": round(feature_seconds, 2),
-        "rows": rows, **extra, "deepfm_k_sweep_test_ours": sweep, "serving_k1000_top50": serving, "selected_on_val": best,
+        "rows": rows, **extra, "deepfm_k_sweep_test_ours": sweep, "serving_k1000_top50": serving,
         "reproducible_same_seed": reproducible, "anchors_recall20_ndcg20": ANCHORS if dataset.name == "baby" else {},
         "date": time.strftime("%Y-%m-%d"),
     }
@@ -277,7 +308,9 @@ def main() -> None:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(report, indent=2))
     print_tables(report, gflops, dataset.n_users)
-    print(f"\nselected on validation NDCG@20: {best}; same seed reproduces metrics: {reproducible}; wrote {out}")
+    versus = "; ".join(f"{name} {Interval.from_json(interval).text()}" for name, interval in default["val_ndcg@20_vs_best"].items())
+    print(f"\nbest on validation NDCG@20: {default['best_on_val']} (the others against it, paired: {versus}); "
+          f"default pipeline, {default['rule']}: {default['chosen']}; same seed reproduces metrics: {reproducible}; wrote {out}")
 
 
 def serving_and_reproducibility(fitted: dict, dataset: Dataset, groups, gflops: float, rows: dict) -> tuple[dict, bool]:

@@ -200,7 +200,7 @@ def fit_recall(config: PipelineConfig, dataset: Dataset, progress: bool = False)
 def fit_ranker(config: PipelineConfig, dataset: Dataset, progress: bool = False,
                held_out_recall: Callable[[Dataset], RecallModel] | None = None) -> Ranker | None:
     """The rank stage, trained on lists from a recall stage fitted on part of train:
-    `held_out_recall(subset)` fits it (the runner's caches it: the subset depends only on the
+    `held_out_recall(subset)` fits it (the runner caches it: the subset depends only on the
     dataset and the seed, so trials that change only ranker parameters share it)."""
     ranker = build_ranker(config)
     if ranker is not None:
