@@ -453,8 +453,10 @@ class PromptStates:
     Not llama-cpp-python's LlamaRAMCache: its states also copy the logits buffer (n_batch ×
     vocabulary floats, 311 MB for Qwen2.5), which its byte budget does not count."""
 
-    def __init__(self, keep: int = 4, least_gain: int = 64):
+    def __init__(self, keep: int = 4, max_bytes: int = 512 << 20, least_gain: int = 64):
         self.keep = keep
+        self.max_bytes = max_bytes
+        """A state grows ~29 KB a token (Qwen2.5-1.5B): 8k-token prompts would take ~230 MB each."""
         self.least_gain = least_gain
         """Tokens a restore must save over the context as it is (reading 64 tokens takes ~2 s)."""
         self.saved: list[tuple[Any, bytes]] = []
@@ -485,6 +487,8 @@ class PromptStates:
         # A state whose tokens the new one extends is covered by it.
         self.saved = [saved for saved in self.saved if _common_length(saved[0], ids) < len(saved[0])]
         self.saved = (self.saved + [(ids, ctypes.string_at(buffer, written))])[-self.keep:]
+        while len(self.saved) > 1 and sum(len(state) for _, state in self.saved) > self.max_bytes:
+            self.saved.pop(0)
 
 
 def _common_length(ids: Any, tokens: list[int]) -> int:

@@ -436,6 +436,12 @@ def test_a_prompt_whose_head_an_earlier_request_read_is_not_read_again_and_answe
     assert read_whole.cached_tokens < 20
     assert restored.text == read_whole.text
 
+    # Over its byte budget, the oldest states go first; the newest stays whatever its size.
+    assert len(backend.states.saved) == 2
+    backend.states.max_bytes = 1
+    backend.states.save(backend.llm)
+    assert [len(ids) for ids, _ in backend.states.saved] == [backend.llm.n_tokens]
+
 
 def test_the_server_reports_the_reused_prefix_as_openai_does_and_call_llm_counts_it(monkeypatch):
     from rectune.agent.proposer import call_llm
