@@ -275,6 +275,9 @@ def main() -> None:
     parser.add_argument("--pipelines", default=",".join(PIPELINES))
     parser.add_argument("--no-serving", action="store_true", help="skip the serving and reproducibility checks")
     args = parser.parse_args()
+    unknown = [name for name in args.pipelines.split(",") if name not in PIPELINES]
+    if unknown:
+        parser.error(f"--pipelines: {unknown} are not pipelines; choose from {list(PIPELINES)}")
 
     started = time.perf_counter()
     dataset = load_dataset(args.dataset, args.data_dir)
