@@ -976,6 +976,27 @@ def test_compare_tunes_a_fixed_pipeline_without_model_selection(tmp_path, baby_f
     assert "| tpe | all groups | " in text and "one seed: none" in text and "+nan" not in text
 
 
+def test_compare_counts_over_the_seeds_how_the_picks_agree_with_each_argmax():
+    from types import SimpleNamespace
+
+    from rectune.agent.compare import _selection
+
+    def choice(pipeline, argmax, f1_argmax, in_band=True):
+        return {"pipeline": pipeline, "argmax": argmax, "f1_argmax": f1_argmax, "in_band": in_band, "chosen_by": "llm"}
+
+    table = {"all": {"heuristic": {"objective": 0.05}, "two_tower": {"objective": 0.049}}}
+    selections = [{"all": choice("heuristic", "heuristic", "two_tower")},
+                  {"all": choice("two_tower", "heuristic", "two_tower")},
+                  {"all": choice("heuristic", "heuristic", "two_tower")},
+                  {"all": choice("two_tower", "heuristic", "heuristic", in_band=False)}]
+    lines = _selection(SimpleNamespace(seeds=(0, 1, 2, 3)), (table, selections), None, ["all"])
+    header = next(line for line in lines if line.startswith("| group |"))
+    row = next(line for line in lines if line.startswith("| all |"))
+    cells = dict(zip(header.split(" | ")[-3:], row.split(" | ")[-3:]))
+    assert cells == {"pick within the argmax's noise band": "3/4", "pick = argmax": "2/4", "pick = F1@TopN argmax |": "1/4 |"}
+    assert "heuristic ×2, two_tower ×2 (LLM 4)" in row
+
+
 def test_compare_refuses_an_unknown_pipeline_before_writing_anything(tmp_path):
     from typer.testing import CliRunner
 
