@@ -169,15 +169,15 @@ def test_disk_cache_serves_a_second_runner(planted, tmp_path, fit_counts):
     assert second.objective == first.objective
 
 
+def _must_not_fit():
+    raise AssertionError("the stage on disk was not used")
+
+
 def test_disk_cache_stores_arrays_as_raw_records_and_gives_them_back(tmp_path):
     fitted = {"similarity": np.arange(12, dtype=np.float32).reshape(3, 4).T, "names": np.array(["a", "bc"]),
               "frozen": np.frombuffer(b"abcd", dtype=np.uint8), "scalar": np.array(2.5)}
     ModelCache(tmp_path).get_or_fit("stage", lambda: fitted)
-
-    def must_not_fit():
-        raise AssertionError("the stage on disk was not used")
-
-    loaded, cached = ModelCache(tmp_path).get_or_fit("stage", must_not_fit)
+    loaded, cached = ModelCache(tmp_path).get_or_fit("stage", _must_not_fit)
     assert cached
     for name, array in fitted.items():
         assert loaded[name].dtype == array.dtype and loaded[name].shape == array.shape
@@ -185,6 +185,52 @@ def test_disk_cache_stores_arrays_as_raw_records_and_gives_them_back(tmp_path):
     with zipfile.ZipFile(tmp_path / "stage.pt") as archive:
         records = [entry for entry in archive.namelist() if "/data/" in entry and not entry.endswith(".pkl")]
     assert len(records) == 3  # the numeric arrays, outside the pickle; the strings stay inside it
+
+
+def test_disk_cache_stores_a_large_array_once_for_every_stage_that_holds_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("rectune.tools.cache.SHARED_ARRAY_BYTES", 4000)
+    similarity = np.arange(1000, dtype=np.float64)  # 8,000 bytes: shared
+    stages = {"two_tower": {"similarity": similarity, "vectors": np.ones(10), "transposed": similarity.reshape(20, 50).T},
+              "heuristic": {"similarity": similarity.copy(), "prior": np.zeros(3)}}
+    cache = ModelCache(tmp_path)
+    for key, fitted in stages.items():
+        cache.get_or_fit(key, lambda fitted=fitted: fitted)
+    # One file per distinct large array (the transposed view is other content), none for the small ones.
+    assert len(list((tmp_path / "blobs").glob("*.npy"))) == 2
+    assert all((tmp_path / f"{key}.pt").stat().st_size < 8000 for key in stages)
+    fresh = ModelCache(tmp_path)
+    for key, fitted in stages.items():
+        loaded, cached = fresh.get_or_fit(key, _must_not_fit)
+        assert cached and loaded.keys() == fitted.keys()
+        for name, array in fitted.items():
+            assert loaded[name].shape == array.shape and np.array_equal(loaded[name], array)
+
+
+def test_disk_cache_drops_a_shared_array_with_the_last_stage_that_uses_it(tmp_path, monkeypatch):
+    monkeypatch.setattr("rectune.tools.cache.SHARED_ARRAY_BYTES", 4000)
+    shared, other = np.arange(1000, dtype=np.float64), np.ones(1000)
+    cache = ModelCache(tmp_path)
+    for i, key in enumerate(("a", "b")):
+        cache.get_or_fit(key, lambda: {"similarity": shared, "id": key})
+        os.utime(tmp_path / f"{key}.pt", (i, i))
+    blob = next((tmp_path / "blobs").glob("*.npy"))
+    # Room for one stage and its array: c's arrival evicts a (the array stays: b uses it), then b (it goes).
+    small = ModelCache(tmp_path, max_disk_bytes=blob.stat().st_size + 4000)
+    small.get_or_fit("c", lambda: {"similarity": other})
+    assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists() and not blob.exists()
+    assert (tmp_path / "c.pt").exists() and len(list((tmp_path / "blobs").glob("*.npy"))) == 1
+    assert np.array_equal(ModelCache(tmp_path).get_or_fit("c", _must_not_fit)[0]["similarity"], other)
+
+
+def test_disk_cache_fits_again_a_stage_whose_shared_array_is_gone(tmp_path, monkeypatch):
+    monkeypatch.setattr("rectune.tools.cache.SHARED_ARRAY_BYTES", 4000)
+    fitted = {"similarity": np.arange(1000, dtype=np.float64)}
+    ModelCache(tmp_path).get_or_fit("stage", lambda: fitted)
+    next((tmp_path / "blobs").glob("*.npy")).unlink()
+    again = ModelCache(tmp_path)
+    loaded, cached = again.get_or_fit("stage", lambda: fitted)
+    assert not cached and again.fits == 1
+    assert np.array_equal(ModelCache(tmp_path).get_or_fit("stage", _must_not_fit)[0]["similarity"], fitted["similarity"])
 
 
 def test_disk_cache_evicts_oldest_beyond_its_budget(tmp_path):

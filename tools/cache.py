@@ -2,7 +2,8 @@
 
 A trial that changes only K or TopN reuses the trained stages (and, for TopN alone, the
 ranked lists). The cache is bounded in memory (least recently used stages are dropped)
-and on disk (oldest files are deleted past a byte budget), and safe for several
+and on disk (oldest files are deleted past a byte budget; large arrays are stored once, by
+content, however many stages hold them), and safe for several
 processes: one process fits a given stage while the others wait on its file lock, then
 load what it wrote; files appear atomically (write to a temporary name, then rename).
 """
@@ -18,6 +19,7 @@ import tempfile
 from collections import OrderedDict
 from collections.abc import Callable
 from contextlib import contextmanager
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -75,8 +77,8 @@ DISK_BUDGET_ENV = "RECTUNE_CACHE_MAX_GB"
 
 
 def disk_budget_bytes() -> int:
-    """The model cache's disk budget: RECTUNE_CACHE_MAX_GB, else 4 GB (on Baby a recall stage takes 210 MB, most of
-    it the heuristic's dense item-item similarity; a DeepFM ranker 3 MB)."""
+    """The model cache's disk budget: RECTUNE_CACHE_MAX_GB, else 4 GB (on Baby a recall stage takes 210 MB, 199 MB
+    of it the heuristic's similarity, which stages with the same heuristic share; a DeepFM ranker 3 MB)."""
     raw = os.environ.get(DISK_BUDGET_ENV)
     if raw is None:
         return 4 * 2**30
@@ -112,6 +114,55 @@ class _ArraysAsTensors:
                 return _array_from_tensor, (torch.from_numpy(array),)
             except (TypeError, ValueError):  # a dtype torch has no tensor for (strings, objects): pickled as numpy does
                 return NotImplemented
+
+
+SHARED_ARRAY_BYTES = 16 * 2**20
+"""Arrays at least this large are stored once by content in `blobs/`, and every stage file that
+holds one refers to it: on Baby each heuristic and two-tower stage holds the heuristic's 199 MB
+item-item similarity, most of them the same one (the two-tower trials of a session share the
+default's), and the default 4 GB budget kept ~19 stages."""
+
+_blobs_being_read: ContextVar[Path | None] = ContextVar("blobs_being_read", default=None)
+
+
+def _array_from_blob(digest: str):
+    import numpy as np
+
+    return np.load(_blobs_being_read.get() / f"{digest}.npy")
+
+
+def _store_blob(blobs: Path, array) -> str:
+    """The array's content digest, its file written unless one with that content is there."""
+    import numpy as np
+
+    array = np.ascontiguousarray(array)
+    digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
+    digest.update(memoryview(array.reshape(-1)).cast("B"))
+    name = digest.hexdigest()
+    path = blobs / f"{name}.npy"
+    if not path.exists():
+        blobs.mkdir(exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=blobs, suffix=".tmp", delete=False) as handle:
+            np.save(handle, array)
+        os.replace(handle.name, path)
+    return name
+
+
+def _stage_pickle_module(blobs: Path, shared: list[str]):
+    """torch.save's pickle module for one stage file: `_ArraysAsTensors`, with large arrays
+    stored in `blobs` and their digests appended to `shared`."""
+
+    class StagePickleModule:
+        class Pickler(_ArraysAsTensors.Pickler):
+            def reducer_override(self, obj):
+                import numpy as np
+
+                if type(obj) is np.ndarray and obj.nbytes >= SHARED_ARRAY_BYTES and not obj.dtype.hasobject:
+                    shared.append(_store_blob(blobs, obj))
+                    return _array_from_blob, (shared[-1],)
+                return super().reducer_override(obj)
+
+    return StagePickleModule
 
 
 class ModelCache:
@@ -153,29 +204,90 @@ class ModelCache:
         path = self.directory / f"{key}.pt"
         with file_lock(self.directory / f"{key}.lock"):
             if path.exists():
+                reading = _blobs_being_read.set(self.blobs)
                 try:
                     value = torch.load(path, weights_only=False)
                     os.utime(path)  # recently used: evicted last
                     return value, True
-                except Exception:  # a torn or foreign file is recomputed, not fatal
+                except Exception:  # a torn or foreign file, or one whose blob is gone, is recomputed, not fatal
                     path.unlink(missing_ok=True)
+                    _shares_path(path).unlink(missing_ok=True)
+                finally:
+                    _blobs_being_read.reset(reading)
             value = self._fit(fit)
             with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
                 temporary = Path(handle.name)
             try:
-                torch.save(value, temporary, pickle_module=_ArraysAsTensors)
-                os.replace(temporary, path)
+                # Under the blob lock, an eviction never sees a blob whose stage is not yet listed.
+                with file_lock(self._blob_lock):
+                    shared: list[str] = []
+                    torch.save(value, temporary, pickle_module=_stage_pickle_module(self.blobs, shared))
+                    _shares_path(path).write_text(json.dumps(sorted(set(shared))))
+                    os.replace(temporary, path)
             finally:
                 temporary.unlink(missing_ok=True)
         self._evict_disk(keep=path)
         return value, False
 
+    @property
+    def blobs(self) -> Path:
+        return self.directory / "blobs"
+
+    @property
+    def _blob_lock(self) -> Path:
+        return self.directory / "blobs.lock"
+
     def _evict_disk(self, keep: Path) -> None:
-        files = sorted(self.directory.glob("*.pt"), key=lambda p: p.stat().st_mtime)
-        total = sum(p.stat().st_size for p in files)
-        for path in files:
-            if total <= self.max_disk_bytes:
-                break
-            if path != keep:
-                total -= path.stat().st_size
-                path.unlink(missing_ok=True)
+        """Oldest stage files first, until the stages and the blobs they still use fit the budget;
+        a blob no stage uses (its stage evicted, or a save that crashed) goes at once."""
+        with file_lock(self._blob_lock):
+            stages = sorted(self.directory.glob("*.pt"), key=_mtime)
+            shares = {stage: _shares(stage) for stage in stages}
+            blob_sizes = {blob.stem: _size(blob) for blob in self.blobs.glob("*.npy")}
+
+            def drop_unused() -> None:
+                used = set().union(*shares.values())
+                for name in [name for name in blob_sizes if name not in used]:
+                    (self.blobs / f"{name}.npy").unlink(missing_ok=True)
+                    del blob_sizes[name]
+
+            drop_unused()
+            total = sum(map(_size, stages)) + sum(blob_sizes.values())
+            for stage in stages:
+                if total <= self.max_disk_bytes:
+                    break
+                if stage == keep:
+                    continue
+                total -= _size(stage)
+                stage.unlink(missing_ok=True)
+                _shares_path(stage).unlink(missing_ok=True)
+                del shares[stage]
+                before = sum(blob_sizes.values())
+                drop_unused()
+                total -= before - sum(blob_sizes.values())
+
+
+def _shares_path(stage: Path) -> Path:
+    return stage.with_suffix(".shares")
+
+
+def _shares(stage: Path) -> set[str]:
+    """The blobs a stage file refers to (none for files written before blobs existed)."""
+    try:
+        return set(json.loads(_shares_path(stage).read_text()))
+    except (OSError, ValueError):
+        return set()
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:  # removed by a process that held the stage's lock
+        return 0
+
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except FileNotFoundError:
+        return 0.0
