@@ -222,15 +222,33 @@ def test_disk_cache_drops_a_shared_array_with_the_last_stage_that_uses_it(tmp_pa
     assert np.array_equal(ModelCache(tmp_path).get_or_fit("c", _must_not_fit)[0]["similarity"], other)
 
 
-def test_disk_cache_fits_again_a_stage_whose_shared_array_is_gone(tmp_path, monkeypatch):
+@pytest.mark.parametrize("damage", ["deleted", "truncated"])
+def test_disk_cache_fits_again_a_stage_whose_shared_array_is_gone_or_torn(tmp_path, monkeypatch, damage):
     monkeypatch.setattr("rectune.tools.cache.SHARED_ARRAY_BYTES", 4000)
     fitted = {"similarity": np.arange(1000, dtype=np.float64)}
     ModelCache(tmp_path).get_or_fit("stage", lambda: fitted)
-    next((tmp_path / "blobs").glob("*.npy")).unlink()
+    blob = next((tmp_path / "blobs").glob("*.npy"))
+    if damage == "deleted":
+        blob.unlink()
+    else:  # as a power loss may leave it: the header intact, the data cut short
+        blob.write_bytes(blob.read_bytes()[:2000])
     again = ModelCache(tmp_path)
     loaded, cached = again.get_or_fit("stage", lambda: fitted)
     assert not cached and again.fits == 1
+    # The torn blob was replaced, not trusted again: the stage now loads from disk.
     assert np.array_equal(ModelCache(tmp_path).get_or_fit("stage", _must_not_fit)[0]["similarity"], fitted["similarity"])
+    assert not list((tmp_path / "blobs").glob("*.tmp"))
+
+
+def test_disk_cache_keeps_large_arrays_of_other_than_plain_numbers_in_the_stage_file(tmp_path, monkeypatch):
+    monkeypatch.setattr("rectune.tools.cache.SHARED_ARRAY_BYTES", 64)
+    fitted = {"when": np.arange(100).astype("datetime64[D]"),
+              "pairs": np.zeros(16, dtype=[("a", "f8"), ("b", "i8")]), "other_pairs": np.zeros(16, dtype=[("x", "i8"), ("y", "f8")])}
+    ModelCache(tmp_path).get_or_fit("stage", lambda: fitted)
+    assert not list((tmp_path / "blobs").glob("*.npy"))
+    loaded = ModelCache(tmp_path).get_or_fit("stage", _must_not_fit)[0]
+    for name, array in fitted.items():
+        assert loaded[name].dtype == array.dtype and np.array_equal(loaded[name], array)
 
 
 def test_disk_cache_evicts_oldest_beyond_its_budget(tmp_path):

@@ -132,20 +132,41 @@ def _array_from_blob(digest: str):
 
 
 def _store_blob(blobs: Path, array) -> str:
-    """The array's content digest, its file written unless one with that content is there."""
+    """The array's content digest, its file written unless one with that content is there.
+    Plain numbers only (`_SHARED_KINDS`): their dtype string and shape say all the bytes mean."""
     import numpy as np
 
-    array = np.ascontiguousarray(array)
+    array = array if array.flags.c_contiguous else array.copy(order="C")
     digest = hashlib.sha256(f"{array.dtype.str}{array.shape}".encode())
-    digest.update(memoryview(array.reshape(-1)).cast("B"))
+    digest.update(array.reshape(-1).view(np.uint8))
     name = digest.hexdigest()
     path = blobs / f"{name}.npy"
     if not path.exists():
         blobs.mkdir(exist_ok=True)
         with tempfile.NamedTemporaryFile(dir=blobs, suffix=".tmp", delete=False) as handle:
-            np.save(handle, array)
-        os.replace(handle.name, path)
+            temporary = Path(handle.name)
+        try:
+            with open(temporary, "wb") as handle:  # np.save given a path would add ".npy" to it
+                np.save(handle, array)
+            os.replace(temporary, path)
+        finally:  # a full disk or an interrupt leaves no 199 MB temporary behind
+            temporary.unlink(missing_ok=True)
     return name
+
+
+def _readable(blob: Path) -> bool:
+    """Whether the blob's header parses and the file holds all the bytes it announces (a
+    truncated blob would otherwise fail every stage that uses it, refit after refit)."""
+    import numpy as np
+
+    try:
+        np.load(blob, mmap_mode="r")
+        return True
+    except (OSError, ValueError, EOFError):
+        return False
+
+
+_SHARED_KINDS = "biufc"
 
 
 def _stage_pickle_module(blobs: Path, shared: list[str]):
@@ -157,7 +178,7 @@ def _stage_pickle_module(blobs: Path, shared: list[str]):
             def reducer_override(self, obj):
                 import numpy as np
 
-                if type(obj) is np.ndarray and obj.nbytes >= SHARED_ARRAY_BYTES and not obj.dtype.hasobject:
+                if type(obj) is np.ndarray and obj.nbytes >= SHARED_ARRAY_BYTES and obj.dtype.kind in _SHARED_KINDS:
                     shared.append(_store_blob(blobs, obj))
                     return _array_from_blob, (shared[-1],)
                 return super().reducer_override(obj)
@@ -209,7 +230,11 @@ class ModelCache:
                     value = torch.load(path, weights_only=False)
                     os.utime(path)  # recently used: evicted last
                     return value, True
-                except Exception:  # a torn or foreign file, or one whose blob is gone, is recomputed, not fatal
+                except Exception:  # a torn or foreign file, or one whose blob is gone or torn, is recomputed, not fatal
+                    with file_lock(self._blob_lock):
+                        for name in _shares(path):
+                            if not _readable(self.blobs / f"{name}.npy"):
+                                (self.blobs / f"{name}.npy").unlink(missing_ok=True)
                     path.unlink(missing_ok=True)
                     _shares_path(path).unlink(missing_ok=True)
                 finally:
@@ -241,6 +266,8 @@ class ModelCache:
         """Oldest stage files first, until the stages and the blobs they still use fit the budget;
         a blob no stage uses (its stage evicted, or a save that crashed) goes at once."""
         with file_lock(self._blob_lock):
+            for temporary in self.blobs.glob("*.tmp"):  # a killed save's: blobs are written only under this lock
+                temporary.unlink(missing_ok=True)
             stages = sorted(self.directory.glob("*.pt"), key=_mtime)
             shares = {stage: _shares(stage) for stage in stages}
             blob_sizes = {blob.stem: _size(blob) for blob in self.blobs.glob("*.npy")}
