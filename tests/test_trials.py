@@ -216,7 +216,10 @@ def test_disk_cache_drops_a_shared_array_with_the_last_stage_that_uses_it(tmp_pa
     blob = next((tmp_path / "blobs").glob("*.npy"))
     # Room for one stage and its array: c's arrival evicts a (the array stays: b uses it), then b (it goes).
     small = ModelCache(tmp_path, max_disk_bytes=blob.stat().st_size + 4000)
+    killed = tmp_path / "blobs" / "killed-save.tmp"  # what a save killed while writing its blob leaves
+    killed.write_bytes(b"x" * 100)
     small.get_or_fit("c", lambda: {"similarity": other})
+    assert not killed.exists()
     assert not (tmp_path / "a.pt").exists() and not (tmp_path / "b.pt").exists() and not blob.exists()
     assert (tmp_path / "c.pt").exists() and len(list((tmp_path / "blobs").glob("*.npy"))) == 1
     assert np.array_equal(ModelCache(tmp_path).get_or_fit("c", _must_not_fit)[0]["similarity"], other)

@@ -73,6 +73,19 @@ def file_lock(path: Path):
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+@contextmanager
+def _written_atomically(path: Path):
+    """A temporary file beside `path` for the block to write; it becomes `path` when the block
+    succeeds and is removed either way (a full disk or an interrupt leaves nothing behind)."""
+    with tempfile.NamedTemporaryFile(dir=path.parent, suffix=".tmp", delete=False) as handle:
+        temporary = Path(handle.name)
+    try:
+        yield temporary
+        os.replace(temporary, path)
+    finally:
+        temporary.unlink(missing_ok=True)
+
+
 DISK_BUDGET_ENV = "RECTUNE_CACHE_MAX_GB"
 
 
@@ -122,6 +135,9 @@ holds one refers to it: on Baby each heuristic and two-tower stage holds the heu
 item-item similarity, most of them the same one (the two-tower trials of a session share the
 default's), and the default 4 GB budget kept ~19 stages."""
 
+_SHARED_KINDS = "biufc"
+"""Only plain numbers are shared: their dtype string and shape say all their bytes mean."""
+
 _blobs_being_read: ContextVar[Path | None] = ContextVar("blobs_being_read", default=None)
 
 
@@ -132,8 +148,7 @@ def _array_from_blob(digest: str):
 
 
 def _store_blob(blobs: Path, array) -> str:
-    """The array's content digest, its file written unless one with that content is there.
-    Plain numbers only (`_SHARED_KINDS`): their dtype string and shape say all the bytes mean."""
+    """The array's content digest (`_SHARED_KINDS` only), its file written unless one with that content is there."""
     import numpy as np
 
     array = array if array.flags.c_contiguous else array.copy(order="C")
@@ -143,14 +158,9 @@ def _store_blob(blobs: Path, array) -> str:
     path = blobs / f"{name}.npy"
     if not path.exists():
         blobs.mkdir(exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=blobs, suffix=".tmp", delete=False) as handle:
-            temporary = Path(handle.name)
-        try:
-            with open(temporary, "wb") as handle:  # np.save given a path would add ".npy" to it
-                np.save(handle, array)
-            os.replace(temporary, path)
-        finally:  # a full disk or an interrupt leaves no 199 MB temporary behind
-            temporary.unlink(missing_ok=True)
+        # Into a handle: np.save given a path would add ".npy" to it.
+        with _written_atomically(path) as temporary, open(temporary, "wb") as handle:
+            np.save(handle, array)
     return name
 
 
@@ -164,9 +174,6 @@ def _readable(blob: Path) -> bool:
         return True
     except (OSError, ValueError, EOFError):
         return False
-
-
-_SHARED_KINDS = "biufc"
 
 
 def _stage_pickle_module(blobs: Path, shared: list[str]):
@@ -240,17 +247,11 @@ class ModelCache:
                 finally:
                     _blobs_being_read.reset(reading)
             value = self._fit(fit)
-            with tempfile.NamedTemporaryFile(dir=self.directory, suffix=".tmp", delete=False) as handle:
-                temporary = Path(handle.name)
-            try:
-                # Under the blob lock, an eviction never sees a blob whose stage is not yet listed.
-                with file_lock(self._blob_lock):
-                    shared: list[str] = []
-                    torch.save(value, temporary, pickle_module=_stage_pickle_module(self.blobs, shared))
-                    _shares_path(path).write_text(json.dumps(sorted(set(shared))))
-                    os.replace(temporary, path)
-            finally:
-                temporary.unlink(missing_ok=True)
+            # Under the blob lock, an eviction never sees a blob whose stage is not yet listed.
+            with file_lock(self._blob_lock), _written_atomically(path) as temporary:
+                shared: list[str] = []
+                torch.save(value, temporary, pickle_module=_stage_pickle_module(self.blobs, shared))
+                _shares_path(path).write_text(json.dumps(sorted(set(shared))))
         self._evict_disk(keep=path)
         return value, False
 
